@@ -1,0 +1,48 @@
+"""What a framework adapter does: find a model's sites, install interception at chosen sites, undo it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from ..site import Site
+    from ..tracer import Attachment, SiteBinding
+
+__all__ = ["Adapter", "Undo"]
+
+Undo = Callable[[], None]
+
+
+class Adapter:
+    """Base class of framework adapters (diffusers, transformers, plain PyTorch).
+
+    `find_sites` lists every attention site the adapter can see; `install` puts interception at
+    one matched site and returns its undo; `prepare` may install model-wide machinery once (a
+    registry entry, a hook) before any site and returns its undo. Undos run in reverse order and
+    must be safe to call twice.
+    """
+
+    name: str = "base"
+
+    def applies_to(self, model: torch.nn.Module) -> bool:
+        """Whether this adapter understands `model` at all."""
+        return True
+
+    def find_sites(self, model: torch.nn.Module) -> list[Site]:
+        """Every attention site of `model` this adapter can trace, in module order."""
+        raise NotImplementedError
+
+    def prepare(self, model: torch.nn.Module, attachment: Attachment, bindings: list[SiteBinding]) -> Undo | None:
+        """Model-wide installation before sites are installed (optional)."""
+        return None
+
+    def install(self, binding: SiteBinding) -> Undo:
+        """Install interception at one site; return the function that undoes it."""
+        raise NotImplementedError
+
+    def check_restored(self, binding: SiteBinding) -> str | None:
+        """After undo: a warning message if the site was changed by someone else while attached."""
+        return None

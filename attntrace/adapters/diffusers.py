@@ -1,0 +1,154 @@
+"""diffusers adapter: every module holding a `processor` is a site; a proxy wraps that processor.
+
+Sites are found the way diffusers itself finds them (modules with `set_processor`/`get_processor`
+and a `processor`), by walking `named_modules()`, so models without `attn_processors` are covered
+too. The proxy is installed per site (never per processor object: SD3 shares one processor between
+two modules), and the undo restores the very same processor object.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..intercept import KernelInterceptor, LayerCall, install_dispatch_wrappers, patch_classic_path
+from ..proxy import AttentionProxy, make_proxy
+from ..site import Kind, Site
+from .base import Adapter, Undo
+
+if TYPE_CHECKING:
+    from ..tracer import Attachment, SiteBinding
+
+__all__ = ["DiffusersAdapter", "is_linear_processor"]
+
+# Linear attention keeps no (Lq, Lk) probability matrix: these processors are sites of kind `linear`.
+_LINEAR_MARKERS = ("LinearAttnProcessor", "MultiscaleAttnProcessor", "SanaLinear", "LiteLA")
+
+
+def is_linear_processor(processor: Any) -> bool:
+    """Whether a processor computes linear attention (no probabilities exist)."""
+    name = type(processor).__name__
+    return any(m in name for m in _LINEAR_MARKERS)
+
+
+def _is_site(module: torch.nn.Module) -> bool:
+    return (hasattr(module, "set_processor") or hasattr(module, "get_processor")) and getattr(
+        module, "processor", None
+    ) is not None
+
+
+def _kind(module: torch.nn.Module, processor: Any) -> Kind:
+    if is_linear_processor(processor):
+        return "linear"
+    if getattr(module, "is_cross_attention", False) is True:
+        return "cross"
+    if getattr(module, "added_kv_proj_dim", None) is not None or getattr(module, "add_k_proj", None) is not None:
+        return "joint"
+    return "self"
+
+
+def _set_processor(module: torch.nn.Module, processor: Any) -> None:
+    setter = getattr(module, "set_processor", None)
+    if setter is not None:
+        setter(processor)
+    else:
+        module.processor = processor
+
+
+class DiffusersAdapter(Adapter):
+    """Traces diffusers attention modules (`Attention`, `AttentionModuleMixin` and kin) through their processors."""
+
+    name = "diffusers"
+
+    def applies_to(self, model: torch.nn.Module) -> bool:
+        return any(_is_site(m) for m in model.modules())
+
+    def find_sites(self, model: torch.nn.Module) -> list[Site]:
+        sites = []
+        for name, module in model.named_modules():
+            if not name or not _is_site(module):
+                continue
+            processor = module.processor
+            if isinstance(processor, AttentionProxy):
+                processor = processor.wrapped_processor
+            kind = _kind(module, processor)
+            sites.append(
+                Site(
+                    name=name,
+                    kind=kind,
+                    module=module,
+                    adapter=self.name,
+                    processor_class=type(processor).__name__,
+                    heads=getattr(module, "heads", None),
+                    probs=kind != "linear",
+                    editable=kind != "linear",
+                    note="linear attention: no probability matrix" if kind == "linear" else "",
+                )
+            )
+        return sites
+
+    def prepare(self, model: torch.nn.Module, attachment: Attachment, bindings: list[SiteBinding]) -> Undo | None:
+        return install_dispatch_wrappers()
+
+    def install(self, binding: SiteBinding) -> Undo:
+        module = binding.site.module
+        original = module.processor
+        if isinstance(original, AttentionProxy):
+            from ..errors import AttachError
+
+            raise AttachError(
+                f"site {binding.site.name!r} is already traced by another attached tracer; "
+                "detach it first or add your observers to that tracer"
+            )
+        binding.original = original
+        binding.interceptor = KernelInterceptor(binding)
+        binding.handler = _processor_handler(binding)
+        proxy = make_proxy(original, binding)
+        binding.proxy = proxy
+        _set_processor(module, proxy)
+        undo_classic = patch_classic_path(module, binding)
+
+        def undo() -> None:
+            if undo_classic is not None:
+                undo_classic()
+            current = getattr(module, "processor", None)
+            if current is proxy:
+                _set_processor(module, original)
+            elif current is not original and not binding.replaced:
+                binding.replaced = True
+                warnings.warn(
+                    f"attntrace: the processor of site {binding.site.name!r} was replaced while the tracer was "
+                    f"attached (now {type(current).__name__}); leaving the new processor in place",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+
+        return undo
+
+
+def _processor_handler(binding: SiteBinding) -> Any:
+    original = binding.original
+    interceptor = binding.interceptor
+    attachment = binding.attachment
+
+    def handle(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        step = attachment.step
+        observers = binding.observers_at(step)
+        if not observers:
+            return original(*args, **kwargs)
+        hidden = args[1] if len(args) > 1 else kwargs.get("hidden_states")
+        context = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
+        layer = LayerCall(observers=observers, step=step, timestep=attachment.timestep)
+        if isinstance(hidden, torch.Tensor):
+            if hidden.dim() == 4:  # (B, C, H, W) spatial input
+                layer.image_hw = (int(hidden.shape[2]), int(hidden.shape[3]))
+                layer.image_len = layer.image_hw[0] * layer.image_hw[1]
+            elif hidden.dim() == 3:
+                layer.image_len = int(hidden.shape[1])
+        if isinstance(context, torch.Tensor) and context.dim() == 3:
+            layer.text_len = int(context.shape[1])
+        return interceptor.run(layer, original, args, kwargs)
+
+    return handle

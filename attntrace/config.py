@@ -1,0 +1,238 @@
+"""`TraceConfig`: the pydantic model of a trace (rules of observer × sites × kinds × steps) and YAML loading.
+
+Every validation error becomes one `ConfigError` whose message starts with the field path
+(`rules.0.with.max_chunk_mib: ...`). YAML is read with `yaml.safe_load`: tags that construct Python
+objects are rejected.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
+
+from . import registry
+from .errors import ConfigError, PluginError, UnknownObserverError
+from .selection import StepSelector, validate_kinds
+
+__all__ = ["Rule", "TraceConfig", "config_error_from", "load_yaml"]
+
+MAX_YAML_BYTES = 4 * 2**20
+
+
+def config_error_from(exc: ValidationError, prefix: str = "") -> ConfigError:
+    """Turn pydantic's first error into one `ConfigError` naming the field path."""
+    err = exc.errors(include_url=False)[0]
+    loc = [str(p) for p in err.get("loc", ())]
+    ctx = err.get("ctx") or {}
+    if ctx.get("subpath"):
+        loc.append(str(ctx["subpath"]))
+    path = ".".join([p for p in [prefix, *loc] if p]) or "(top level)"
+    msg = str(err.get("msg", "invalid value"))
+    kind = err.get("type", "")
+    if kind == "extra_forbidden":
+        msg = "unknown field (check the spelling; see `attntrace schema`)"
+    elif kind == "missing":
+        msg = "this field is required"
+    elif kind not in ("unknown_observer", "observer_params", "plugin", "config"):
+        shown = repr(err.get("input"))
+        msg = f"{msg} (got {shown[:57] + '...' if len(shown) > 60 else shown})"
+    return ConfigError(msg, field=path)
+
+
+def load_yaml(path_or_text: str | os.PathLike[str], what: str = "YAML") -> Any:
+    """Read YAML safely from a file path or a YAML string; errors are `ConfigError`s."""
+    text: str
+    source = "text"
+    if isinstance(path_or_text, os.PathLike) or (
+        isinstance(path_or_text, str) and "\n" not in path_or_text and path_or_text.endswith((".yaml", ".yml"))
+    ):
+        path = Path(path_or_text)
+        source = str(path)
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {what} file {path}: {exc.strerror or exc}") from None
+        if len(raw) > MAX_YAML_BYTES:
+            raise ConfigError(f"{what} file {path} is larger than {MAX_YAML_BYTES // 2**20} MiB")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{what} file {path} is not UTF-8 text (byte {exc.start})") from None
+    else:
+        text = str(path_or_text)
+    try:
+        data = yaml.load(text, Loader=_SafeNoAliasBombLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"invalid {what} in {source}{where}: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"invalid {what} in {source}: nesting too deep") from None
+    return data
+
+
+class _SafeNoAliasBombLoader(yaml.SafeLoader):
+    """`SafeLoader` that refuses documents with huge alias expansion ("billion laughs")."""
+
+    max_aliases = 100
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._aliases = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > self.max_aliases:
+                raise yaml.YAMLError(f"more than {self.max_aliases} aliases: refusing a possible alias bomb")
+        return super().compose_node(parent, index)
+
+
+class Rule(BaseModel):
+    """One rule: run observer `use` (with params `with`) at sites matching `match`, of `kind`, at `steps`."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    use: str = Field(description="observer name (built-in or plugin; 'dist:name' picks a plugin)")
+    match: str | list[str] = Field(default="*", description="glob(s) over site names; '*' crosses dots")
+    kind: str | list[str] = Field(default="any", description="self, cross, joint, linear or any (or a list)")
+    steps: int | list[int] | str | dict[str, int] | None = Field(
+        default=None, description="steps to observe: a step, a list, 'start:stop:step' or {start, stop, step}"
+    )
+    with_: dict[str, Any] = Field(default_factory=dict, alias="with", description="the observer's parameters")
+    name: str | None = Field(default=None, description="label for this rule's results (default: `use`)")
+
+    @field_validator("use")
+    @classmethod
+    def _known_observer(cls, v: str) -> str:
+        if not v.strip():
+            raise PydanticCustomError("config", "an observer name is required")
+        try:
+            registry.get(v)
+        except UnknownObserverError as exc:
+            raise PydanticCustomError("unknown_observer", str(exc)) from None
+        except PluginError as exc:
+            raise PydanticCustomError("plugin", str(exc)) from None
+        return v
+
+    @field_validator("match")
+    @classmethod
+    def _patterns(cls, v: str | list[str]) -> str | list[str]:
+        items = [v] if isinstance(v, str) else v
+        if not items or any(not p.strip() for p in items):
+            raise PydanticCustomError("config", "empty glob; use '*' for every site or a pattern like '*attn2'")
+        return v
+
+    @field_validator("kind")
+    @classmethod
+    def _kinds(cls, v: str | list[str]) -> str | list[str]:
+        try:
+            validate_kinds(v, "kind")
+        except ConfigError as exc:
+            raise PydanticCustomError("config", str(exc).removeprefix("kind: ")) from None
+        return v
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: Any) -> Any:
+        try:
+            StepSelector.parse(v)
+        except ConfigError as exc:
+            raise PydanticCustomError("config", str(exc).removeprefix("steps: ")) from None
+        return v
+
+    @field_validator("with_")
+    @classmethod
+    def _params(cls, v: dict[str, Any], info: Any) -> dict[str, Any]:
+        use = info.data.get("use")
+        if use is None:
+            return v
+        obs_cls = registry.get(use)
+        try:
+            obs_cls.Params.model_validate(v)
+        except ValidationError as exc:
+            err = exc.errors(include_url=False)[0]
+            sub = ".".join(str(p) for p in err.get("loc", ()))
+            if err.get("type") == "extra_forbidden":
+                allowed = ", ".join(obs_cls.Params.model_fields) or "none"
+                msg = f"unknown parameter for observer {use!r} (allowed: {allowed})"
+            else:
+                shown = repr(err.get("input"))
+                msg = f"{err.get('msg')} (got {shown[:57] + '...' if len(shown) > 60 else shown})"
+            raise PydanticCustomError("observer_params", msg, {"subpath": sub}) from None
+        return v
+
+    @property
+    def patterns(self) -> list[str]:
+        """The globs as a list."""
+        return [self.match] if isinstance(self.match, str) else list(self.match)
+
+    @property
+    def kinds(self) -> tuple[str, ...] | None:
+        """The selected kinds, or None for any."""
+        return validate_kinds(self.kind, "kind")
+
+    @property
+    def step_selector(self) -> StepSelector:
+        """The parsed step selection."""
+        return StepSelector.parse(self.steps)
+
+    @property
+    def label(self) -> str:
+        """The name results are filed under."""
+        return self.name or self.use
+
+
+class TraceConfig(BaseModel):
+    """A whole trace: ordered rules plus policies.
+
+    - `strict`: a pattern that matches no site is an error (False: a warning).
+    - `on_error`: `raise` re-raises an observer's exception after detaching; `warn` logs once,
+      disables that observer and continues.
+    - `step_by`: `forward` counts every top-level forward as a step; `timestep` starts a new step only
+      when the timestep changes (pipelines that call the model twice per step for guidance).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    rules: list[Rule] = Field(default_factory=list, description="observers to run, in order")
+    strict: bool = Field(default=True, description="a pattern that matches no site is an error")
+    on_error: Literal["raise", "warn"] = Field(default="raise", description="what an observer error does")
+    step_by: Literal["forward", "timestep"] = Field(default="forward", description="what counts as a step")
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise config_error_from(exc) from None
+
+    @classmethod
+    def coerce(cls, value: TraceConfig | dict[str, Any] | str | os.PathLike[str] | None) -> TraceConfig:
+        """Accept a `TraceConfig`, a dict, a YAML path or YAML text, or None (no rules)."""
+        if value is None:
+            return cls()
+        if isinstance(value, TraceConfig):
+            return value
+        if isinstance(value, dict):
+            return cls(**value)
+        if isinstance(value, (str, os.PathLike)):
+            return cls.from_yaml(value)
+        raise ConfigError(f"expected a TraceConfig, dict or YAML path, got {type(value).__name__}")
+
+    @classmethod
+    def from_yaml(cls, path_or_text: str | os.PathLike[str]) -> TraceConfig:
+        """Load from a YAML file path or YAML text (safe loader; field-path errors)."""
+        data = load_yaml(path_or_text, "trace config")
+        if data is None:
+            return cls()
+        if not isinstance(data, dict):
+            raise ConfigError(f"a trace config must be a mapping with 'rules', got {type(data).__name__}")
+        if "trace" in data and "rules" not in data:  # an experiment file's trace section
+            data = data["trace"] or {}
+        return cls(**data)

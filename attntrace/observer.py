@@ -1,0 +1,101 @@
+"""`Observer`: the small base class every analysis and editor derives from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .call import AttentionCall
+    from .tracer import Attachment
+
+__all__ = ["NEEDS", "NoParams", "Observer"]
+
+#: What an observer may read from a call; `probs` is the costly one.
+NEEDS = frozenset({"query", "key", "value", "probs", "output"})
+
+
+class NoParams(BaseModel):
+    """Parameters of an observer that takes none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Observer:
+    """Base class for observers and editors.
+
+    Subclasses set `needs` (a subset of `NEEDS`: probabilities are computed only where some observer
+    needs them), implement `on_call(call)`, and may override `on_attach`, `on_step_end`, `result`,
+    `save` and `close`. Observers used from YAML declare a pydantic `Params` model; its validated
+    instance is `self.params`. Keyword arguments to the constructor are those params.
+    """
+
+    #: Name used in YAML rules (`use: NAME`); set by the registry for plugins.
+    name: ClassVar[str] = ""
+    #: What this observer reads from each call.
+    needs: ClassVar[frozenset[str]] = frozenset()
+    #: True for observers that assign to the call (editors).
+    edits: ClassVar[bool] = False
+    #: The pydantic model validating this observer's parameters.
+    Params: ClassVar[type[BaseModel]] = NoParams
+
+    def __init__(self, params: BaseModel | dict[str, Any] | None = None, **kwargs: Any) -> None:
+        self.params = self.validate_params(params if params is not None else kwargs)
+        self.output_dir: Path | None = None
+
+    @classmethod
+    def validate_params(cls, params: BaseModel | dict[str, Any], field: str = "with") -> Any:
+        """Validate `params` against `Params`, raising `ConfigError` that names the field path."""
+        if isinstance(params, cls.Params):
+            return params
+        if isinstance(params, BaseModel):
+            params = params.model_dump()
+        try:
+            return cls.Params.model_validate(params or {})
+        except ValidationError as exc:
+            raise ConfigError(_first_error(exc, cls), field=_error_path(exc, field)) from None
+
+    def on_attach(self, attachment: Attachment) -> None:
+        """Called once when the tracer attaches, with the attachment (sites, model, output dir)."""
+
+    def on_call(self, call: AttentionCall) -> None:
+        """Called for every attention kernel call at a matched site and step."""
+
+    def on_step_end(self, step: int) -> None:
+        """Called after each top-level forward of the traced model."""
+
+    def result(self) -> Any:
+        """What this observer collected (a table, a dict of tensors...)."""
+        return None
+
+    def save(self, directory: Path) -> list[Path]:
+        """Write results under `directory`; return the files written."""
+        return []
+
+    def close(self) -> None:
+        """Release what this observer holds (tensors, files, threads)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.params!r})"
+
+
+def _error_path(exc: ValidationError, prefix: str) -> str:
+    err = exc.errors()[0]
+    return ".".join([prefix, *(str(p) for p in err.get("loc", ()))])
+
+
+def _first_error(exc: ValidationError, cls: type[Observer]) -> str:
+    err = exc.errors()[0]
+    msg = str(err.get("msg", "invalid value"))
+    if err.get("type") == "extra_forbidden":
+        allowed = ", ".join(cls.Params.model_fields) or "none"
+        return f"unknown parameter for observer {cls.name or cls.__name__!r} (allowed: {allowed})"
+    value = err.get("input")
+    shown = repr(value)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return f"{msg} (got {shown})"

@@ -1,0 +1,1 @@
+"""Built-in observers, one module each; they are looked up by name through `attntrace.registry`."""

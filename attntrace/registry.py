@@ -1,0 +1,132 @@
+"""Observer lookup by name: built-ins and the `attntrace.observers` entry-point group.
+
+Nothing is imported until a name is used or the list is asked for. A plugin that fails to load is
+reported when it is used (and as a warning line when listing); other plugins keep working. Two
+plugins claiming one name is an error naming both; `dist:name` selects one.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from importlib import metadata
+
+from .errors import PluginError, UnknownObserverError
+from .observer import Observer
+
+__all__ = ["ENTRY_POINT_GROUP", "ObserverEntry", "available", "get", "register"]
+
+ENTRY_POINT_GROUP = "attntrace.observers"
+
+#: Built-in observers: name -> "module:Class" (imported on first use).
+BUILTINS: dict[str, str] = {
+    "shapes": "attntrace.observers.shapes:Shapes",
+}
+
+
+@dataclass
+class ObserverEntry:
+    """One registered observer name and where it comes from."""
+
+    name: str
+    target: str
+    dist: str  # "attntrace" for built-ins, the distribution name for plugins, "python" for register()
+    cls: type[Observer] | None = None
+    error: str | None = None
+
+    def load(self) -> type[Observer]:
+        """Import and check the class; raise `PluginError` naming dist, entry point and cause."""
+        if self.cls is not None:
+            return self.cls
+        where = f"observer {self.name!r} (entry point {self.name} = {self.target!r} of distribution {self.dist!r})"
+        try:
+            module_name, _, attr = self.target.partition(":")
+            obj: object = importlib.import_module(module_name)
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+        except Exception as exc:  # a broken plugin must not take the host down
+            self.error = f"{type(exc).__name__}: {exc}"
+            raise PluginError(f"{where} failed to load: {self.error}") from exc
+        if not (isinstance(obj, type) and issubclass(obj, Observer)):
+            self.error = f"{self.target} is not an attntrace.Observer subclass"
+            raise PluginError(f"{where} is invalid: {self.error}")
+        if not obj.name:
+            obj.name = self.name
+        self.cls = obj
+        return obj
+
+
+_python: dict[str, ObserverEntry] = {}
+_plugins: list[ObserverEntry] | None = None
+
+
+def register(name: str, cls: type[Observer]) -> None:
+    """Register an observer class under `name` from Python (no packaging needed)."""
+    if not (isinstance(cls, type) and issubclass(cls, Observer)):
+        raise PluginError(f"register({name!r}, ...) needs an Observer subclass, got {cls!r}")
+    _python[name] = ObserverEntry(name, f"{cls.__module__}:{cls.__qualname__}", "python", cls=cls)
+    if not cls.name:
+        cls.name = name
+
+
+def _plugin_entries() -> list[ObserverEntry]:
+    global _plugins
+    if _plugins is None:
+        found = []
+        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            dist = ep.dist.name if ep.dist is not None else "unknown"
+            found.append(ObserverEntry(ep.name, ep.value, dist))
+        _plugins = found
+    return _plugins
+
+
+def refresh() -> None:
+    """Forget cached entry points (after installing a plugin in a running process)."""
+    global _plugins
+    _plugins = None
+
+
+def _candidates(name: str) -> list[ObserverEntry]:
+    dist, sep, short = name.partition(":")
+    if sep:  # "dist:name" picks one distribution's entry
+        if dist == "attntrace" and short in BUILTINS:
+            return [ObserverEntry(short, BUILTINS[short], "attntrace")]
+        return [e for e in _plugin_entries() if e.name == short and e.dist == dist]
+    if name in _python:
+        return [_python[name]]
+    out = [ObserverEntry(name, BUILTINS[name], "attntrace")] if name in BUILTINS else []
+    return out + [e for e in _plugin_entries() if e.name == name]
+
+
+_loaded: dict[tuple[str, str], ObserverEntry] = {}
+
+
+def get(name: str) -> type[Observer]:
+    """The observer class registered as `name` (or `dist:name`)."""
+    cands = _candidates(name)
+    if not cands:
+        known = ", ".join(sorted({e.name for e in available()}))
+        raise UnknownObserverError(f"unknown observer {name!r}; known observers: {known}")
+    if len(cands) > 1:
+        who = " and ".join(f"{e.dist} ({e.target})" for e in cands)
+        raise PluginError(
+            f"observer name {name!r} is claimed by {who}; write 'DIST:{name}' to pick one, "
+            f"e.g. '{cands[-1].dist}:{name}'"
+        )
+    entry = _loaded.setdefault((cands[0].dist, cands[0].name), cands[0])
+    return entry.load()
+
+
+def available(load: bool = False) -> list[ObserverEntry]:
+    """Every registered observer entry; with `load=True` each is imported (errors kept on the entry)."""
+    entries = [_loaded.get(("attntrace", n), ObserverEntry(n, t, "attntrace")) for n, t in BUILTINS.items()]
+    entries += list(_python.values())
+    entries += [_loaded.get((e.dist, e.name), e) for e in _plugin_entries()]
+    if load:
+        for e in entries:
+            try:
+                e.load()
+            except PluginError:
+                pass
+            _loaded[(e.dist, e.name)] = e
+    return entries

@@ -1,0 +1,50 @@
+"""A site: one attention module of a model, named by its qualified module name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+Kind = Literal["self", "cross", "joint", "linear"]
+KINDS: tuple[str, ...] = ("self", "cross", "joint", "linear")
+
+
+@dataclass
+class Site:
+    """One attention module found by an adapter.
+
+    `name` is the module's qualified name (`down_blocks.0.attentions.0.transformer_blocks.0.attn1`),
+    `kind` what it attends to, `adapter` the framework adapter that found it, and `probs` whether a
+    probability matrix exists there (False for linear attention).
+    """
+
+    name: str
+    kind: Kind
+    module: torch.nn.Module = field(repr=False)
+    adapter: str
+    processor_class: str | None = None
+    heads: int | None = None
+    probs: bool = True
+    editable: bool = True
+    note: str = ""
+
+    @property
+    def module_class(self) -> str:
+        """The class name of the attention module."""
+        return type(self.module).__name__
+
+    def as_row(self) -> dict[str, object]:
+        """A plain dict for tables and JSON."""
+        return {
+            "site": self.name,
+            "kind": self.kind,
+            "module": self.module_class,
+            "processor": self.processor_class or "",
+            "heads": self.heads,
+            "adapter": self.adapter,
+            "probs": self.probs,
+            "editable": self.editable,
+            "note": self.note,
+        }

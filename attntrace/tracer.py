@@ -1,0 +1,491 @@
+"""`Tracer` and the attachment life cycle: attach → count steps → dispatch calls → detach (always).
+
+A tracer holds ordered rules (observer × glob patterns × kinds × steps). `attach(model)` finds the
+model's sites through the framework adapters, installs interception only at sites some rule
+matches, and counts top-level forwards as steps. Detaching restores the very same objects; it runs
+on leaving the `with` block, on `detach()` (idempotent), when attaching fails half-way, and when an
+observer raises under `on_error: raise`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+import warnings
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import registry
+from .adapters import Adapter, adapters_for
+from .call import AttentionCall
+from .config import TraceConfig
+from .errors import AttachError, ConfigError, SelectionError
+from .observer import NEEDS, Observer
+from .selection import StepSelector, closest_sites, kind_matches, match_sites, pattern_matches, validate_kinds
+from .site import Site
+
+__all__ = ["Attachment", "SiteBinding", "Tracer", "find_sites", "resolve_model"]
+
+log = logging.getLogger("attntrace")
+
+_attached: weakref.WeakKeyDictionary[torch.nn.Module, Attachment] = weakref.WeakKeyDictionary()
+_attached_lock = threading.Lock()
+
+_DENOISER_ATTRS = ("unet", "transformer", "prior", "decoder", "model")
+
+
+def resolve_model(model: Any) -> torch.nn.Module:
+    """The module to trace: the model itself, or a pipeline's denoiser (`unet`, `transformer`...)."""
+    if isinstance(model, torch.nn.Module):
+        return model
+    for attr in _DENOISER_ATTRS:
+        sub = getattr(model, attr, None)
+        if isinstance(sub, torch.nn.Module):
+            return sub
+    raise AttachError(
+        f"cannot trace a {type(model).__name__}: pass a torch.nn.Module or a pipeline with a "
+        f"'unet' or 'transformer' component"
+    )
+
+
+def find_sites(model: Any) -> list[Site]:
+    """Every attention site of `model` that some adapter can trace, in module order."""
+    module = resolve_model(model)
+    seen: set[int] = set()
+    sites: list[Site] = []
+    for adapter in adapters_for(module):
+        for site in adapter.find_sites(module):
+            if id(site.module) not in seen:
+                seen.add(id(site.module))
+                sites.append(site)
+    return sites
+
+
+@dataclass
+class RuleEntry:
+    """A rule bound to its observer instance."""
+
+    label: str
+    observer: Observer
+    patterns: list[str]
+    kinds: tuple[str, ...] | None
+    steps: StepSelector
+
+    def matches(self, site: Site) -> bool:
+        return kind_matches(self.kinds, site.kind) and any(pattern_matches(p, site.name) for p in self.patterns)
+
+
+class SiteBinding:
+    """Everything the interception at one site needs: the site, its rules, the attachment."""
+
+    def __init__(self, site: Site, entries: list[RuleEntry], attachment: Attachment, adapter: Adapter) -> None:
+        self.site = site
+        self.entries = entries
+        self.attachment = attachment
+        self.adapter = adapter
+        # Filled by the adapter at install time.
+        self.original: Any = None
+        self.proxy: Any = None
+        self.interceptor: Any = None
+        self.handler: Callable[[tuple[Any, ...], dict[str, Any]], Any] | None = None
+        self.classic_scores: Callable[..., torch.Tensor] | None = None
+        self.text_first: bool | None = None
+        self.replaced = False
+        self._cache: tuple[int, int, list[Observer]] = (-1, -1, [])
+
+    def call_processor(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Entry point of a proxy's `__call__`."""
+        assert self.handler is not None
+        return self.handler(args, kwargs)
+
+    def observers_at(self, step: int) -> list[Observer]:
+        """The observers that run at this site at `step` (empty: the layer runs untouched)."""
+        att = self.attachment
+        cached_step, generation, observers = self._cache
+        if cached_step == step and generation == att.generation:
+            return observers
+        if not att.active:
+            observers = []
+        else:
+            observers = [e.observer for e in self.entries if step in e.steps and e.observer not in att.disabled]
+        self._cache = (step, att.generation, observers)
+        return observers
+
+    def dispatch(self, call: AttentionCall, observers: Sequence[Observer]) -> None:
+        """Hand `call` to `observers` in rule order, applying the error policy."""
+        for observer in observers:
+            if observer in self.attachment.disabled:
+                continue
+            try:
+                observer.on_call(call)
+            except Exception as exc:
+                self.attachment.observer_failed(observer, self.site.name, call.step, exc)
+
+
+class Attachment:
+    """A tracer attached to one model: sites, bindings, step counter. A context manager."""
+
+    def __init__(self, tracer: Tracer, model: torch.nn.Module, sites: list[Site]) -> None:
+        self.tracer = tracer
+        self.model = model
+        self.sites = sites
+        self.bindings: dict[str, SiteBinding] = {}
+        self.active = False
+        self.generation = 0
+        self.disabled: set[Observer] = set()
+        self.timestep: Any = None
+        self.root_hw: tuple[int, int] | None = None
+        self._step = -1
+        self._undos: list[Callable[[], None]] = []
+        self._lock = threading.RLock()
+        self._timestep_index: int | None = None
+        self._last_timestep: Any = None
+        self._forward_depth = 0
+
+    @property
+    def step(self) -> int:
+        """Index of the current top-level forward (or timestep) since attach, from 0."""
+        return max(self._step, 0)
+
+    @property
+    def traced_sites(self) -> list[str]:
+        """Names of the sites where interception is installed."""
+        return list(self.bindings)
+
+    @property
+    def output_dir(self) -> Path | None:
+        """Where observers may write (the tracer's `output_dir`)."""
+        return self.tracer.output_dir
+
+    def __enter__(self) -> Attachment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    # -- step counting ---------------------------------------------------------------------------
+    def _install_step_hooks(self) -> None:
+        model = self.model
+        try:
+            params = list(inspect.signature(model.forward).parameters)
+        except (TypeError, ValueError):
+            params = []
+        for name in ("timestep", "timesteps", "t"):
+            if name in params:
+                self._timestep_index = params.index(name)
+                self._timestep_name = name
+                break
+        pre = model.register_forward_pre_hook(self._on_forward_start, with_kwargs=True)
+        post = model.register_forward_hook(self._on_forward_end, always_call=True)
+        self._undos.append(pre.remove)
+        self._undos.append(post.remove)
+
+    def _on_forward_start(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._forward_depth += 1
+        if self._forward_depth > 1:
+            return
+        t = None
+        if self._timestep_index is not None:
+            t = kwargs.get(self._timestep_name)
+            if t is None and len(args) > self._timestep_index:
+                t = args[self._timestep_index]
+        first = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+        if isinstance(first, torch.Tensor) and first.dim() >= 4:
+            self.root_hw = (int(first.shape[-2]), int(first.shape[-1]))
+        if self.tracer.config.step_by == "timestep" and self._step >= 0 and _same_timestep(t, self._last_timestep):
+            return
+        if self.tracer.config.step_by == "timestep" and self._step >= 0:
+            self._step_end(self._step)
+        self._step += 1
+        self.timestep = t
+        self._last_timestep = t
+
+    def _on_forward_end(self, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        self._forward_depth = max(0, self._forward_depth - 1)
+        if self._forward_depth == 0 and self.tracer.config.step_by == "forward" and self.active:
+            self._step_end(self.step)
+
+    def _step_end(self, step: int) -> None:
+        for entry in self.tracer.entries:
+            if entry.observer in self.disabled:
+                continue
+            try:
+                entry.observer.on_step_end(step)
+            except Exception as exc:
+                self.observer_failed(entry.observer, "(step end)", step, exc)
+
+    # -- failure policy --------------------------------------------------------------------------
+    def observer_failed(self, observer: Observer, site: str, step: int, exc: Exception) -> None:
+        """Apply `on_error`: detach and re-raise, or warn once and disable the observer."""
+        label = self.tracer.label_of(observer)
+        where = f"observer {label!r} failed at site {site!r}, step {step}"
+        if self.tracer.config.on_error == "warn":
+            self.disabled.add(observer)
+            self.generation += 1
+            warnings.warn(f"attntrace: {where}: {type(exc).__name__}: {exc}; observer disabled", RuntimeWarning,
+                          stacklevel=2)  # fmt: skip
+            log.warning("%s: %s: %s; observer disabled", where, type(exc).__name__, exc)
+            return
+        self.detach()
+        exc.add_note(f"attntrace: {where} (the tracer was detached; the model is unpatched)")
+        raise exc
+
+    # -- detach ----------------------------------------------------------------------------------
+    def detach(self) -> None:
+        """Undo everything attach did, in reverse order. Safe to call more than once."""
+        with self._lock:
+            if not self._undos and not self.active:
+                return
+            if self.active and self.tracer.config.step_by == "timestep" and self._step >= 0:
+                self.active = False
+                self._step_end(self._step)
+            self.active = False
+            self.generation += 1
+            errors = []
+            while self._undos:
+                undo = self._undos.pop()
+                try:
+                    undo()
+                except Exception as exc:  # keep undoing the rest
+                    errors.append(exc)
+            with _attached_lock:
+                if _attached.get(self.model) is self:
+                    del _attached[self.model]
+            if self.tracer._attachment is self:
+                self.tracer._attachment = None
+            if errors:
+                raise AttachError(f"detach could not undo everything: {errors[0]!r}") from errors[0]
+
+
+def _same_timestep(a: Any, b: Any) -> bool:
+    if a is None or b is None:
+        return False
+    try:
+        ta = torch.as_tensor(a).flatten()
+        tb = torch.as_tensor(b).flatten()
+        return ta.shape == tb.shape and bool(torch.equal(ta.cpu(), tb.cpu()))
+    except (TypeError, RuntimeError):
+        return False
+
+
+class Tracer:
+    """Runs observers on the attention calls of a model.
+
+    ```python
+    tracer = Tracer("trace.yaml")                      # a TraceConfig, dict, YAML path/text, or None
+    tracer.add(MyObserver(), match="up_blocks.*.attn2", kind="cross")
+    with tracer.attach(unet):
+        unet(latents, t, encoder_hidden_states=emb)
+    tracer.results()
+    ```
+    """
+
+    def __init__(
+        self,
+        config: TraceConfig | dict[str, Any] | str | Path | None = None,
+        *,
+        output_dir: str | Path | None = None,
+    ) -> None:
+        self.config = TraceConfig.coerce(config)
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.entries: list[RuleEntry] = []
+        self._attachment: Attachment | None = None
+        for i, rule in enumerate(self.config.rules):
+            cls = registry.get(rule.use)
+            observer = cls(cls.validate_params(rule.with_, field=f"rules.{i}.with"))
+            self._add_entry(observer, rule.patterns, rule.kinds, rule.step_selector, rule.label)
+
+    # -- building --------------------------------------------------------------------------------
+    def add(
+        self,
+        observer: Observer | str | type[Observer],
+        match: str | Sequence[str] = "*",
+        kind: str | Sequence[str] = "any",
+        steps: Any = None,
+        *,
+        name: str | None = None,
+        **params: Any,
+    ) -> Observer:
+        """Add an observer (an instance, a class, or a registered name with `**params`); returns it."""
+        if self._attachment is not None:
+            raise AttachError("add observers before attaching (detach first)")
+        if isinstance(observer, str):
+            observer = registry.get(observer)(**params)
+        elif isinstance(observer, type) and issubclass(observer, Observer):
+            observer = observer(**params)
+        elif not isinstance(observer, Observer):
+            raise ConfigError(f"expected an Observer, its class or a registered name, got {type(observer).__name__}")
+        elif params:
+            raise ConfigError("params go to the observer's constructor when passing an instance", field="params")
+        patterns = [match] if isinstance(match, str) else list(match)
+        if not patterns or any(not isinstance(p, str) or not p.strip() for p in patterns):
+            raise ConfigError("empty glob; use '*' for every site or a pattern like '*attn2'", field="match")
+        kinds = validate_kinds(kind, "kind")
+        self._add_entry(observer, patterns, kinds, StepSelector.parse(steps), name or observer.name or
+                        type(observer).__name__.lower())  # fmt: skip
+        return observer
+
+    def _add_entry(
+        self, observer: Observer, patterns: list[str], kinds: tuple[str, ...] | None, steps: StepSelector, label: str
+    ) -> None:
+        unknown = set(observer.needs) - NEEDS
+        if unknown:
+            raise ConfigError(f"{type(observer).__name__}.needs has unknown items {sorted(unknown)}; use {sorted(NEEDS)}")
+        taken = {e.label for e in self.entries}
+        base, n = label, 2
+        while label in taken:
+            label, n = f"{base}#{n}", n + 1
+        self.entries.append(RuleEntry(label, observer, patterns, kinds, steps))
+
+    # -- inspection ------------------------------------------------------------------------------
+    @property
+    def observers(self) -> dict[str, Observer]:
+        """Observers by label, in rule order."""
+        return {e.label: e.observer for e in self.entries}
+
+    def label_of(self, observer: Observer) -> str:
+        """The label an observer is filed under."""
+        return next((e.label for e in self.entries if e.observer is observer), type(observer).__name__)
+
+    def sites(self, model: Any) -> list[Site]:
+        """Every site of `model` with kind, module class and processor class (preview; changes nothing)."""
+        return find_sites(model)
+
+    def matches(self, model: Any) -> dict[str, list[str]]:
+        """For each site of `model`, the labels of the rules that match it."""
+        return {s.name: [e.label for e in self.entries if e.matches(s)] for s in find_sites(model)}
+
+    def results(self) -> dict[str, Any]:
+        """Each observer's `result()`, by label."""
+        return {e.label: e.observer.result() for e in self.entries}
+
+    def save(self, directory: str | Path | None = None) -> list[Path]:
+        """Ask every observer to write its results under `directory/<label>/`."""
+        root = Path(directory) if directory is not None else self.output_dir
+        if root is None:
+            raise ConfigError("no directory: pass one or set Tracer(output_dir=...)", field="output_dir")
+        files: list[Path] = []
+        for e in self.entries:
+            files += e.observer.save(root / e.label.replace("#", "_"))
+        return files
+
+    @property
+    def attachment(self) -> Attachment | None:
+        """The live attachment, if attached."""
+        return self._attachment
+
+    # -- life cycle ------------------------------------------------------------------------------
+    def attach(self, model: Any) -> Attachment:
+        """Install interception on `model` (or a pipeline's denoiser); returns the attachment."""
+        if self._attachment is not None:
+            raise AttachError(
+                f"this tracer is already attached to a {type(self._attachment.model).__name__}; "
+                "detach it first (tracer.detach() or leave the `with` block)"
+            )
+        module = resolve_model(model)
+        with _attached_lock:
+            other = _attached.get(module)
+            if other is not None:
+                raise AttachError(
+                    f"this {type(module).__name__} is already traced by another tracer; detach that one first "
+                    "or add these observers to it (tracers do not stack on one model)"
+                )
+        adapters = adapters_for(module)
+        sites: list[Site] = []
+        owner: dict[str, Adapter] = {}
+        seen: set[int] = set()
+        for adapter in adapters:
+            for site in adapter.find_sites(module):
+                if id(site.module) not in seen:
+                    seen.add(id(site.module))
+                    sites.append(site)
+                    owner[site.name] = adapter
+        if not sites:
+            raise AttachError(
+                f"{type(module).__name__} has no attention sites attntrace can trace (no diffusers attention "
+                "processors, no transformers attention modules, no nn.MultiheadAttention)"
+            )
+        plan = self._plan(sites)
+        attachment = Attachment(self, module, sites)
+        try:
+            for site in sites:
+                entries = plan.get(site.name)
+                if entries:
+                    attachment.bindings[site.name] = SiteBinding(site, entries, attachment, owner[site.name])
+            by_adapter: dict[int, list[SiteBinding]] = {}
+            for b in attachment.bindings.values():
+                by_adapter.setdefault(id(b.adapter), []).append(b)
+            for adapter in adapters:
+                group = by_adapter.get(id(adapter))
+                if group:
+                    undo = adapter.prepare(module, attachment, group)
+                    if undo is not None:
+                        attachment._undos.append(undo)
+            attachment.active = True
+            for b in attachment.bindings.values():
+                attachment._undos.append(b.adapter.install(b))
+            attachment._install_step_hooks()
+            with _attached_lock:
+                _attached[module] = attachment
+            self._attachment = attachment
+            for e in self.entries:
+                e.observer.output_dir = self.output_dir / e.label.replace("#", "_") if self.output_dir else None
+                e.observer.on_attach(attachment)
+        except BaseException:
+            attachment.detach()
+            self._attachment = None
+            raise
+        return attachment
+
+    def _plan(self, sites: list[Site]) -> dict[str, list[RuleEntry]]:
+        names = [s.name for s in sites]
+        plan: dict[str, list[RuleEntry]] = {}
+        for i, e in enumerate(self.entries):
+            where = f"rules.{i}.match" if i < len(self.config.rules) else f"observer {e.label!r}"
+            for p in e.patterns:
+                hits = [s for s in sites if pattern_matches(p, s.name)]
+                problem = None
+                if not hits:
+                    near = ", ".join(closest_sites(p, names)) or "(none)"
+                    problem = f"{where}: pattern {p!r} matches no site; closest site names: {near}"
+                elif e.kinds is not None and not any(kind_matches(e.kinds, s.kind) for s in hits):
+                    got = sorted({s.kind for s in hits})
+                    problem = f"{where}: pattern {p!r} matches {len(hits)} site(s) of kind {got}, none of kind {list(e.kinds)}"
+                if problem:
+                    if self.config.strict:
+                        raise SelectionError(problem + " (set strict: false to only warn)")
+                    warnings.warn("attntrace: " + problem, RuntimeWarning, stacklevel=3)
+            matched = match_sites(e.patterns, e.kinds, sites)
+            if "probs" in e.observer.needs or e.observer.edits:
+                blocked = [s for s in matched if not s.probs]
+                if blocked:
+                    shown = ", ".join(s.name for s in blocked[:5]) + (" ..." if len(blocked) > 5 else "")
+                    raise SelectionError(
+                        f"{where}: observer {e.label!r} needs attention probabilities, which do not exist at "
+                        f"{len(blocked)} linear-attention site(s): {shown}; exclude them (kind: [self, cross, joint])"
+                    )
+            for s in matched:
+                plan.setdefault(s.name, []).append(e)
+        return plan
+
+    def detach(self) -> None:
+        """Detach from the model if attached (idempotent)."""
+        if self._attachment is not None:
+            self._attachment.detach()
+            self._attachment = None
+
+    def close(self) -> None:
+        """Detach and let every observer release what it holds."""
+        self.detach()
+        for e in self.entries:
+            e.observer.close()
+
+    def __repr__(self) -> str:
+        rules = ", ".join(f"{e.label}@{'|'.join(e.patterns)}" for e in self.entries)
+        return f"Tracer([{rules}], attached={self._attachment is not None})"
