@@ -142,9 +142,11 @@ class KernelInterceptor(TorchFunctionMode):
             return t.squeeze(1) if three_d else t
 
         def kernel_fn(q2: torch.Tensor, k2: torch.Tensor, v2: torch.Tensor, m2: torch.Tensor | None) -> torch.Tensor:
+            if m2 is not None and three_d and m2.dim() == 4:
+                m2 = m2.squeeze(1)
             out = _SDPA(
-                native(q2), native(k2), native(v2), attn_mask=None if m2 is None else (m2.squeeze(1) if three_d and m2.dim() == 4 else m2),
-                dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=gqa,
+                native(q2), native(k2), native(v2), attn_mask=m2, dropout_p=dropout_p, is_causal=is_causal,
+                scale=scale, enable_gqa=gqa,
             )  # fmt: skip
             return canon(out)
 

@@ -7,6 +7,7 @@ plugins claiming one name is an error naming both; `dist:name` selects one.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from dataclasses import dataclass
 from importlib import metadata
@@ -124,9 +125,7 @@ def available(load: bool = False) -> list[ObserverEntry]:
     entries += [_loaded.get((e.dist, e.name), e) for e in _plugin_entries()]
     if load:
         for e in entries:
-            try:
+            with contextlib.suppress(PluginError):
                 e.load()
-            except PluginError:
-                pass
             _loaded[(e.dist, e.name)] = e
     return entries

@@ -336,7 +336,8 @@ class Tracer:
     ) -> None:
         unknown = set(observer.needs) - NEEDS
         if unknown:
-            raise ConfigError(f"{type(observer).__name__}.needs has unknown items {sorted(unknown)}; use {sorted(NEEDS)}")
+            name = type(observer).__name__
+            raise ConfigError(f"{name}.needs has unknown items {sorted(unknown)}; use {sorted(NEEDS)}")
         taken = {e.label for e in self.entries}
         base, n = label, 2
         while label in taken:
@@ -456,7 +457,10 @@ class Tracer:
                     problem = f"{where}: pattern {p!r} matches no site; closest site names: {near}"
                 elif e.kinds is not None and not any(kind_matches(e.kinds, s.kind) for s in hits):
                     got = sorted({s.kind for s in hits})
-                    problem = f"{where}: pattern {p!r} matches {len(hits)} site(s) of kind {got}, none of kind {list(e.kinds)}"
+                    problem = (
+                        f"{where}: pattern {p!r} matches {len(hits)} site(s) of kind {got}, "
+                        f"none of kind {list(e.kinds)}"
+                    )
                 if problem:
                     if self.config.strict:
                         raise SelectionError(problem + " (set strict: false to only warn)")

@@ -34,7 +34,8 @@ def sdxl_unet() -> tuple[torch.nn.Module, Inputs]:
         projection_class_embeddings_input_dim=8 * 6 + 16, use_linear_projection=True, sample_size=16, norm_num_groups=8,
     ).eval()  # fmt: skip
     inputs = {
-        "sample": torch.randn(2, 4, 16, 16), "timestep": torch.tensor(10), "encoder_hidden_states": torch.randn(2, 7, 32),
+        "sample": torch.randn(2, 4, 16, 16), "timestep": torch.tensor(10),
+        "encoder_hidden_states": torch.randn(2, 7, 32),
         "added_cond_kwargs": {"text_embeds": torch.randn(2, 16), "time_ids": torch.randn(2, 6)},
     }  # fmt: skip
     return m, inputs
