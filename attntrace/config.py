@@ -78,20 +78,30 @@ def load_yaml(path_or_text: str | os.PathLike[str], what: str = "YAML") -> Any:
 
 
 class _SafeNoAliasBombLoader(yaml.SafeLoader):
-    """`SafeLoader` that refuses documents with huge alias expansion ("billion laughs")."""
+    """`SafeLoader` that refuses documents whose aliases expand to a huge tree ("billion laughs")."""
 
-    max_aliases = 100
+    max_expanded_nodes = 100_000
 
     def __init__(self, stream: Any) -> None:
         super().__init__(stream)
-        self._aliases = 0
+        self._weights: dict[int, int] = {}
 
     def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            self._aliases += 1
-            if self._aliases > self.max_aliases:
-                raise yaml.YAMLError(f"more than {self.max_aliases} aliases: refusing a possible alias bomb")
-        return super().compose_node(parent, index)
+        node = super().compose_node(parent, index)
+        if id(node) in self._weights:  # an alias: the anchor's subtree counts again
+            weight = self._weights[id(node)]
+        else:
+            weight = 1
+            if isinstance(node, yaml.SequenceNode):
+                weight += sum(self._weights.get(id(c), 1) for c in node.value)
+            elif isinstance(node, yaml.MappingNode):
+                weight += sum(self._weights.get(id(k), 1) + self._weights.get(id(v), 1) for k, v in node.value)
+            self._weights[id(node)] = weight
+        if weight > self.max_expanded_nodes:
+            raise yaml.YAMLError(
+                f"aliases expand to more than {self.max_expanded_nodes} nodes: refusing a possible alias bomb"
+            )
+        return node
 
 
 class Rule(BaseModel):
