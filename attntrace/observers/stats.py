@@ -36,12 +36,16 @@ class StatsParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    metrics: list[Metric] = Field(default_factory=lambda: list(DEFAULT_METRICS), description="metrics to compute")
+    metrics: list[Metric] = Field(
+        default_factory=lambda: list(DEFAULT_METRICS), description="metrics to compute"
+    )
     topk: int = Field(default=5, ge=1, description="k of topk_mass")
     tokens: list[int] = Field(default_factory=list, description="text key token indices for token_mass")
     reduce_heads: bool = Field(default=False, description="report the mean over heads (head='mean')")
     reduce_batch: bool = Field(default=False, description="report the mean over batch items (batch='mean')")
-    cond_half: bool = Field(default=False, description="keep only the conditional (second) half of a CFG batch")
+    cond_half: bool = Field(
+        default=False, description="keep only the conditional (second) half of a CFG batch"
+    )
     max_chunk_mib: float = Field(default=256.0, gt=0, description="peak extra memory budget per chunk, MiB")
     format: Literal["csv", "parquet"] = Field(default="csv", description="table file format")
 
@@ -71,7 +75,7 @@ class Stats(Observer):
     """Entropy, max, mean, top-k mass and token mass per site, step and head (or their means).
 
     Memory: keeps one row per (site, call index, step, batch item or 'mean', head or 'mean', metric) and
-    no attention maps, so it grows linearly with steps × sites × heads × metrics (a few dozen bytes per
+    no attention maps, so it grows linearly with steps x sites x heads x metrics (a few dozen bytes per
     row). While a call is processed, the extra memory is about `max_chunk_mib` (one probability chunk and
     one temporary of the same size), however large the attention map.
     """
@@ -109,7 +113,8 @@ class Stats(Observer):
                 bad = [t for t in p.tokens if t >= n_text]
                 if bad:
                     raise ConfigError(
-                        f"token index {bad[0]} is out of range at site {call.site!r}, which has {n_text} text tokens",
+                        f"token index {bad[0]} is out of range at site {call.site!r}, "
+                        f"which has {n_text} text tokens",
                         field="tokens",
                     )
                 token_keys = torch.tensor([text.start + t for t in p.tokens], device=call.query.device)
@@ -128,7 +133,9 @@ class Stats(Observer):
             self._accumulate(sums, "mean", metrics, lambda c=c: c.mean(dim=-1))
             if "topk_mass" in metrics:
                 k = min(p.topk, c.shape[-1])
-                self._accumulate(sums, "topk_mass", metrics, lambda c=c, k=k: c.topk(k, dim=-1).values.sum(-1))
+                self._accumulate(
+                    sums, "topk_mass", metrics, lambda c=c, k=k: c.topk(k, dim=-1).values.sum(-1)
+                )
             if "entropy" in metrics:
                 # One temporary of the chunk's size: log(p) with 0·log 0 = 0.
                 logp = c.clamp_min(1e-30).log_()
@@ -143,7 +150,9 @@ class Stats(Observer):
                         continue
                     sub = c[..., lo - rows.start : hi - rows.start, :]
                 n_token_rows += sub.shape[-2]
-                self._accumulate(sums, "token_mass", metrics, lambda sub=sub: sub.index_select(-1, token_keys).sum(-1))
+                self._accumulate(
+                    sums, "token_mass", metrics, lambda sub=sub: sub.index_select(-1, token_keys).sum(-1)
+                )
 
         for metric in metrics:
             if metric not in sums:
@@ -171,7 +180,9 @@ class Stats(Observer):
             b: int | str = "mean" if p.reduce_batch else batch_offset + bi
             for hi, v in enumerate(row):
                 h: int | str = "mean" if p.reduce_heads else hi
-                self.rows.append((call.site, call.index, call.step, timestep, call.kind, b, h, metric, float(v)))
+                self.rows.append(
+                    (call.site, call.index, call.step, timestep, call.kind, b, h, metric, float(v))
+                )
 
     # -- results -------------------------------------------------------------------------------
     def result(self) -> list[dict[str, Any]]:
@@ -183,7 +194,9 @@ class Stats(Observer):
         try:
             import pandas as pd
         except ImportError:
-            raise ConfigError("Stats.to_frame() needs pandas (pip install pandas); result() gives dicts") from None
+            raise ConfigError(
+                "Stats.to_frame() needs pandas (pip install pandas); result() gives dicts"
+            ) from None
         return pd.DataFrame(self.result(), columns=COLUMNS)
 
     def save(self, directory: Path) -> list[Path]:
@@ -231,13 +244,22 @@ class Stats(Observer):
         for ax, metric in zip(axes, metrics):
             lines = agg.get(metric, {})
             if not lines:
-                ax.text(0.5, 0.5, "no attention calls recorded", ha="center", va="center", transform=ax.transAxes)
+                ax.text(
+                    0.5, 0.5, "no attention calls recorded", ha="center", va="center", transform=ax.transAxes
+                )
             cmap = matplotlib.colormaps["viridis"]
             for i, (label, by_step) in enumerate(lines.items()):
                 steps = sorted(by_step)
                 ys = [sum(by_step[s]) / len(by_step[s]) for s in steps]
                 color = cmap(i / max(1, len(lines) - 1))
-                ax.plot(steps, ys, marker="o", markersize=3, color=color, label=label if len(lines) <= 12 else None)
+                ax.plot(
+                    steps,
+                    ys,
+                    marker="o",
+                    markersize=3,
+                    color=color,
+                    label=label if len(lines) <= 12 else None,
+                )
             ax.set_title(metric)
             ax.set_xlabel("step")
             if 0 < len(lines) <= 12:
