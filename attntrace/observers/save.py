@@ -162,6 +162,7 @@ class Save(Observer):
             if self.params.head_mean:
                 c = c.mean(dim=1, keepdim=True)
             out[:, :, rows] = c.to(device="cpu", dtype=dtype)
+            del chunk, c  # free before the next chunk is computed
         return out
 
     def on_step_end(self, step: int) -> None:

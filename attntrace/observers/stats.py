@@ -128,31 +128,10 @@ class Stats(Observer):
         n_token_rows = 0
         budget = int(p.max_chunk_mib * 2**20)
         for rows, chunk in call.iter_probs(budget):
-            c = chunk[keep]
-            self._accumulate(sums, "max", metrics, lambda c=c: c.amax(dim=-1))
-            self._accumulate(sums, "mean", metrics, lambda c=c: c.mean(dim=-1))
-            if "topk_mass" in metrics:
-                k = min(p.topk, c.shape[-1])
-                self._accumulate(
-                    sums, "topk_mass", metrics, lambda c=c, k=k: c.topk(k, dim=-1).values.sum(-1)
-                )
-            if "entropy" in metrics:
-                # One temporary of the chunk's size: log(p) with 0·log 0 = 0.
-                logp = c.clamp_min(1e-30).log_()
-                logp.mul_(c)
-                self._accumulate(sums, "entropy", metrics, lambda logp=logp: -logp.sum(dim=-1))
-                del logp
-            if token_keys is not None:
-                sub = c
-                if token_rows is not None:
-                    lo, hi = max(rows.start, token_rows.start), min(rows.stop, token_rows.stop)
-                    if lo >= hi:
-                        continue
-                    sub = c[..., lo - rows.start : hi - rows.start, :]
-                n_token_rows += sub.shape[-2]
-                self._accumulate(
-                    sums, "token_mass", metrics, lambda sub=sub: sub.index_select(-1, token_keys).sum(-1)
-                )
+            n_token_rows += self._reduce_chunk(sums, metrics, rows, chunk[keep], token_keys, token_rows)
+            # Drop this chunk before the generator computes the next one: otherwise the old chunk,
+            # the new scores and the new probabilities coexist (1.5x the budget).
+            del chunk
 
         for metric in metrics:
             if metric not in sums:
@@ -160,6 +139,37 @@ class Stats(Observer):
             denom = n_token_rows if metric == "token_mass" else q_len
             values = sums[metric] / max(denom, 1)  # (B', H) float64
             self._emit(call, metric, values, keep.start)
+
+    def _reduce_chunk(
+        self,
+        sums: dict[str, torch.Tensor],
+        metrics: list[str],
+        rows: slice,
+        c: torch.Tensor,
+        token_keys: torch.Tensor | None,
+        token_rows: slice | None,
+    ) -> int:
+        """Add one query chunk's per-row statistics to `sums`; return the rows counted for token_mass."""
+        self._accumulate(sums, "max", metrics, lambda: c.amax(dim=-1))
+        self._accumulate(sums, "mean", metrics, lambda: c.mean(dim=-1))
+        if "topk_mass" in metrics:
+            k = min(self.params.topk, c.shape[-1])
+            self._accumulate(sums, "topk_mass", metrics, lambda: c.topk(k, dim=-1).values.sum(-1))
+        if "entropy" in metrics:
+            # One temporary of the chunk's size: p·log(p), with 0·log 0 = 0.
+            plogp = c.clamp_min(1e-30).log_().mul_(c)
+            self._accumulate(sums, "entropy", metrics, lambda: -plogp.sum(dim=-1))
+            del plogp
+        if token_keys is None:
+            return 0
+        sub = c
+        if token_rows is not None:
+            lo, hi = max(rows.start, token_rows.start), min(rows.stop, token_rows.stop)
+            if lo >= hi:
+                return 0
+            sub = c[..., lo - rows.start : hi - rows.start, :]
+        self._accumulate(sums, "token_mass", metrics, lambda: sub.index_select(-1, token_keys).sum(-1))
+        return int(sub.shape[-2])
 
     @staticmethod
     def _accumulate(sums: dict[str, torch.Tensor], metric: str, metrics: list[str], fn: Any) -> None:
