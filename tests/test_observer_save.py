@@ -153,6 +153,33 @@ def test_bounded_queue_and_manifest(tmp_path: Path) -> None:
     assert not [p for p in (tmp_path / "slow_save").iterdir() if ".tmp" in p.name]
 
 
+class FailingSave(Save):
+    """A saver whose disk fails on the second file."""
+
+    name = "failing_save"
+    written = 0
+
+    def _write(self, item: dict[str, Any]) -> None:
+        self.written += 1
+        if self.written >= 2:
+            raise OSError(28, "No space left on device")
+        super()._write(item)
+
+
+def test_writer_failure_surfaces_without_deadlock(tmp_path: Path) -> None:
+    model, inputs = FAMILIES["sd15"]()
+    tracer = Tracer(output_dir=tmp_path)
+    saver = tracer.add(FailingSave(queue_size=1))
+    with pytest.raises(RunError, match="No space left"), tracer.attach(model):
+        for _ in range(3):  # the writer keeps draining after failing: the forward never blocks forever
+            run(model, inputs)
+    saver.close()
+    saved = load_run(tmp_path)  # what landed before the failure is listed and readable
+    assert len(saved.entries) == 1
+    e = saved.entries[0]
+    assert saved.get(e.site, e.step, e.tensor, e.index).shape == e.shape
+
+
 def test_truncated_file_names_it_and_others_load(tmp_path: Path) -> None:
     traced(tmp_path, tensors=["probs"])
     saved = load_run(tmp_path)

@@ -204,3 +204,5 @@ def test_params_validation() -> None:
         Tracer({"rules": [{"use": "stats", "with": {"metrics": ["median"]}}]})
     with pytest.raises(ConfigError, match="unknown parameter"):
         Stats(chunk=3)
+    with pytest.raises(ConfigError, match="needs tokens"):
+        Stats(metrics=["token_mass"])

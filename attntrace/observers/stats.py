@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..call import AttentionCall
 from ..errors import ConfigError
@@ -63,6 +63,12 @@ class StatsParams(BaseModel):
             raise ValueError("token indices must be >= 0")
         return sorted(set(v))
 
+    @model_validator(mode="after")
+    def _token_mass_needs_tokens(self) -> StatsParams:
+        if "token_mass" in self.metrics and not self.tokens:
+            raise ValueError("metric token_mass needs tokens: the text token indices to measure, e.g. [1, 2]")
+        return self
+
     @field_validator("format")
     @classmethod
     def _format(cls, v: str) -> str:
@@ -105,7 +111,7 @@ class Stats(Observer):
 
         token_keys = token_rows = None
         if "token_mass" in metrics:
-            if call.text_tokens is None or not p.tokens:
+            if call.text_tokens is None:
                 metrics.remove("token_mass")
             else:
                 text = call.text_tokens
@@ -239,8 +245,7 @@ class Stats(Observer):
 
     def _plot(self, path: Path) -> None:
         import matplotlib
-
-        matplotlib.use("Agg", force=False)  # never needs a display
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
         # Mean over batch items and heads: one line per (site, index), one panel per metric.
@@ -250,6 +255,7 @@ class Stats(Observer):
             agg.setdefault(metric, {}).setdefault(label, {}).setdefault(step, []).append(value)
         metrics = [m for m in self.params.metrics if m in agg] or ["(no data)"]
         fig = Figure(figsize=(7, 2.6 * len(metrics)), layout="constrained")
+        FigureCanvasAgg(fig)  # Agg explicitly: no display, and no change to the user's pyplot backend
         axes = fig.subplots(len(metrics), 1, squeeze=False)[:, 0]
         for ax, metric in zip(axes, metrics):
             lines = agg.get(metric, {})
