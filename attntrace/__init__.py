@@ -24,6 +24,7 @@ from .errors import (
 )
 from .observer import Observer
 from .registry import register as register_observer
+from .runio import RunEntry, SavedRun, load_run
 from .site import Site
 from .tracer import Attachment, Tracer, find_sites
 
@@ -39,7 +40,9 @@ __all__ = [
     "Observer",
     "PluginError",
     "Rule",
+    "RunEntry",
     "RunError",
+    "SavedRun",
     "SelectionError",
     "Site",
     "TraceConfig",
@@ -47,5 +50,6 @@ __all__ = [
     "UnknownObserverError",
     "__version__",
     "find_sites",
+    "load_run",
     "register_observer",
 ]

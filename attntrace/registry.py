@@ -22,6 +22,8 @@ ENTRY_POINT_GROUP = "attntrace.observers"
 #: Built-in observers: name -> "module:Class" (imported on first use).
 BUILTINS: dict[str, str] = {
     "shapes": "attntrace.observers.shapes:Shapes",
+    "stats": "attntrace.observers.stats:Stats",
+    "save": "attntrace.observers.save:Save",
 }
 
 

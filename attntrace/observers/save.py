@@ -1,0 +1,319 @@
+"""`save`: writes query/key/value/probs/output of selected sites and steps to safetensors files.
+
+Each (site, step, call index) becomes one safetensors file holding the chosen tensors, written by a
+background thread: the file is written under a temporary name, fsynced and renamed, then the JSON
+manifest `manifest.json` is rewritten atomically (temporary file, fsync, rename). A run killed at any
+moment leaves a manifest that lists only complete, readable files. Read a run back with
+`attntrace.load_run(path)`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import math
+import os
+import queue
+import re
+import threading
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..call import AttentionCall
+from ..errors import ConfigError, RunError
+from ..observer import Observer
+
+__all__ = ["MANIFEST", "Save", "SaveParams"]
+
+MANIFEST = "manifest.json"
+TENSORS = ("query", "key", "value", "probs", "output")
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_STOP = object()
+
+
+class SaveParams(BaseModel):
+    """Parameters of `save`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tensors: list[Literal["query", "key", "value", "probs", "output"]] = Field(
+        default_factory=lambda: ["probs"], description="which tensors to save"
+    )
+    dtype: Literal["float16", "bfloat16", "float32"] = Field(default="float16", description="stored dtype")
+    head_mean: bool = Field(default=False, description="store the mean over heads (head axis kept, size 1)")
+    cond_half: bool = Field(
+        default=False, description="store only the conditional (second) half of the batch"
+    )
+    max_resolution: int | None = Field(
+        default=None, ge=1, description="skip sites whose image token grid is larger than this per side"
+    )
+    queue_size: int = Field(default=8, ge=1, description="files waiting to be written before forward blocks")
+    max_chunk_mib: float = Field(default=256.0, gt=0, description="chunk budget when computing probs")
+    dir: str | None = Field(
+        default=None, description="where to write (default: the tracer's output_dir/<label>)"
+    )
+
+    @field_validator("tensors")
+    @classmethod
+    def _tensors(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("choose at least one of query, key, value, probs, output")
+        return list(dict.fromkeys(v))
+
+
+class Save(Observer):
+    """Saves tensors of each matched call to disk in a background thread.
+
+    Memory: at most `queue_size` pending files (each the chosen tensors of one call, in the stored
+    dtype) plus the manifest entries (a few hundred bytes per tensor saved), which grow with
+    steps x sites x tensors. The forward blocks when `queue_size` files are pending. Probabilities
+    are built chunk by chunk straight into the stored dtype (and head mean), so a site's full float32
+    map is not materialised unless another observer already did.
+    """
+
+    name = "save"
+    Params = SaveParams
+
+    def __init__(self, params: Any = None, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        # Instance-level needs: only what is saved is computed.
+        self.needs = frozenset(self.params.tensors)  # type: ignore[misc]
+        self.entries: list[dict[str, Any]] = []
+        self.files: list[Path] = []
+        self._queue: queue.Queue[Any] | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._dir: Path | None = None
+        self._atexit_registered = False
+
+    # -- where -----------------------------------------------------------------------------------
+    @property
+    def directory(self) -> Path | None:
+        """The run directory this observer writes to (None until known)."""
+        if self.params.dir is not None:
+            return Path(self.params.dir)
+        return self.output_dir
+
+    def on_attach(self, attachment: Any) -> None:
+        if self.directory is None:
+            raise ConfigError(
+                "the save observer needs a directory: use Tracer(output_dir=...) or set with: {dir: PATH}",
+                field="dir",
+            )
+
+    # -- per call --------------------------------------------------------------------------------
+    def on_call(self, call: AttentionCall) -> None:
+        self._raise_writer_error()
+        p = self.params
+        if p.max_resolution is not None and self._side(call) > p.max_resolution:
+            return
+        batch = call.query.shape[0]
+        if p.cond_half:
+            if batch % 2:
+                raise ConfigError(
+                    f"cond_half needs an even (uncond + cond) batch, got batch {batch} at site {call.site!r}",
+                    field="cond_half",
+                )
+            keep = slice(batch // 2, batch)
+        else:
+            keep = slice(0, batch)
+        dtype = _DTYPES[p.dtype]
+        tensors: dict[str, torch.Tensor] = {}
+        for name in p.tensors:
+            if name == "probs":
+                t = self._probs(call, keep, dtype)
+            else:
+                src = getattr(call, name)
+                t = src[keep].detach()
+                if p.head_mean:
+                    t = t.float().mean(dim=1, keepdim=True)
+                t = t.to(device="cpu", dtype=dtype).contiguous()
+                if t.untyped_storage().data_ptr() == src.untyped_storage().data_ptr():
+                    t = t.clone()  # never queue a view of a tensor the model may still change
+            tensors[name] = t
+        item = {
+            "site": call.site,
+            "step": call.step,
+            "timestep": call.timestep,
+            "index": call.index,
+            "kind": call.kind,
+            "tensors": tensors,
+        }
+        self._ensure_writer()
+        assert self._queue is not None
+        self._queue.put(item)  # blocks while `queue_size` files are pending
+
+    def _side(self, call: AttentionCall) -> float:
+        if call.image_hw is not None:
+            return max(call.image_hw)
+        n = call.image_tokens.stop - call.image_tokens.start if call.image_tokens else call.query.shape[-2]
+        return math.sqrt(n)
+
+    def _probs(self, call: AttentionCall, keep: slice, dtype: torch.dtype) -> torch.Tensor:
+        q, k = call.query, call.key
+        heads = 1 if self.params.head_mean else q.shape[1]
+        out = torch.empty((keep.stop - keep.start, heads, q.shape[2], k.shape[2]), dtype=dtype)
+        for rows, chunk in call.iter_probs(int(self.params.max_chunk_mib * 2**20)):
+            c = chunk[keep]
+            if self.params.head_mean:
+                c = c.mean(dim=1, keepdim=True)
+            out[:, :, rows] = c.to(device="cpu", dtype=dtype)
+            del chunk, c  # free before the next chunk is computed
+        return out
+
+    def on_step_end(self, step: int) -> None:
+        # Never blocks: the writer catches up in the background.
+        self._raise_writer_error()
+
+    # -- writer thread ---------------------------------------------------------------------------
+    def _ensure_writer(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        directory = self.directory
+        if directory is None:
+            raise ConfigError(
+                "the save observer has no directory (set Tracer(output_dir=...) or dir)", field="dir"
+            )
+        directory.mkdir(parents=True, exist_ok=True)
+        self._dir = directory
+        self._queue = queue.Queue(maxsize=self.params.queue_size)
+        self._thread = threading.Thread(target=self._writer, name="attntrace-save", daemon=True)
+        self._thread.start()
+        if not self._atexit_registered:
+            atexit.register(self.close)
+            self._atexit_registered = True
+
+    def _writer(self) -> None:
+        assert self._queue is not None
+        while True:
+            item = self._queue.get()
+            try:
+                if item is _STOP:
+                    return
+                if self._error is None:  # after a failure keep draining so the forward never deadlocks
+                    self._write(item)
+            except BaseException as exc:
+                self._error = exc
+            finally:
+                self._queue.task_done()
+
+    def _write(self, item: dict[str, Any]) -> None:
+        from safetensors.torch import save_file
+
+        assert self._dir is not None
+        site = re.sub(r"[^A-Za-z0-9_.-]", "_", item["site"])
+        fname = f"step{item['step']:05d}__{site}__{item['index']}.safetensors"
+        final = self._dir / fname
+        tmp = self._dir / f".{fname}.tmp{os.getpid()}"
+        meta = {"site": item["site"], "step": str(item["step"]), "index": str(item["index"])}
+        save_file(item["tensors"], str(tmp), metadata=meta)
+        _fsync_file(tmp)
+        os.replace(tmp, final)
+        new = [
+            {
+                "site": item["site"],
+                "step": item["step"],
+                "timestep": item["timestep"],
+                "index": item["index"],
+                "kind": item["kind"],
+                "tensor": name,
+                "shape": list(t.shape),
+                "dtype": self.params.dtype,
+                "file": fname,
+                "key": name,
+            }
+            for name, t in item["tensors"].items()
+        ]
+        with self._lock:
+            self.entries = [
+                e for e in self.entries if e["file"] != fname
+            ] + new  # a rewritten (site, step, index) replaces its old entries
+            if final not in self.files:
+                self.files.append(final)
+            self._write_manifest()
+
+    def _write_manifest(self) -> None:
+        assert self._dir is not None
+        doc = {
+            "format": "attntrace-run",
+            "version": 1,
+            "params": self.params.model_dump(),
+            "entries": self.entries,
+        }
+        path = self._dir / MANIFEST
+        tmp = self._dir / f".{MANIFEST}.tmp{os.getpid()}"
+        with tmp.open("w") as fh:
+            json.dump(doc, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(self._dir)
+
+    def _raise_writer_error(self) -> None:
+        if self._error is not None:
+            exc, self._error = self._error, None
+            raise RunError(
+                f"the save observer failed writing to {self._dir}: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def flush(self) -> None:
+        """Wait until every queued file is written and listed in the manifest."""
+        if self._queue is not None and self._thread is not None and self._thread.is_alive():
+            self._queue.join()
+        self._raise_writer_error()
+
+    # -- results ---------------------------------------------------------------------------------
+    def result(self) -> list[dict[str, Any]]:
+        """The manifest entries written so far (one per saved tensor)."""
+        with self._lock:
+            return list(self.entries)
+
+    def save(self, directory: Path) -> list[Path]:
+        """Flush and join the writer; return the manifest and data files (already under `directory`)."""
+        self._stop()
+        if self._dir is None:
+            return []
+        return [self._dir / MANIFEST, *self.files]
+
+    def _stop(self) -> None:
+        thread, q = self._thread, self._queue
+        if thread is not None and q is not None and thread.is_alive():
+            q.put(_STOP)
+            thread.join()
+        self._thread = None
+        self._raise_writer_error()
+
+    def close(self) -> None:
+        """Flush pending files and stop the writer thread."""
+        try:
+            self._stop()
+        finally:
+            if self._atexit_registered:
+                atexit.unregister(self.close)
+                self._atexit_registered = False
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the rename durable; not possible on every platform (Windows), where it is skipped.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
