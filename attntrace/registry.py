@@ -21,6 +21,12 @@ ENTRY_POINT_GROUP = "attntrace.observers"
 #: Built-in observers: name -> "module:Class" (imported on first use).
 BUILTINS: dict[str, str] = {
     "shapes": "attntrace.observers.shapes:Shapes",
+    "heatmap": "attntrace.observers.heatmap:Heatmap",
+    "reweight": "attntrace.observers.reweight:Reweight",
+    "replace": "attntrace.observers.replace:Replace",
+    "kv_inject": "attntrace.observers.kv_inject:KVInject",
+    "ablate": "attntrace.observers.ablate:Ablate",
+    "temperature": "attntrace.observers.temperature:Temperature",
 }
 
 
