@@ -100,7 +100,8 @@ class Heatmap(Observer):
             return
         if entry[0].shape != maps.shape:
             raise RunError(
-                f"heatmap: map shape changed from {tuple(entry[0].shape)} to {tuple(maps.shape)} at {call.site} "
+                f"heatmap: map shape changed from {tuple(entry[0].shape)} to {tuple(maps.shape)} "
+                f"at {call.site} "
                 "(batch size or prompt length changed); use one heatmap per run"
             )
         entry[0].add_(maps.to(entry[0].device))
@@ -270,7 +271,9 @@ def render(
     m = maps.detach().float().cpu()
     if m.dim() != 3 or m.shape[0] != len(words):
         raise RunError(f"render: need maps (words, R, R) for {len(words)} words, got {tuple(m.shape)}")
-    up = F.interpolate(m[None], size=(hh, ww), mode="bilinear", align_corners=False)[0].numpy() if words else m
+    up = m.numpy()
+    if words:
+        up = F.interpolate(m[None], size=(hh, ww), mode="bilinear", align_corners=False)[0].numpy()
     colormap = matplotlib.colormaps[cmap]
     files: list[Path] = []
     overlays = []
