@@ -24,6 +24,12 @@ BUILTINS: dict[str, str] = {
     "shapes": "attntrace.observers.shapes:Shapes",
     "stats": "attntrace.observers.stats:Stats",
     "save": "attntrace.observers.save:Save",
+    "heatmap": "attntrace.observers.heatmap:Heatmap",
+    "reweight": "attntrace.observers.reweight:Reweight",
+    "replace": "attntrace.observers.replace:Replace",
+    "kv_inject": "attntrace.observers.kv_inject:KVInject",
+    "ablate": "attntrace.observers.ablate:Ablate",
+    "temperature": "attntrace.observers.temperature:Temperature",
 }
 
 

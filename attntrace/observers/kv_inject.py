@@ -1,0 +1,49 @@
+"""`kv_inject`: MasaCtrl-style mutual self-attention.
+
+In self-attention, from step `from_step` on, every batch item attends with its own queries to the
+keys and values of the source item (per CFG half with `cfg: true`). Layers are chosen with the
+rule's `match`. Edits `call.key`/`call.value`, so the kernel runs once on the edited inputs.
+
+Memory: nothing kept between calls.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..call import AttentionCall
+from ..errors import EditError
+from ..observer import Observer
+from .replace import batch_groups
+
+__all__ = ["KVInject", "KVInjectParams"]
+
+
+class KVInjectParams(BaseModel):
+    """Parameters of `kv_inject`."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: int = Field(default=0, ge=0, description="batch item (within each group) giving keys/values")
+    from_step: int = Field(default=0, ge=0, description="first step to inject at")
+    cfg: bool = Field(default=False, description="batch is [uncond..., cond...]; one source per half")
+
+
+class KVInject(Observer):
+    """Replace self-attention keys/values by the source item's. Keeps nothing."""
+
+    name = "kv_inject"
+    needs = frozenset({"key", "value"})
+    edits = True
+    Params = KVInjectParams
+
+    def on_call(self, call: AttentionCall) -> None:
+        if call.kind != "self" or call.step < self.params.from_step:
+            return
+        k, v = call.key, call.value
+        index = []
+        for group in batch_groups(k.shape[0], self.params.cfg):
+            if self.params.source >= len(group):
+                raise EditError(f"kv_inject: source {self.params.source} outside a group of {len(group)}")
+            index += [group[self.params.source]] * len(group)
+        call.key = k[index]
+        call.value = v[index]
