@@ -238,8 +238,6 @@ class TransformersAdapter(Adapter):
                     adapter=self.name,
                     processor_class=impl if isinstance(impl, str) else None,
                     heads=_heads(module),
-                    probs=ok,
-                    editable=ok,
                     note="" if ok else f"attn_implementation {impl!r}: load with 'sdpa' or 'eager' to trace",
                 )
             )
