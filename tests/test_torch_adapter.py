@@ -184,3 +184,51 @@ def test_mha_bias_k_refused() -> None:
     with pytest.raises(AttachError, match="bias_k"):
         tracer.attach(mha)
     assert "forward" not in vars(mha)
+
+
+def test_transformer_encoder_fast_path() -> None:
+    """TransformerEncoderLayer in eval without grad never calls self_attn: still traced, bit-identical."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 5, 32)
+    kpm = torch.zeros(2, 5, dtype=torch.bool)
+    kpm[1, 3:] = True
+    with torch.no_grad():
+        base = enc(x, src_key_padding_mask=kpm)
+    tracer = Tracer()
+    assert [s.name for s in tracer.sites(enc)] == ["layers.0.self_attn", "layers.1.self_attn"]
+    rec = tracer.add(Record())
+    with torch.no_grad(), tracer.attach(enc):
+        out = enc(x, src_key_padding_mask=kpm)
+    assert torch.equal(out, base)
+    assert [c[0] for c in rec.calls] == ["layers.0.self_attn", "layers.1.self_attn"]
+    assert "forward" not in vars(enc.layers[0]) and "forward" not in vars(enc.layers[0].self_attn)
+    first = enc.layers[0]
+    with torch.no_grad():
+        _, ref_w = first.self_attn(
+            x, x, x, key_padding_mask=kpm, need_weights=True, average_attn_weights=False
+        )
+    assert (rec.calls[0][2] - ref_w).abs().max() <= 1e-6
+    # With grad enabled the slow path calls self_attn: still exactly one call per layer.
+    rec.calls.clear()
+    with tracer.attach(enc):
+        enc(x, src_key_padding_mask=kpm)
+    assert len(rec.calls) == 2
+
+
+def test_transformer_encoder_layer_edit() -> None:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True).eval()
+    x = torch.randn(2, 5, 32)
+    mha = layer.self_attn
+    with torch.no_grad():
+        wv, bv = mha.in_proj_weight.chunk(3)[2], mha.in_proj_bias.chunk(3)[2]
+        sa = mha.out_proj(F.linear(x, wv, bv).mean(1, keepdim=True).expand(-1, 5, -1))
+        h = layer.norm1(x + sa)
+        expected = layer.norm2(h + layer.linear2(F.relu(layer.linear1(h))))
+    tracer = Tracer()
+    tracer.add(Uniform())
+    with torch.no_grad(), tracer.attach(layer):
+        got = layer(x)
+    assert torch.allclose(got, expected, atol=1e-5)

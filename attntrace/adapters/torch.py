@@ -15,10 +15,12 @@ the output goes through `out_proj` as the module would.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from ..call import AttentionCall
 from ..errors import AttachError
@@ -101,15 +103,43 @@ class TorchAdapter(Adapter):
                     "is not supported by attntrace"
                 )
             forward = _mha_forward(binding, module)
+            binding.mha_override = None
+            undo_layer = _patch_encoder_layer(binding, module)
         else:
+            undo_layer = None
             forward = _sdpa_forward(binding, module)
         module.forward = forward  # an instance attribute shadows the class's forward
 
         def undo() -> None:
+            if undo_layer is not None:
+                undo_layer()
             if vars(module).get("forward") is forward:
                 del module.forward
 
         return undo
+
+
+def _patch_encoder_layer(binding: SiteBinding, mha: torch.nn.MultiheadAttention) -> Undo | None:
+    name = binding.site.name
+    if not name.endswith("self_attn"):
+        return None
+    parent_name = name.rpartition(".")[0]
+    try:
+        parent = binding.attachment.model.get_submodule(parent_name)
+    except AttributeError:
+        return None
+    if not isinstance(parent, torch.nn.TransformerEncoderLayer) or parent.self_attn is not mha:
+        return None
+    if "forward" in vars(parent):
+        raise AttachError(f"module {parent_name!r} already has an instance-level forward; remove it first")
+    forward = _encoder_layer_forward(binding, parent)
+    parent.forward = forward
+
+    def undo() -> None:
+        if vars(parent).get("forward") is forward:
+            del parent.forward
+
+    return undo
 
 
 def _sdpa_forward(binding: SiteBinding, module: torch.nn.Module) -> Any:
@@ -148,64 +178,68 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.to(dtype)
 
 
-def _mha_forward(binding: SiteBinding, mha: torch.nn.MultiheadAttention) -> Any:
-    original = mha.forward
-    binding.original = original
-    attachment = binding.attachment
+class _SlowPath(TorchFunctionMode):
+    """A pass-through mode: any active mode turns off `TransformerEncoderLayer`'s fused fast path."""
 
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        step = attachment.step
-        observers = binding.observers_at(step)
-        if not observers:
-            return original(*args, **kwargs)
-        query, key, value, kpm, need_weights, attn_mask, average = _bind_mha(*args, **kwargs)
-        unbatched = query.dim() == 2
-        if unbatched:
-            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
-            kpm = None if kpm is None else kpm.unsqueeze(0)
-        elif mha.batch_first:
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        # (L, B, E) from here on, as in F.multi_head_attention_forward.
-        lq, b, e = query.shape
-        lk = key.shape[0]
-        h = mha.num_heads
-        d = e // h
-        if mha._qkv_same_embed_dim:
-            wq, wk, wv = mha.in_proj_weight.chunk(3)
-        else:
-            wq, wk, wv = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
-        bq = bk = bv = None
-        if mha.in_proj_bias is not None:
-            bq, bk, bv = mha.in_proj_bias.chunk(3)
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        return func(*args, **(kwargs or {}))
 
-        def heads(x: torch.Tensor, length: int) -> torch.Tensor:
-            return x.reshape(length, b, h, -1).permute(1, 2, 0, 3)
 
-        q = heads(F.linear(query, wq, bq), lq)
-        k = heads(F.linear(key, wk, bk), lk)
-        v = heads(F.linear(value, wv, bv), lk)
-        mask = None
-        if attn_mask is not None:
-            m = _additive(attn_mask, q.dtype)
-            mask = m[None, None] if m.dim() == 2 else m.reshape(b, h, lq, lk)
-        if kpm is not None:
-            m = _additive(kpm, q.dtype)[:, None, None, :]
-            mask = m if mask is None else mask + m
+def _mha_call(
+    binding: SiteBinding,
+    mha: torch.nn.MultiheadAttention,
+    step: int,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> tuple[AttentionCall, Callable[[], tuple[torch.Tensor, torch.Tensor | None]]]:
+    """Rebuild the call of `mha(*args, **kwargs)` from its weights; `finish()` gives the edited result."""
+    query, key, value, kpm, need_weights, attn_mask, average = _bind_mha(*args, **kwargs)
+    unbatched = query.dim() == 2
+    if unbatched:
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        kpm = None if kpm is None else kpm.unsqueeze(0)
+    elif mha.batch_first:
+        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+    # (L, B, E) from here on, as in F.multi_head_attention_forward.
+    lq, b, e = query.shape
+    lk = key.shape[0]
+    h = mha.num_heads
+    if mha._qkv_same_embed_dim:
+        wq, wk, wv = mha.in_proj_weight.chunk(3)
+    else:
+        wq, wk, wv = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
+    bq = bk = bv = None
+    if mha.in_proj_bias is not None:
+        bq, bk, bv = mha.in_proj_bias.chunk(3)
 
-        def kernel_fn(
-            q2: torch.Tensor, k2: torch.Tensor, v2: torch.Tensor, m2: torch.Tensor | None
-        ) -> torch.Tensor:
-            return F.scaled_dot_product_attention(q2, k2, v2, attn_mask=m2)
+    def heads(x: torch.Tensor, length: int) -> torch.Tensor:
+        return x.reshape(length, b, h, -1).permute(1, 2, 0, 3)
 
-        call = AttentionCall(
-            site=binding.site, step=step, timestep=attachment.timestep, query=q, key=k, value=v,
-            attn_mask=mask,
-            scale=None, is_causal=False, enable_gqa=False, kernel_fn=kernel_fn, image_tokens=slice(0, lq),
-            extra={"head_dim": d},
-        )  # fmt: skip
-        binding.dispatch(call, observers)
-        if not call.edited:
-            return original(*args, **kwargs)
+    q = heads(F.linear(query, wq, bq), lq)
+    k = heads(F.linear(key, wk, bk), lk)
+    v = heads(F.linear(value, wv, bv), lk)
+    mask = None
+    if attn_mask is not None:
+        m = _additive(attn_mask, q.dtype)
+        mask = m[None, None] if m.dim() == 2 else m.reshape(b, h, lq, lk)
+    if kpm is not None:
+        m = _additive(kpm, q.dtype)[:, None, None, :]
+        mask = m if mask is None else mask + m
+
+    def kernel_fn(
+        q2: torch.Tensor, k2: torch.Tensor, v2: torch.Tensor, m2: torch.Tensor | None
+    ) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q2, k2, v2, attn_mask=m2)
+
+    call = AttentionCall(
+        site=binding.site, step=step, timestep=binding.attachment.timestep, query=q, key=k, value=v,
+        attn_mask=mask, scale=None, is_causal=False, enable_gqa=False, kernel_fn=kernel_fn,
+        image_tokens=slice(0, lq),
+    )  # fmt: skip
+
+    def finish() -> tuple[torch.Tensor, torch.Tensor | None]:
         out = call.output.permute(2, 0, 1, 3).reshape(lq, b, e).to(query.dtype)
         out = F.linear(out, mha.out_proj.weight, mha.out_proj.bias)
         if unbatched:
@@ -220,5 +254,63 @@ def _mha_forward(binding: SiteBinding, mha: torch.nn.MultiheadAttention) -> Any:
             if unbatched:
                 weights = weights.squeeze(0)
         return out, weights
+
+    return call, finish
+
+
+def _mha_forward(binding: SiteBinding, mha: torch.nn.MultiheadAttention) -> Any:
+    original = mha.forward
+    binding.original = original
+    attachment = binding.attachment
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        override = binding.mha_override
+        if override is not None:
+            binding.mha_override = None
+            return original(*args, **kwargs) if override == "skip" else override
+        step = attachment.step
+        observers = binding.observers_at(step)
+        if not observers:
+            return original(*args, **kwargs)
+        call, finish = _mha_call(binding, mha, step, args, kwargs)
+        binding.dispatch(call, observers)
+        # Untouched: the module's own forward (fast path or not) gives the result, bit for bit.
+        return original(*args, **kwargs) if not call.edited else finish()
+
+    return forward
+
+
+def _encoder_layer_forward(binding: SiteBinding, layer: torch.nn.TransformerEncoderLayer) -> Any:
+    """`TransformerEncoderLayer` in eval without grad runs one fused op and never calls its `self_attn`."""
+    original = layer.forward
+    attachment = binding.attachment
+    mha = layer.self_attn
+
+    def forward(
+        src: torch.Tensor,
+        src_mask: torch.Tensor | None = None,
+        src_key_padding_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        step = attachment.step
+        observers = binding.observers_at(step)
+        if not observers:
+            return original(src, src_mask, src_key_padding_mask, is_causal=is_causal)
+        x = layer.norm1(src) if layer.norm_first else src
+        kw = {"attn_mask": src_mask, "key_padding_mask": src_key_padding_mask, "need_weights": False}
+        call, finish = _mha_call(binding, mha, step, (x, x, x), kw)
+        binding.dispatch(call, observers)
+        if not call.edited:
+            binding.mha_override = "skip"  # the slow path must not dispatch this call a second time
+            try:
+                return original(src, src_mask, src_key_padding_mask, is_causal=is_causal)
+            finally:
+                binding.mha_override = None
+        binding.mha_override = finish()
+        try:
+            with _SlowPath():  # the edited attention result must go through `self_attn`
+                return original(src, src_mask, src_key_padding_mask, is_causal=is_causal)
+        finally:
+            binding.mha_override = None
 
     return forward
