@@ -202,6 +202,72 @@ def test_llama_cached_generate(impl: str) -> None:
     assert model.config._attn_implementation == impl
 
 
+def test_composite_clip_keeps_each_sub_config() -> None:
+    """CLIP with text on eager and vision on sdpa: each sub-model keeps its own kernel, restored on detach."""
+    text = {
+        "vocab_size": 60,
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 16,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+    }
+    vision = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 4,
+              "image_size": 16, "patch_size": 4}  # fmt: skip
+    impl = {"text_config": "eager", "vision_config": "sdpa", "": "sdpa"}
+    torch.manual_seed(0)
+    cfg = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+    model = transformers.CLIPModel._from_config(cfg, attn_implementation=impl).eval()
+    ids = torch.randint(2, 60, (2, 6), generator=torch.Generator().manual_seed(0))
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base = model(input_ids=ids, pixel_values=pixels).logits_per_image
+    tracer = Tracer()
+    rec = tracer.add(Record())
+    with torch.no_grad(), tracer.attach(model):
+        assert model.config.text_config._attn_implementation.endswith("_eager")
+        assert model.config.vision_config._attn_implementation.endswith("_sdpa")
+        out = model(input_ids=ids, pixel_values=pixels).logits_per_image
+    assert torch.equal(out, base)
+    assert sorted(c["site"] for c in rec.calls) == [
+        "text_model.encoder.layers.0.self_attn",
+        "vision_model.encoder.layers.0.self_attn",
+    ]
+    assert model.config.text_config._attn_implementation == "eager"
+    assert model.config.vision_config._attn_implementation == "sdpa"
+    assert model.text_model.config._attn_implementation == "eager"
+
+
+def test_t5_cached_generate() -> None:
+    model, oracle = _pair(transformers.T5ForConditionalGeneration, _t5_cfg, "sdpa")
+    ids, mask = _padded_ids()
+    gen = {"max_new_tokens": 3, "min_new_tokens": 3, "do_sample": False}
+    with torch.no_grad():
+        base = model.generate(input_ids=ids, attention_mask=mask, **gen)
+    tracer = Tracer()
+    rec = tracer.add(Record())
+    with torch.no_grad(), tracer.attach(model):
+        out = model.generate(input_ids=ids, attention_mask=mask, **gen)
+    assert torch.equal(out, base)
+    dec = [c for c in rec.calls if c["site"].startswith("decoder.")]
+    assert sorted({c["step"] for c in dec}) == [0, 1, 2]
+    assert all(c["q"][2] == 1 for c in dec)  # one new query per decode step, keys from the cache
+    cross = [c for c in dec if c["kind"] == "cross"]
+    assert all(c["k"][2] == 7 for c in cross)
+    # The last step's probs equal the eager model's on the whole generated prefix (last query row).
+    with torch.no_grad():
+        ref = oracle(
+            input_ids=ids, attention_mask=mask, decoder_input_ids=out[:, :-1], output_attentions=True
+        )
+    last = [c for c in dec if c["step"] == 2]
+    for c in last:
+        layer = int(c["site"].split(".")[2])
+        refs = ref.cross_attentions if c["kind"] == "cross" else ref.decoder_attentions
+        assert (c["probs"][:, :, 0] - refs[layer][:, :, -1]).abs().max() <= 1e-5
+
+
 def test_output_attentions_on_sdpa_through_tracer() -> None:
     model, oracle = _pair(transformers.BertModel, _bert_cfg, "sdpa")
     ids, mask = _padded_ids()

@@ -93,6 +93,22 @@ def _all_configs(model: torch.nn.Module) -> list[Any]:
     return list(seen.values())
 
 
+def _as_keywords(fn: Callable[..., Any], *first: Any) -> dict[str, Any]:
+    *five, args, kwargs = first
+    sig = inspect.signature(fn)
+    bound = sig.bind(*five, *args, **kwargs).arguments
+    names = list(sig.parameters)
+    out: dict[str, Any] = {}
+    for name, value in bound.items():
+        if name in names[:5]:
+            continue
+        if sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        else:
+            out[name] = value
+    return out
+
+
 class _Registration:
     """The wrappers of one attachment: id(module) -> binding, and the original functions."""
 
@@ -119,8 +135,10 @@ class _Registration:
         ) -> tuple[torch.Tensor, torch.Tensor | None]:
             original = original_for(module)
             binding = self.bindings.get(id(module))
-            if binding is None or args:
+            if binding is None:
                 return original(module, query, key, value, attention_mask, *args, **kwargs)
+            if args:  # rare: extra arguments passed by position; name them as the original function does
+                kwargs = _as_keywords(original, module, query, key, value, attention_mask, args, kwargs)
             observers = binding.observers_at(binding.attachment.step)
             if not observers:
                 return original(module, query, key, value, attention_mask, **kwargs)
