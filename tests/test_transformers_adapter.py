@@ -345,3 +345,54 @@ def test_minilm_entropy_example_runs() -> None:
     assert len(values) == 12 and all(
         0.0 <= v <= float(torch.log(torch.tensor(float(n)))) + 1e-4 for v in values
     )
+
+
+class ReassignProbs(Observer):
+    """Editor that writes the probabilities back unchanged: the output is then rebuilt as probs @ v."""
+
+    name = "reassign"
+    needs = frozenset({"probs"})
+    edits = True
+
+    def on_call(self, call) -> None:  # type: ignore[no-untyped-def]
+        call.probs = call.probs.clone()
+
+
+class ZeroHead(Observer):
+    """Editor that zeroes head 0's attention output (keeps nothing)."""
+
+    name = "zero_head"
+    needs = frozenset({"output"})
+    edits = True
+
+    def on_call(self, call) -> None:  # type: ignore[no-untyped-def]
+        out = call.output.clone()
+        out[:, 0] = 0
+        call.output = out
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_llama_edits_round_trip(impl: str) -> None:
+    model, _ = _pair(transformers.LlamaForCausalLM, _llama_cfg, impl)
+    ids, mask = _padded_ids(left=True)
+    with torch.no_grad():
+        base = model(input_ids=ids, attention_mask=mask).logits
+    tracer = Tracer()
+    tracer.add(ReassignProbs())
+    with torch.no_grad(), tracer.attach(model):
+        same = model(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()  # padded query rows are garbage in any implementation
+    assert (same - base)[real].abs().max() <= 1e-5
+    # Zeroing head 0 of layer 0 equals zeroing the o_proj input columns of that head.
+    tracer = Tracer()
+    tracer.add(ZeroHead(), match="model.layers.0.self_attn")
+    with torch.no_grad(), tracer.attach(model):
+        edited = model(input_ids=ids, attention_mask=mask).logits
+    o_proj = model.model.layers[0].self_attn.o_proj
+    saved = o_proj.weight.detach().clone()
+    with torch.no_grad():
+        o_proj.weight[:, :8] = 0
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        o_proj.weight.copy_(saved)
+    assert (edited - expected)[real].abs().max() <= 1e-5
+    assert (edited - base)[real].abs().max() > 1e-3
