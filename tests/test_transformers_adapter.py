@@ -396,3 +396,20 @@ def test_llama_edits_round_trip(impl: str) -> None:
         o_proj.weight.copy_(saved)
     assert (edited - expected)[real].abs().max() <= 1e-5
     assert (edited - base)[real].abs().max() > 1e-3
+
+
+def test_gpt2_upcast_eager_refused_and_unsupported_impl() -> None:
+    from attntrace.errors import AttachError
+
+    torch.manual_seed(0)
+    cfg = _gpt2_cfg(attn_implementation="eager", reorder_and_upcast_attn=True)
+    model = transformers.GPT2Model(cfg).eval()
+    tracer = Tracer()
+    tracer.add(Record())
+    with pytest.raises(AttachError, match="reorder_and_upcast_attn"):
+        tracer.attach(model)
+    assert model.config._attn_implementation == "eager"
+    assert not any(k.startswith("attntrace_") for k in AttentionInterface._global_mapping)
+    model = transformers.BertModel(_bert_cfg(attn_implementation="flex_attention"))
+    with pytest.raises(AttachError, match="'sdpa' or 'eager'"):
+        tracer.attach(model)

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import re
 import sys
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +51,15 @@ def _is_attention_class(cls: type) -> bool:
         cached = "ALL_ATTENTION_FUNCTIONS" in source
         _site_class_cache[cls] = cached
     return cached
+
+
+def _branches_on_implementation(cls: type) -> bool:
+    """Whether `cls.forward` compares `_attn_implementation` to a name (it then sees the wrapper's name)."""
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return re.search(r"_attn_implementation\s*(==|!=|in\s*\()", source) is not None
 
 
 def _kind(name: str, module: torch.nn.Module) -> Kind:
@@ -278,6 +289,21 @@ class TransformersAdapter(Adapter):
                     f"site {b.site.name!r} uses attn_implementation={impl!r}; attntrace traces 'sdpa' and "
                     "'eager' (load the model with attn_implementation='sdpa' or 'eager', or call "
                     "model.set_attn_implementation)"
+                )
+            module = b.site.module
+            if impl == "eager" and getattr(module, "reorder_and_upcast_attn", False):
+                # GPT-2 runs its own upcast kernel only when the implementation is literally "eager".
+                raise AttachError(
+                    f"site {b.site.name!r}: reorder_and_upcast_attn=True with eager attention bypasses "
+                    "the attention registry; load with attn_implementation='sdpa' or set "
+                    "reorder_and_upcast_attn=False"
+                )
+            if not hasattr(module, "reorder_and_upcast_attn") and _branches_on_implementation(type(module)):
+                warnings.warn(
+                    f"attntrace: {type(module).__name__}.forward branches on config._attn_implementation; "
+                    "while traced it sees attntrace's registry name, which may take a different code path",
+                    RuntimeWarning,
+                    stacklevel=4,
                 )
         reg = _Registration()
         reg.bindings = {id(b.site.module): b for b in bindings}
