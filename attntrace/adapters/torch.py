@@ -1,0 +1,316 @@
+"""Plain PyTorch adapter: `nn.MultiheadAttention`, and modules that call `F.scaled_dot_product_attention`.
+
+Sites are every `nn.MultiheadAttention` and every module whose class's `forward` source calls
+`scaled_dot_product_attention` itself (checked once per class); a module is not a site when one of its
+descendants is (the innermost module that computes attention is the site). Modules another adapter
+claimed first (diffusers processors, transformers attention modules) stay theirs.
+
+SDPA modules: `forward` is shadowed by an instance attribute that runs the original forward under the
+site's `KernelInterceptor`, which catches each `F.sdpa` call. `nn.MultiheadAttention`: its kernel is
+fused (fast path) or hand-written (`need_weights`), so the call is rebuilt from the module's own
+projection weights; the module's own forward produces the result unless an observer edits, and then
+the output goes through `out_proj` as the module would.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from ..call import AttentionCall
+from ..errors import AttachError
+from ..intercept import KernelInterceptor, LayerCall
+from ..site import Site
+from .base import Adapter, Undo
+
+if TYPE_CHECKING:
+    from ..tracer import SiteBinding
+
+__all__ = ["TorchAdapter"]
+
+_sdpa_class_cache: dict[type, bool] = {}
+
+
+def _calls_sdpa(cls: type) -> bool:
+    """Whether `cls.forward` calls `scaled_dot_product_attention` directly (cached per class)."""
+    cached = _sdpa_class_cache.get(cls)
+    if cached is None:
+        try:
+            source = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            source = ""
+        cached = "scaled_dot_product_attention(" in source
+        _sdpa_class_cache[cls] = cached
+    return cached
+
+
+def _is_candidate(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.MultiheadAttention) or (
+        type(module).forward is not torch.nn.Module.forward and _calls_sdpa(type(module))
+    )
+
+
+class TorchAdapter(Adapter):
+    """Traces plain PyTorch attention: `nn.MultiheadAttention` and modules calling `F.sdpa`."""
+
+    name = "torch"
+
+    def applies_to(self, model: torch.nn.Module) -> bool:
+        return isinstance(model, torch.nn.Module)
+
+    def find_sites(self, model: torch.nn.Module) -> list[Site]:
+        candidates = [(n, m) for n, m in model.named_modules() if _is_candidate(m)]
+        names = [n for n, _ in candidates]
+        sites = []
+        for name, module in candidates:
+            prefix = f"{name}." if name else ""
+            if any(other != name and other.startswith(prefix) for other in names):
+                continue  # an inner module computes the attention
+            mha = isinstance(module, torch.nn.MultiheadAttention)
+            note = ""
+            if mha and (module.bias_k is not None or module.add_zero_attn):
+                note = "bias_k/bias_v and add_zero_attn are not supported"
+            sites.append(
+                Site(
+                    name=name or type(module).__name__,
+                    kind="self",
+                    module=module,
+                    adapter=self.name,
+                    processor_class="MultiheadAttention" if mha else "F.scaled_dot_product_attention",
+                    heads=getattr(module, "num_heads", None) or getattr(module, "heads", None),
+                    # probs stays True: `install` refuses with the real reason, not as "linear attention".
+                    note=note,
+                )
+            )
+        return sites
+
+    def install(self, binding: SiteBinding) -> Undo:
+        module = binding.site.module
+        if "forward" in vars(module):
+            raise AttachError(
+                f"site {binding.site.name!r} already has an instance-level forward (another tracer or a "
+                "patch); detach or remove it first"
+            )
+        if isinstance(module, torch.nn.MultiheadAttention):
+            if module.bias_k is not None or module.add_zero_attn:
+                raise AttachError(
+                    f"site {binding.site.name!r}: nn.MultiheadAttention with bias_k/bias_v or add_zero_attn "
+                    "is not supported by attntrace"
+                )
+            forward = _mha_forward(binding, module)
+            binding.mha_override = None
+            undo_layer = _patch_encoder_layer(binding, module)
+        else:
+            undo_layer = None
+            forward = _sdpa_forward(binding, module)
+        module.forward = forward  # an instance attribute shadows the class's forward
+
+        def undo() -> None:
+            if undo_layer is not None:
+                undo_layer()
+            if vars(module).get("forward") is forward:
+                del module.forward
+
+        return undo
+
+
+def _patch_encoder_layer(binding: SiteBinding, mha: torch.nn.MultiheadAttention) -> Undo | None:
+    name = binding.site.name
+    if not name.endswith("self_attn"):
+        return None
+    parent_name = name.rpartition(".")[0]
+    try:
+        parent = binding.attachment.model.get_submodule(parent_name)
+    except AttributeError:
+        return None
+    if not isinstance(parent, torch.nn.TransformerEncoderLayer) or parent.self_attn is not mha:
+        return None
+    if "forward" in vars(parent):
+        raise AttachError(f"module {parent_name!r} already has an instance-level forward; remove it first")
+    forward = _encoder_layer_forward(binding, parent)
+    parent.forward = forward
+
+    def undo() -> None:
+        if vars(parent).get("forward") is forward:
+            del parent.forward
+
+    return undo
+
+
+def _sdpa_forward(binding: SiteBinding, module: torch.nn.Module) -> Any:
+    original = module.forward
+    binding.original = original
+    interceptor = binding.interceptor = KernelInterceptor(binding)
+    attachment = binding.attachment
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        step = attachment.step
+        observers = binding.observers_at(step)
+        if not observers:
+            return original(*args, **kwargs)
+        layer = LayerCall(observers=observers, step=step, timestep=attachment.timestep)
+        return interceptor.run(layer, original, args, kwargs)
+
+    return forward
+
+
+def _bind_mha(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    need_weights: bool = True,
+    attn_mask: torch.Tensor | None = None,
+    average_attn_weights: bool = True,
+    is_causal: bool = False,
+) -> tuple[Any, ...]:
+    return query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    return mask.to(dtype)
+
+
+class _SlowPath(TorchFunctionMode):
+    """A pass-through mode: any active mode turns off `TransformerEncoderLayer`'s fused fast path."""
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        return func(*args, **(kwargs or {}))
+
+
+def _mha_call(
+    binding: SiteBinding,
+    mha: torch.nn.MultiheadAttention,
+    step: int,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> tuple[AttentionCall, Callable[[], tuple[torch.Tensor, torch.Tensor | None]]]:
+    """Rebuild the call of `mha(*args, **kwargs)` from its weights; `finish()` gives the edited result."""
+    query, key, value, kpm, need_weights, attn_mask, average = _bind_mha(*args, **kwargs)
+    unbatched = query.dim() == 2
+    if unbatched:
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        kpm = None if kpm is None else kpm.unsqueeze(0)
+    elif mha.batch_first:
+        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+    # (L, B, E) from here on, as in F.multi_head_attention_forward.
+    lq, b, e = query.shape
+    lk = key.shape[0]
+    h = mha.num_heads
+    if mha._qkv_same_embed_dim:
+        wq, wk, wv = mha.in_proj_weight.chunk(3)
+    else:
+        wq, wk, wv = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
+    bq = bk = bv = None
+    if mha.in_proj_bias is not None:
+        bq, bk, bv = mha.in_proj_bias.chunk(3)
+
+    def heads(x: torch.Tensor, length: int) -> torch.Tensor:
+        return x.reshape(length, b, h, -1).permute(1, 2, 0, 3)
+
+    q = heads(F.linear(query, wq, bq), lq)
+    k = heads(F.linear(key, wk, bk), lk)
+    v = heads(F.linear(value, wv, bv), lk)
+    mask = None
+    if attn_mask is not None:
+        m = _additive(attn_mask, q.dtype)
+        mask = m[None, None] if m.dim() == 2 else m.reshape(b, h, lq, lk)
+    if kpm is not None:
+        m = _additive(kpm, q.dtype)[:, None, None, :]
+        mask = m if mask is None else mask + m
+
+    def kernel_fn(
+        q2: torch.Tensor, k2: torch.Tensor, v2: torch.Tensor, m2: torch.Tensor | None
+    ) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q2, k2, v2, attn_mask=m2)
+
+    call = AttentionCall(
+        site=binding.site, step=step, timestep=binding.attachment.timestep, query=q, key=k, value=v,
+        attn_mask=mask, scale=None, is_causal=False, enable_gqa=False, kernel_fn=kernel_fn,
+        image_tokens=slice(0, lq),
+    )  # fmt: skip
+
+    def finish() -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = call.output.permute(2, 0, 1, 3).reshape(lq, b, e).to(query.dtype)
+        out = F.linear(out, mha.out_proj.weight, mha.out_proj.bias)
+        if unbatched:
+            out = out.squeeze(1)
+        elif mha.batch_first:
+            out = out.transpose(0, 1)
+        weights = None
+        if need_weights:
+            weights = call.probs.to(query.dtype)
+            if average:
+                weights = weights.mean(dim=1)
+            if unbatched:
+                weights = weights.squeeze(0)
+        return out, weights
+
+    return call, finish
+
+
+def _mha_forward(binding: SiteBinding, mha: torch.nn.MultiheadAttention) -> Any:
+    original = mha.forward
+    binding.original = original
+    attachment = binding.attachment
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        override = binding.mha_override
+        if override is not None:
+            binding.mha_override = None
+            return original(*args, **kwargs) if override == "skip" else override
+        step = attachment.step
+        observers = binding.observers_at(step)
+        if not observers:
+            return original(*args, **kwargs)
+        call, finish = _mha_call(binding, mha, step, args, kwargs)
+        binding.dispatch(call, observers)
+        # Untouched: the module's own forward (fast path or not) gives the result, bit for bit.
+        return original(*args, **kwargs) if not call.edited else finish()
+
+    return forward
+
+
+def _encoder_layer_forward(binding: SiteBinding, layer: torch.nn.TransformerEncoderLayer) -> Any:
+    """`TransformerEncoderLayer` in eval without grad runs one fused op and never calls its `self_attn`."""
+    original = layer.forward
+    attachment = binding.attachment
+    mha = layer.self_attn
+
+    def forward(
+        src: torch.Tensor,
+        src_mask: torch.Tensor | None = None,
+        src_key_padding_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        step = attachment.step
+        observers = binding.observers_at(step)
+        if not observers:
+            return original(src, src_mask, src_key_padding_mask, is_causal=is_causal)
+        x = layer.norm1(src) if layer.norm_first else src
+        kw = {"attn_mask": src_mask, "key_padding_mask": src_key_padding_mask, "need_weights": False}
+        call, finish = _mha_call(binding, mha, step, (x, x, x), kw)
+        binding.dispatch(call, observers)
+        if not call.edited:
+            binding.mha_override = "skip"  # the slow path must not dispatch this call a second time
+            try:
+                return original(src, src_mask, src_key_padding_mask, is_causal=is_causal)
+            finally:
+                binding.mha_override = None
+        binding.mha_override = finish()
+        try:
+            with _SlowPath():  # the edited attention result must go through `self_attn`
+                return original(src, src_mask, src_key_padding_mask, is_causal=is_causal)
+        finally:
+            binding.mha_override = None
+
+    return forward

@@ -1,0 +1,346 @@
+"""HF transformers adapter (5.x): a wrapper registered in the attention-function registry.
+
+transformers 5.x attention modules call `ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation,
+eager_attention_forward)` on every forward, with (B, H, L, D) tensors and the module as first argument.
+`prepare` registers one wrapper per original implementation (`sdpa`, `eager`) under a unique name, and
+the matching mask function under the same name (without it transformers builds no mask at all and
+padding is silently ignored), then points every config of the model at the wrapper. The wrapper calls
+the original implementation; at bound modules it builds an `AttentionCall` first. Detach restores every
+config's own `_attn_implementation` and removes both registry entries.
+
+transformers is imported lazily, so attntrace imports without it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import re
+import sys
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..call import AttentionCall
+from ..errors import AttachError
+from ..site import Kind, Site
+from .base import Adapter, Undo
+
+if TYPE_CHECKING:
+    from ..tracer import Attachment, SiteBinding
+
+__all__ = ["TransformersAdapter"]
+
+_SUPPORTED = ("sdpa", "eager")
+_counter = itertools.count()
+_site_class_cache: dict[type, bool] = {}
+# Names of cross-attention submodules in encoder-decoder families (T5, BART/Whisper/Marian...).
+_CROSS_NAMES = ("EncDecAttention", "encoder_attn", "crossattention", "cross_attn")
+
+
+def _is_attention_class(cls: type) -> bool:
+    """Whether `cls.forward` calls the attention-function registry (the rule transformers itself uses)."""
+    cached = _site_class_cache.get(cls)
+    if cached is None:
+        try:
+            source = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            source = ""
+        cached = "ALL_ATTENTION_FUNCTIONS" in source
+        _site_class_cache[cls] = cached
+    return cached
+
+
+def _branches_on_implementation(cls: type) -> bool:
+    """Whether `cls.forward` compares `_attn_implementation` to a name (it then sees the wrapper's name)."""
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return re.search(r"_attn_implementation\s*(==|!=|in\s*\()", source) is not None
+
+
+def _kind(name: str, module: torch.nn.Module) -> Kind:
+    if getattr(module, "is_cross_attention", False) is True or "CrossAttention" in type(module).__name__:
+        return "cross"
+    parts = name.split(".")
+    if any(p in _CROSS_NAMES for p in parts[-2:]):
+        return "cross"
+    return "self"
+
+
+def _heads(module: torch.nn.Module) -> int | None:
+    for attr in ("num_heads", "num_attention_heads", "n_heads", "n_head"):
+        v = getattr(module, attr, None)
+        if isinstance(v, int):
+            return v
+    config = getattr(module, "config", None)
+    v = getattr(config, "num_attention_heads", None)
+    return v if isinstance(v, int) else None
+
+
+def _eager_fn(module: torch.nn.Module) -> Callable[..., Any]:
+    """The eager attention function the module's own file uses (what `attn_implementation="eager"` runs)."""
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if fn is None:
+        from transformers.models.llama.modeling_llama import eager_attention_forward as fn
+    return fn
+
+
+def _all_configs(model: torch.nn.Module) -> list[Any]:
+    from transformers import PretrainedConfig
+
+    seen: dict[int, Any] = {}
+    todo = [getattr(m, "config", None) for m in model.modules()]
+    while todo:
+        c = todo.pop()
+        if not isinstance(c, PretrainedConfig) or id(c) in seen:
+            continue
+        seen[id(c)] = c
+        for key in getattr(c, "sub_configs", {}) or {}:
+            todo.append(getattr(c, key, None))
+    return list(seen.values())
+
+
+def _as_keywords(fn: Callable[..., Any], *first: Any) -> dict[str, Any]:
+    *five, args, kwargs = first
+    sig = inspect.signature(fn)
+    bound = sig.bind(*five, *args, **kwargs).arguments
+    names = list(sig.parameters)
+    out: dict[str, Any] = {}
+    for name, value in bound.items():
+        if name in names[:5]:
+            continue
+        if sig.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        else:
+            out[name] = value
+    return out
+
+
+class _Registration:
+    """The wrappers of one attachment: id(module) -> binding, and the original functions."""
+
+    def __init__(self) -> None:
+        self.bindings: dict[int, SiteBinding] = {}
+        self.names: dict[str, str] = {}  # original implementation -> registered name
+
+    def wrapper(self, impl: str) -> Callable[..., Any]:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"] if impl == "sdpa" else None
+
+        def original_for(module: torch.nn.Module) -> Callable[..., Any]:
+            return sdpa if sdpa is not None else _eager_fn(module)
+
+        def attention(
+            module: torch.nn.Module,
+            query: torch.Tensor,
+            key: torch.Tensor,
+            value: torch.Tensor,
+            attention_mask: torch.Tensor | None,
+            *args: Any,
+            **kwargs: Any,
+        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+            original = original_for(module)
+            binding = self.bindings.get(id(module))
+            if binding is None:
+                return original(module, query, key, value, attention_mask, *args, **kwargs)
+            if args:  # rare: extra arguments passed by position; name them as the original function does
+                kwargs = _as_keywords(original, module, query, key, value, attention_mask, args, kwargs)
+            observers = binding.observers_at(binding.attachment.step)
+            if not observers:
+                return original(module, query, key, value, attention_mask, **kwargs)
+            return _traced(
+                binding, observers, impl, original, module, query, key, value, attention_mask, kwargs
+            )
+
+        attention.__name__ = f"attntrace_{impl}_attention"
+        return attention
+
+
+def _traced(
+    binding: SiteBinding,
+    observers: list[Any],
+    impl: str,
+    original: Callable[..., Any],
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    kwargs: dict[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    scale = kwargs.get("scaling")
+    q_len = query.shape[-2]
+    causal_flag = kwargs.get("is_causal")
+    if causal_flag is None:
+        causal_flag = getattr(module, "is_causal", False)
+    # Only sdpa turns a missing mask into causal masking (see `sdpa_attention_forward`); eager never does.
+    is_causal = bool(impl == "sdpa" and mask is None and q_len > 1 and causal_flag)
+    native_weights: list[torch.Tensor | None] = []
+
+    def native() -> torch.Tensor:
+        out, weights = original(module, query, key, value, mask, **kwargs)
+        native_weights.append(weights)
+        return out
+
+    def kernel_fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+        return original(module, q, k, v, m, **kwargs)[0].transpose(1, 2)
+
+    eager = _eager_fn(module)
+
+    def probs_fn(call: AttentionCall, rows: slice | None) -> torch.Tensor:
+        if rows is None and native_weights and native_weights[0] is not None and not call._inputs_edited:
+            return native_weights[0].float()
+        q = call.query
+        m = call.attn_mask
+        if m is not None and m.dtype == torch.bool:
+            m = torch.zeros(m.shape, dtype=q.dtype, device=q.device).masked_fill(~m, torch.finfo(q.dtype).min)
+        if m is None and call.is_causal:
+            lk = call.key.shape[-2]
+            allowed = torch.ones(q.shape[-2], lk, dtype=torch.bool, device=q.device).tril()
+            m = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(
+                ~allowed, torch.finfo(q.dtype).min
+            )
+        kw = {k: v for k, v in kwargs.items() if k not in ("scaling", "dropout", "is_causal")}
+        if rows is not None:
+            q = q[:, :, rows]
+            if m is not None and m.shape[-2] != 1:
+                m = m[..., rows, :]
+            bias = kw.get("position_bias")
+            if isinstance(bias, torch.Tensor) and bias.dim() >= 2 and bias.shape[-2] != 1:
+                kw["position_bias"] = bias[..., rows, :]
+        # The model's own eager function with dropout off: exactly what `output_attentions=True` returns.
+        weights = eager(module, q, call.key, call.value, m, scaling=call.scale, dropout=0.0, **kw)[1]
+        return weights.float()
+
+    call = AttentionCall(
+        site=binding.site, step=binding.attachment.step, timestep=binding.attachment.timestep,
+        query=query, key=key, value=value, attn_mask=mask, scale=scale, is_causal=is_causal,
+        enable_gqa=key.shape[1] != query.shape[1], kernel_fn=kernel_fn, native_fn=native,
+        to_canonical=lambda t: t.transpose(1, 2), probs_fn=probs_fn,
+        image_tokens=slice(0, q_len) if binding.site.kind == "self" else None,
+        text_tokens=slice(0, key.shape[-2]) if binding.site.kind == "cross" else None,
+    )  # fmt: skip
+    binding.dispatch(call, observers)
+    out, raw = call._result()
+    if not raw:
+        out = out.transpose(1, 2).contiguous()
+    if call._probs is not None:
+        weights: torch.Tensor | None = call._probs.to(value.dtype)
+    elif raw and native_weights:
+        weights = native_weights[0]
+    else:
+        weights = None
+    return out, weights
+
+
+class TransformersAdapter(Adapter):
+    """Traces HF transformers 5.x models whose attention goes through `ALL_ATTENTION_FUNCTIONS`."""
+
+    name = "transformers"
+
+    def applies_to(self, model: torch.nn.Module) -> bool:
+        if "transformers" not in sys.modules:
+            return False
+        try:
+            from transformers import PreTrainedModel
+        except ImportError:
+            return False
+        return isinstance(model, PreTrainedModel)
+
+    def find_sites(self, model: torch.nn.Module) -> list[Site]:
+        sites = []
+        for name, module in model.named_modules():
+            if not name or getattr(module, "config", None) is None or not _is_attention_class(type(module)):
+                continue
+            impl = getattr(module.config, "_attn_implementation", None)
+            ok = impl in _SUPPORTED or (isinstance(impl, str) and impl.startswith("attntrace_"))
+            sites.append(
+                Site(
+                    name=name,
+                    kind=_kind(name, module),
+                    module=module,
+                    adapter=self.name,
+                    processor_class=impl if isinstance(impl, str) else None,
+                    heads=_heads(module),
+                    note="" if ok else f"attn_implementation {impl!r}: load with 'sdpa' or 'eager' to trace",
+                )
+            )
+        return sites
+
+    def prepare(
+        self, model: torch.nn.Module, attachment: Attachment, bindings: list[SiteBinding]
+    ) -> Undo | None:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+        from transformers.modeling_utils import AttentionInterface
+
+        for b in bindings:
+            impl = b.site.module.config._attn_implementation
+            if isinstance(impl, str) and impl.startswith("attntrace_"):
+                raise AttachError(
+                    f"site {b.site.name!r} is already traced by another attached tracer; detach it first"
+                )
+            if impl not in _SUPPORTED:
+                raise AttachError(
+                    f"site {b.site.name!r} uses attn_implementation={impl!r}; attntrace traces 'sdpa' and "
+                    "'eager' (load the model with attn_implementation='sdpa' or 'eager', or call "
+                    "model.set_attn_implementation)"
+                )
+            module = b.site.module
+            if impl == "eager" and getattr(module, "reorder_and_upcast_attn", False):
+                # GPT-2 runs its own upcast kernel only when the implementation is literally "eager".
+                raise AttachError(
+                    f"site {b.site.name!r}: reorder_and_upcast_attn=True with eager attention bypasses "
+                    "the attention registry; load with attn_implementation='sdpa' or set "
+                    "reorder_and_upcast_attn=False"
+                )
+            if not hasattr(module, "reorder_and_upcast_attn") and _branches_on_implementation(type(module)):
+                warnings.warn(
+                    f"attntrace: {type(module).__name__}.forward branches on config._attn_implementation; "
+                    "while traced it sees attntrace's registry name, which may take a different code path",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+        reg = _Registration()
+        reg.bindings = {id(b.site.module): b for b in bindings}
+        uid = next(_counter)
+        saved: list[tuple[Any, Any]] = []
+        for config in _all_configs(model):
+            impl = config._attn_implementation_internal
+            if impl not in _SUPPORTED:
+                continue  # a config no traced module reads (checked above)
+            name = reg.names.get(impl)
+            if name is None:
+                name = reg.names[impl] = f"attntrace_{uid}_{impl}"
+                AttentionInterface.register(name, reg.wrapper(impl))
+                AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[impl])
+            saved.append((config, impl))
+            # The internal attribute: the public setter would overwrite sub-configs' own settings.
+            config._attn_implementation_internal = name
+        for b in bindings:
+            b.original = reg.names
+
+        done = False
+
+        def undo() -> None:
+            nonlocal done
+            if done:
+                return
+            done = True
+            for config, impl in saved:
+                if config._attn_implementation_internal in reg.names.values():
+                    config._attn_implementation_internal = impl
+            for name in reg.names.values():
+                AttentionInterface._global_mapping.pop(name, None)
+                AttentionMaskInterface._global_mapping.pop(name, None)
+            reg.bindings.clear()
+
+        return undo
+
+    def install(self, binding: SiteBinding) -> Undo:
+        # The registry wrapper does the interception; the binding is already in its id -> binding table.
+        return lambda: None
