@@ -23,6 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,7 +214,9 @@ def load_model(exp: Experiment, device: str | None = None) -> tuple[Any, Any]:
     if cls is None or not hasattr(cls, "from_pretrained"):
         raise ConfigError(f"diffusers has no pipeline class {name!r}", field="model.pipeline")
     try:
-        pipe = cls.from_pretrained(exp.model.path, torch_dtype=dtype, **kwargs)
+        with warnings.catch_warnings():  # diffusers 0.42 renamed torch_dtype; older releases need it
+            warnings.simplefilter("ignore", FutureWarning)
+            pipe = cls.from_pretrained(exp.model.path, torch_dtype=dtype, **kwargs)
     except (OSError, ValueError, TypeError) as exc:
         raise RunError(f"cannot load {name} from {exp.model.path}: {_first_line(exc)}") from None
     return pipe.to(device), None
