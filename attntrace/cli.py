@@ -63,8 +63,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     exp = load_experiment(args.experiment, args.set)
     items = len(exp.inputs.texts) if exp.is_text_model else len(exp.inputs.prompts) * len(exp.inputs.seeds)
     rules = ", ".join(r.label for r in exp.trace.rules) or "no rules"
-    print(f"{args.experiment}: valid experiment {exp.name!r}: {items} item(s), observers: {rules}, "
-          f"output: {exp.output_dir}")  # fmt: skip
+    print(
+        f"{args.experiment}: valid experiment {exp.name!r}: {items} item(s), observers: {rules}, "
+        f"output: {exp.output_dir}"
+    )
     return 0
 
 
@@ -87,10 +89,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     res = run_experiment(exp, force=args.force, progress=not args.no_progress)
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
-        print(f"{exp.name}: {len(res.ran)} item(s) run, {len(res.skipped)} skipped (done), "
-              f"{len(res.failed)} failed in {time.perf_counter() - t0:.1f} s")  # fmt: skip
-        print(f"results: {res.directory}  (manifest: {res.directory / 'manifest.json'}; "
-              f"view: attntrace report {res.directory})")  # fmt: skip
+        print(
+            f"{exp.name}: {len(res.ran)} item(s) run, {len(res.skipped)} skipped (done), "
+            f"{len(res.failed)} failed in {time.perf_counter() - t0:.1f} s"
+        )
+        print(
+            f"results: {res.directory}  (manifest: {res.directory / 'manifest.json'}; "
+            f"view: attntrace report {res.directory})"
+        )
     return EXIT_FAILED if res.failed else 0
 
 
@@ -158,7 +164,14 @@ def cmd_sites(args: argparse.Namespace) -> int:
                 if e.matches(s):
                     matches.setdefault(s.name, []).append(e.label)
     rows = [
-        [s.name, s.kind, s.module_class, s.processor_class or "", str(s.heads or ""), ", ".join(matches.get(s.name, []))]
+        [
+            s.name,
+            s.kind,
+            s.module_class,
+            s.processor_class or "",
+            str(s.heads or ""),
+            ", ".join(matches.get(s.name, [])),
+        ]
         for s in sites
     ]
     if args.json:
@@ -185,8 +198,15 @@ def cmd_observers(args: argparse.Namespace) -> int:
             ann = getattr(field.annotation, "__name__", None) or str(field.annotation).replace("typing.", "")
             params.append(f"{pname}: {ann} = {default}")
         doc = (e.cls.__doc__ or "").strip().splitlines()
-        rows.append([e.name, e.dist, "editor" if e.cls.edits else "observer", "; ".join(params) or "-",
-                     doc[0] if doc else ""])  # fmt: skip
+        rows.append(
+            [
+                e.name,
+                e.dist,
+                "editor" if e.cls.edits else "observer",
+                "; ".join(params) or "-",
+                doc[0] if doc else "",
+            ]
+        )
     print(_table(rows, ["name", "from", "type", "parameters", "description"]))
     for w in warnings_:
         print(w, file=sys.stderr)
@@ -210,8 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def with_set(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--set", action="append", metavar="A.B=VALUE", default=[],
-                       help="override a field of the experiment (value parsed as YAML); repeatable")  # fmt: skip
+        p.add_argument(
+            "--set",
+            action="append",
+            metavar="A.B=VALUE",
+            default=[],
+            help="override a field of the experiment (value parsed as YAML); repeatable",
+        )
 
     p = sub.add_parser("run", help="run an experiment YAML file")
     p.add_argument("experiment", help="experiment YAML file")
@@ -262,8 +287,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("attntrace: interrupted; finished items are recorded in the manifest (re-run to resume)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "attntrace: interrupted; finished items are recorded in the manifest (re-run to resume)",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
     except AttnTraceError as exc:
         if args.debug:

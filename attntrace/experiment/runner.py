@@ -252,8 +252,14 @@ class Progress:
         if not self.enabled:
             return
         if self._tqdm is not None and steps:
-            self._steps = self._tqdm(total=steps, desc=f"{prefix_trim(self.prefix)}{item.id}", unit="step",
-                                     leave=False, file=sys.stderr, position=1)  # fmt: skip
+            self._steps = self._tqdm(
+                total=steps,
+                desc=f"{prefix_trim(self.prefix)}{item.id}",
+                unit="step",
+                leave=False,
+                file=sys.stderr,
+                position=1,
+            )
         elif self._tqdm is None:
             print(f"{self.prefix}[{self.done + 1}/{self.total}] {item.id}: {item.prompt!r}", file=sys.stderr)
 
@@ -456,8 +462,9 @@ def _maybe_no_grad() -> Iterator[None]:
         yield
 
 
-def _run_item(exp: Experiment, loaded: tuple[Any, Any], it: Item, item_dir: Path, bar: Progress
-              ) -> tuple[list[Path], dict[str, Any]]:  # fmt: skip
+def _run_item(
+    exp: Experiment, loaded: tuple[Any, Any], it: Item, item_dir: Path, bar: Progress
+) -> tuple[list[Path], dict[str, Any]]:
     """Trace one item with a fresh tracer (so observer results are per item) and save everything."""
     import torch
 

@@ -69,9 +69,10 @@ def _run_section(run: Path, base: Path) -> str:
     for iid, rec in items.items():
         status = html.escape(str(rec.get("status", "?")))
         err = f" — {html.escape(str(rec['error']))}" if rec.get("error") else ""
+        eid, prompt = html.escape(iid), html.escape(str(rec.get("prompt", "")))
         rows.append(
-            f"<tr><td><a href='#{html.escape(iid)}'>{html.escape(iid)}</a></td><td>{html.escape(str(rec.get('prompt', '')))}</td>"
-            f"<td>{rec.get('seed', '')}</td><td class='{status}'>{status}{err}</td><td>{rec.get('seconds', '')}</td></tr>"
+            f"<tr><td><a href='#{eid}'>{eid}</a></td><td>{prompt}</td><td>{rec.get('seed', '')}</td>"
+            f"<td class='{status}'>{status}{err}</td><td>{rec.get('seconds', '')}</td></tr>"
         )
     out.append("<table>" + "".join(rows) + "</table>")
     shown: set[Path] = set()
@@ -79,7 +80,8 @@ def _run_section(run: Path, base: Path) -> str:
         item_dir = run / "items" / iid
         if not item_dir.is_dir():
             continue
-        out.append(f'<h3 id="{html.escape(iid)}">{html.escape(iid)}: {html.escape(str(items[iid].get("prompt", "")))}</h3>')
+        prompt = html.escape(str(items[iid].get("prompt", "")))
+        out.append(f'<h3 id="{html.escape(iid)}">{html.escape(iid)}: {prompt}</h3>')
         pngs = sorted(item_dir.rglob("*.png"), key=lambda p: (p.parent != item_dir, p.as_posix()))
         groups: dict[str, list[Path]] = {}
         for p in pngs:
@@ -92,7 +94,9 @@ def _run_section(run: Path, base: Path) -> str:
             shown.update(files)
     rest = [p for p in sorted(run.rglob("*.png")) if p not in shown]
     if rest:
-        out.append("<h3>other plots</h3><div class='grid'>" + "".join(_figure(p, base) for p in rest) + "</div>")
+        out.append(
+            "<h3>other plots</h3><div class='grid'>" + "".join(_figure(p, base) for p in rest) + "</div>"
+        )
     text = json.dumps(manifest, indent=1)
     out.append(f"<details><summary>manifest.json</summary><pre>{html.escape(text)}</pre></details>")
     return "\n".join(out)
@@ -107,14 +111,15 @@ def write_report(run_dir: str | Path) -> Path:
     if not runs:
         raise RunError(f"{base} holds no run (no manifest.json); run `attntrace run EXP.yaml` first")
     sections = [_run_section(r, base) for r in runs]
-    toc = "".join(
-        f"<li><a href='#{quote(r.relative_to(base).as_posix() or 'run')}'>{html.escape(r.relative_to(base).as_posix() or r.name)}</a></li>"
-        for r in runs
-    )
+    toc = ""
+    for r in runs:
+        rel = r.relative_to(base).as_posix()
+        toc += f"<li><a href='#{quote(rel or 'run')}'>{html.escape(rel or r.name)}</a></li>"
+    title = html.escape(base.resolve().name)
     page = (
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
-        f"<title>attntrace report: {html.escape(base.resolve().name)}</title><style>{_CSS}</style></head><body>"
-        f"<h1>attntrace report: {html.escape(base.resolve().name)}</h1><ul>{toc}</ul>"
+        f"<title>attntrace report: {title}</title><style>{_CSS}</style></head><body>"
+        f"<h1>attntrace report: {title}</h1><ul>{toc}</ul>"
         + "\n".join(sections)
         + _CHECK_SCRIPT
         + "</body></html>\n"
