@@ -1,0 +1,235 @@
+"""The `attntrace` command line end to end, as subprocesses, on a tiny pipeline saved to a temp folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("diffusers")
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(
+        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", ATTNTRACE_CACHE=str(tmp / "cache")
+    )
+    return env
+
+
+def cli(
+    *args: str, tmp: Path, cwd: Path | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "attntrace", *args],
+        capture_output=True,
+        text=True,
+        env=_env(tmp),
+        cwd=cwd or tmp,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from attntrace.demo import build_demo_pipeline
+
+    tmp = tmp_path_factory.mktemp("cli")
+    pipe = build_demo_pipeline(tmp / "tiny-sd", seed=0)
+    (tmp / "exp.yaml").write_text(
+        "name: tiny\n"
+        f"model: {{pipeline: StableDiffusionPipeline, path: '{pipe}', dtype: float32, device: cpu}}\n"
+        "inputs: {prompts: ['a cat on a mat', 'a red house'], seeds: [0], steps: 2, guidance_scale: 5.0,"
+        " height: 64, width: 64}\n"
+        "trace:\n  rules:\n    - {use: shapes, match: '*attn2', kind: cross}\n"
+        "output: runs/{name}\n"
+    )
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def single_run(work: Path) -> Path:
+    r = cli("run", "exp.yaml", "--no-progress", tmp=work)
+    assert r.returncode == 0, r.stderr
+    assert "2 item(s) run, 0 skipped" in r.stdout
+    return work / "runs" / "tiny"
+
+
+def test_validate_good_and_bad(work: Path) -> None:
+    r = cli("validate", "exp.yaml", tmp=work)
+    assert r.returncode == 0 and "valid experiment 'tiny': 2 item(s)" in r.stdout, r.stderr
+    r = cli("validate", "exp.yaml", "--set", "inputs.steps=-1", tmp=work)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("attntrace: error: inputs.steps: ")
+    bad = work / "bad.yaml"
+    bad.write_text((work / "exp.yaml").read_text().replace("use: shapes", "use: shapez"))
+    r = cli("validate", "bad.yaml", tmp=work)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "trace.rules.0.use: unknown observer 'shapez'" in r.stderr
+
+
+def test_schema_is_json_schema(work: Path) -> None:
+    r = cli("schema", tmp=work)
+    assert r.returncode == 0
+    schema = json.loads(r.stdout)
+    assert schema["type"] == "object" and {"name", "model", "inputs", "trace", "output"} <= set(
+        schema["properties"]
+    )
+
+
+def test_observers_lists_params(work: Path) -> None:
+    r = cli("observers", tmp=work)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"^shapes\s+attntrace\s+observer\s+print_table: bool = False", r.stdout, re.M)
+
+
+def test_sites_of_folder_and_experiment(work: Path) -> None:
+    r = cli("sites", str(work / "tiny-sd"), "--match", "*attn2", tmp=work)
+    assert r.returncode == 0, r.stderr
+    rows = [ln.split() for ln in r.stdout.splitlines()[2:-1]]
+    assert len(rows) == 7 and all(row[0].endswith("attn2") and row[1] == "cross" for row in rows)
+    assert all(row[2:5] == ["Attention", "AttnProcessor2_0", "8"] for row in rows)
+    r = cli("sites", "exp.yaml", "--json", tmp=work)
+    sites = json.loads(r.stdout)
+    assert len(sites) == 14
+    assert all(s["rules"] == (["shapes"] if s["site"].endswith("attn2") else []) for s in sites)
+    r = cli("sites", str(work / "nope"), tmp=work)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "neither an experiment YAML nor a local model folder" in r.stderr
+    r = cli("--debug", "sites", str(work / "nope"), tmp=work)
+    assert r.returncode == 2 and "Traceback" in r.stderr
+
+
+def test_run_writes_manifest_and_outputs(single_run: Path) -> None:
+    man = json.loads((single_run / "manifest.json").read_text())
+    assert list(man["items"]) == ["p000-s0", "p001-s0"]
+    assert {"torch", "diffusers", "transformers", "attntrace"} <= set(man["versions"])
+    for iid, rec in man["items"].items():
+        assert rec["status"] == "done" and rec["seed"] == 0
+        assert sorted(rec["files"]) == [f"items/{iid}/image.png", f"items/{iid}/shapes/shapes.json"]
+        rows = json.loads((single_run / "items" / iid / "shapes" / "shapes.json").read_text())
+        # 7 cross-attention sites, 2 steps each, CFG batch 2, 77 text tokens.
+        assert len(rows) == 7 and all(
+            r["calls"] == 2 and r["key"][0] == 2 and r["key"][2] == 77 for r in rows
+        )
+
+
+def test_resume_skips_and_force_redoes(work: Path, single_run: Path) -> None:
+    img = single_run / "items" / "p000-s0" / "image.png"
+    before = img.stat().st_mtime_ns
+    r = cli("run", "exp.yaml", "--no-progress", tmp=work)
+    assert r.returncode == 0 and "0 item(s) run, 2 skipped" in r.stdout, r.stderr
+    assert img.stat().st_mtime_ns == before
+    pixels = np.asarray(Image.open(img))
+    r = cli("run", "exp.yaml", "--no-progress", "--force", tmp=work)
+    assert r.returncode == 0 and "2 item(s) run, 0 skipped" in r.stdout, r.stderr
+    assert img.stat().st_mtime_ns != before
+    assert np.array_equal(pixels, np.asarray(Image.open(img)))  # same prompt and seed, same image
+
+
+def test_report_images_exist(work: Path, single_run: Path) -> None:
+    r = cli("report", str(single_run), tmp=work)
+    assert r.returncode == 0, r.stderr
+    page = (single_run / "index.html").read_text()
+    srcs = re.findall(r'<img src="([^"]+)"', page)
+    assert len(srcs) == 2
+    assert all((single_run / s).is_file() for s in srcs)
+    r = cli("report", str(work / "missing"), tmp=work)
+    assert r.returncode == 1 and r.stderr.startswith("attntrace: error: no run directory")
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (run .ci/setup-chromium.sh)")
+def test_report_in_headless_chromium(work: Path, single_run: Path) -> None:
+    cli("report", str(single_run), tmp=work)
+    r = subprocess.run(
+        [
+            str(CHROMIUM),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--allow-file-access-from-files",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            (single_run / "index.html").as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    m = re.search(r'data-images-ok="(\d+)" data-images-broken="(\d+)"', r.stdout)
+    assert m, r.stdout[-2000:] + r.stderr[-2000:]
+    assert int(m.group(1)) == 2 and int(m.group(2)) == 0
+
+
+def test_torchrun_two_processes_equals_single(work: Path, single_run: Path) -> None:
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not on PATH")
+    out = work / "runs" / "tiny-dist"
+    r = subprocess.run(
+        [
+            torchrun,
+            "--standalone",
+            "--nnodes=1",
+            "--nproc_per_node=2",
+            "-m",
+            "attntrace",
+            "run",
+            "exp.yaml",
+            "--no-progress",
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(work),
+        cwd=work,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert (out / "manifest.rank0.json").is_file() and (out / "manifest.rank1.json").is_file()
+    one = json.loads((single_run / "manifest.json").read_text())
+    two = json.loads((out / "manifest.json").read_text())
+    assert two["world_size"] == 2 and list(two["items"]) == list(one["items"])
+    for iid, a in one["items"].items():
+        b = two["items"][iid]
+        assert b["rank"] == a["index"] % 2
+        for key in ("prompt", "seed", "status", "files", "tokens"):
+            assert a[key] == b[key], (iid, key)
+        ia = np.asarray(Image.open(single_run / "items" / iid / "image.png")).astype(int)
+        ib = np.asarray(Image.open(out / "items" / iid / "image.png")).astype(int)
+        assert np.abs(ia - ib).max() <= 1
+        sa = json.loads((single_run / "items" / iid / "shapes" / "shapes.json").read_text())
+        sb = json.loads((out / "items" / iid / "shapes" / "shapes.json").read_text())
+        assert sa == sb
+
+
+@pytest.mark.demo
+def test_demo_runs_offline_fast(tmp_path: Path) -> None:
+    t0 = time.perf_counter()
+    r = cli("demo", "--no-progress", tmp=tmp_path, timeout=120)
+    wall = time.perf_counter() - t0
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "runs" / "demo"
+    assert f"results are in {Path('runs/demo')}" in r.stdout
+    man = json.loads((out / "pipeline" / "manifest.json").read_text())
+    assert man["items"]["p000-s0"]["status"] == "done"
+    assert (out / "pipeline" / "items" / "p000-s0" / "image.png").is_file()
+    assert (out / "index.html").is_file()
+    assert re.search(r"observers: (heatmap|stats|shapes)", r.stdout)
+    assert "minilm" in r.stdout  # either traced or skipped with a reason
+    assert wall < 60, f"demo took {wall:.1f} s"
