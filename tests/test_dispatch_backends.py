@@ -34,8 +34,8 @@ class Grab(Observer):
         self.calls: list[dict[str, Any]] = []
 
     def on_call(self, call: AttentionCall) -> None:
-        self.calls.append({"site": call.site, "q": call.query, "k": call.key, "v": call.value, "probs": call.probs,
-                           "output": call.output, "extra": dict(call.extra)})  # fmt: skip
+        keep = {"q": call.query, "k": call.key, "v": call.value, "probs": call.probs, "output": call.output}
+        self.calls.append({"site": call.site, "extra": dict(call.extra), **keep})
 
 
 class FluxBlock(torch.nn.Module):
@@ -131,7 +131,8 @@ def test_flex_block_mask_probs(backend: Any) -> None:
 
 
 def _stand_in(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-              attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+              attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
+              scale: float | None = None,
               return_lse: bool = False, _parallel_config: Any = None) -> torch.Tensor:  # fmt: skip
     """A pure-PyTorch kernel with the CUDA backends' signature: (B, L, H, D) in and out."""
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
