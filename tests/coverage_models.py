@@ -314,3 +314,17 @@ def run(model: torch.nn.Module, inputs: Inputs) -> torch.Tensor:
     if not isinstance(out, torch.Tensor):
         out = getattr(out, "sample", out)
     return out
+
+#: Classes whose attention (or part of it) runs outside any processor (F.sdpa in a plain module),
+#: found by scanning diffusers 0.42.1's sources; reachable only through the plain-PyTorch adapter.
+OUTSIDE_PROCESSOR: dict[str, str] = {
+    "AutoencoderKLWan": "WanAttentionBlock calls F.sdpa",
+    "AutoencoderKLQwenImage": "QwenImageAttentionBlock calls F.sdpa",
+    "AutoencoderKLQwenImage21": "QwenImage21AttentionBlock calls F.sdpa",
+    "AutoencoderKLHunyuanImage": "HunyuanImageAttentionBlock calls F.sdpa",
+    "AutoencoderKLHunyuanImageRefiner": "HunyuanImageRefinerAttnBlock calls F.sdpa",
+    "AutoencoderKLHunyuanVideo15": "HunyuanVideo15AttnBlock calls F.sdpa",
+    "AutoencoderVidTok": "VidTokAttnBlock calls F.sdpa",
+    "SanaWMTransformer3DModel": "SanaWMSoftmaxAttention / SanaWMSoftmaxCamAttention call F.sdpa",
+    "MochiTransformer3DModel": "MochiAttentionPool (embeddings) calls F.sdpa",
+}
