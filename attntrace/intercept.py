@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
+from . import kernel
 from .call import AttentionCall
 
 if TYPE_CHECKING:
@@ -219,13 +220,21 @@ class KernelInterceptor(TorchFunctionMode):
             return t(fn(**kw))
 
         cmask = mask
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape == (q.shape[0], k.shape[1]):
+        probs_fn = None
+        if mask is not None and not isinstance(mask, torch.Tensor):
+            # The flex backend takes a BlockMask: the canonical mask stays None (the kernel gets the
+            # BlockMask back unless an editor sets a mask); probs densify it row by row on demand.
+            cmask = None
+            probs_fn = _block_mask_probs(mask)
+        elif isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape == (q.shape[0], k.shape[1]):
             cmask = mask[:, None, None, :]
         call = self._make_call(
             layer, t(q), t(k), t(v), cmask, kwargs.get("scale"), bool(kwargs.get("is_causal", False)),
             bool(kwargs.get("enable_gqa", False)), kernel_fn=kernel_fn, native_fn=lambda: fn(**kwargs),
-            to_canonical=t,
+            to_canonical=t, probs_fn=probs_fn,
         )  # fmt: skip
+        if probs_fn is not None:
+            call.extra["block_mask"] = mask
         out, raw = self._dispatch(layer, call)
         return out if raw else t(out).contiguous()
 
@@ -293,6 +302,27 @@ class KernelInterceptor(TorchFunctionMode):
             return call._result()
         finally:
             self.passthrough = prev
+
+
+def _block_mask_probs(block_mask: Any) -> Callable[[AttentionCall, slice | None], torch.Tensor]:
+    """Probs for a flex-attention call carrying a `BlockMask`: its mask_mod and block layout, densified."""
+
+    def probs_fn(call: AttentionCall, rows: slice | None) -> torch.Tensor:
+        from torch.nn.attention.flex_attention import create_mask
+
+        q, k = call.query, call.key
+        lq, lk = q.shape[-2], k.shape[-2]
+        start, stop, _ = (rows or slice(0, lq)).indices(lq)
+        b, h = block_mask.kv_num_blocks.shape[:2]
+        dense = create_mask(block_mask.mask_mod, b, h, lq, lk, q.device)[:, :, start:stop]
+        # Blocks left out of the layout are masked whatever mask_mod says.
+        bq, bk = block_mask.BLOCK_SIZE
+        blocks = block_mask.to_dense().bool()
+        blocks = blocks.repeat_interleave(bq, dim=-2).repeat_interleave(bk, dim=-1)[:, :, start:stop, :lk]
+        return kernel.attention_probs(q[..., start:stop, :], k, dense & blocks, scale=call.scale,
+                                      enable_gqa=call.enable_gqa)  # fmt: skip
+
+    return probs_fn
 
 
 def _flat_mask(mask: torch.Tensor, bh: int) -> torch.Tensor:

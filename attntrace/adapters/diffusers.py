@@ -140,6 +140,8 @@ def _processor_handler(binding: SiteBinding) -> Any:
             return original(*args, **kwargs)
         hidden = args[1] if len(args) > 1 else kwargs.get("hidden_states")
         context = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
+        if binding.site.kind == "linear":
+            return _run_linear(binding, observers, step, original, args, kwargs)
         layer = LayerCall(observers=observers, step=step, timestep=attachment.timestep)
         if isinstance(hidden, torch.Tensor):
             if hidden.dim() == 4:  # (B, C, H, W) spatial input
@@ -152,3 +154,66 @@ def _processor_handler(binding: SiteBinding) -> Any:
         return interceptor.run(layer, original, args, kwargs)
 
     return handle
+
+
+def _heads_view(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, L, C) or channels-last (B, H, W, C) -> (B, heads, L, C // heads)."""
+    if t.dim() == 4:
+        t = t.flatten(1, 2)
+    c = t.shape[-1]
+    h = heads if heads > 0 and c % heads == 0 else 1
+    return t.unflatten(-1, (h, c // h)).transpose(1, 2)
+
+
+def _run_linear(
+    binding: SiteBinding,
+    observers: list[Any],
+    step: int,
+    original: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """Linear attention has no kernel to catch: q/k/v from the projections, output from to_out's input.
+
+    q/k/v are the outputs of `to_q`/`to_k`/`to_v` (before the processor's norms and feature maps),
+    the output is what enters `to_out` (heads not yet merged back by the projection); both in
+    (B, H, L, D). They are read-only here: editors and probs are refused at attach for linear sites.
+    """
+    from ..call import AttentionCall
+    from ..errors import EditError
+
+    module = binding.site.module
+    got: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in ("to_q", "to_k", "to_v"):
+        sub = getattr(module, name, None)
+        if isinstance(sub, torch.nn.Module):
+            handles.append(sub.register_forward_hook(lambda m, a, o, n=name: got.setdefault(n, o)))
+    to_out = getattr(module, "to_out", None)
+    if isinstance(to_out, (torch.nn.ModuleList, torch.nn.Sequential)) and len(to_out):
+        to_out = to_out[0]
+    if isinstance(to_out, torch.nn.Module):
+        hook = to_out.register_forward_pre_hook(lambda m, a: got.setdefault("out", a[0]) if a else None)
+        handles.append(hook)
+    try:
+        result = original(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    if not all(isinstance(got.get(n), torch.Tensor) for n in ("to_q", "to_k", "to_v", "out")):
+        return result  # an unfamiliar linear processor: nothing we can read reliably
+    heads = int(getattr(module, "heads", 1) or 1)
+    q, k, v, out = (_heads_view(got[n], heads) for n in ("to_q", "to_k", "to_v", "out"))
+
+    def no_kernel(*_: Any) -> torch.Tensor:
+        name = binding.site.name
+        raise EditError(f"site {name!r} is linear attention: it has no probabilities and cannot be edited")
+
+    call = AttentionCall(
+        site=binding.site, step=step, timestep=binding.attachment.timestep, query=q, key=k, value=v,
+        attn_mask=None, scale=None, is_causal=False, enable_gqa=False, kernel_fn=no_kernel,
+        native_fn=lambda: out,
+        probs_fn=lambda c, rows: no_kernel(), image_tokens=slice(0, q.shape[-2]), extra={"linear": True},
+    )  # fmt: skip
+    binding.dispatch(call, observers)
+    return result

@@ -1,0 +1,330 @@
+# ruff: noqa: E501  (a table of configs: one model per line reads best)
+"""Tiny builders for diffusers model classes with attention, plus class discovery (tests only).
+
+`CASES` maps a diffusers class name to a builder returning `(model, forward kwargs)`; every model
+is built from a config written here (no hub) with tiny dims. `discover()` lists every `ModelMixin`
+subclass exported by `diffusers` and how many attention sites (modules holding a `processor`) a
+default-config instance has, built on the meta device so nothing is allocated.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from tests import tiny
+
+Inputs = dict[str, Any]
+Builder = Callable[[], tuple[torch.nn.Module, Inputs]]
+
+
+def _has_processor(module: torch.nn.Module) -> bool:
+    return (hasattr(module, "set_processor") or hasattr(module, "get_processor")) and getattr(
+        module, "processor", None
+    ) is not None
+
+
+def discover() -> dict[str, int | str]:
+    """Every ModelMixin subclass exported by diffusers -> number of attention sites at default config,
+    or the reason a default instance could not be built (then the class may still have attention)."""
+    import diffusers
+    from diffusers import ModelMixin
+
+    out: dict[str, int | str] = {}
+    for name in sorted(dir(diffusers)):
+        try:
+            obj = getattr(diffusers, name)
+        except Exception:  # lazy import of an optional backend failed
+            continue
+        if not (inspect.isclass(obj) and issubclass(obj, ModelMixin) and obj is not ModelMixin):
+            continue
+        try:
+            with warnings.catch_warnings(), torch.device("meta"):
+                warnings.simplefilter("ignore")
+                model = obj()
+            out[name] = sum(1 for m in model.modules() if _has_processor(m))
+        except Exception as exc:
+            out[name] = f"default config does not build: {type(exc).__name__}: {str(exc)[:70]}"
+    return out
+
+
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def unet2d() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import UNet2DModel
+
+    _seed()
+    m = UNet2DModel(
+        sample_size=16, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=8, norm_num_groups=8,
+    ).eval()  # fmt: skip
+    return m, {"sample": torch.randn(2, 3, 16, 16), "timestep": torch.tensor(10)}
+
+
+def vq() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import VQModel
+
+    _seed()
+    m = VQModel(
+        block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, num_vq_embeddings=16,
+        vq_embed_dim=4,
+    ).eval()  # fmt: skip
+    return m, {"sample": torch.randn(1, 3, 16, 16)}
+
+
+def autoencoder_kl() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import AutoencoderKL
+
+    _seed()
+    m = AutoencoderKL(
+        block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+    ).eval()  # fmt: skip
+    return m, {"sample": torch.randn(1, 3, 16, 16)}
+
+
+def asym_kl() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import AsymmetricAutoencoderKL
+
+    _seed()
+    m = AsymmetricAutoencoderKL(
+        down_block_out_channels=(16, 32), up_block_out_channels=(16, 32), layers_per_down_block=1,
+        layers_per_up_block=1, latent_channels=4, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    ).eval()  # fmt: skip
+    return m, {"sample": torch.randn(1, 3, 16, 16)}
+
+
+def dit() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import DiTTransformer2DModel
+
+    _seed()
+    m = DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
+        patch_size=2, num_embeds_ada_norm=10, norm_num_groups=8,
+    ).eval()  # fmt: skip
+    return m, {"hidden_states": torch.randn(2, 4, 8, 8), "timestep": torch.tensor([3, 3]),
+               "class_labels": torch.tensor([1, 2])}  # fmt: skip
+
+
+def transformer2d() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import Transformer2DModel
+
+    _seed()
+    m = Transformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=8, num_layers=1, cross_attention_dim=16,
+        norm_num_groups=8,
+    ).eval()  # fmt: skip
+    return m, {"hidden_states": torch.randn(2, 8, 4, 4), "encoder_hidden_states": torch.randn(2, 5, 16)}
+
+
+def sana() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import SanaTransformer2DModel
+
+    _seed()
+    m = SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
+        sample_size=8, patch_size=1,
+    ).eval()  # fmt: skip
+    return m, {"hidden_states": torch.randn(2, 4, 8, 8), "encoder_hidden_states": torch.randn(2, 5, 16),
+               "timestep": torch.tensor([3, 3])}  # fmt: skip
+
+
+def controlnet() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import ControlNetModel
+
+    _seed()
+    m = ControlNetModel(
+        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), conditioning_embedding_out_channels=(8, 16),
+        norm_num_groups=8,
+    ).eval()  # fmt: skip
+    return m, {"sample": torch.randn(2, 4, 16, 16), "timestep": torch.tensor(10),
+               "encoder_hidden_states": torch.randn(2, 7, 32), "controlnet_cond": torch.randn(2, 3, 32, 32)}  # fmt: skip
+
+
+def sd3_controlnet() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import SD3ControlNetModel
+
+    _seed()
+    m = SD3ControlNetModel(
+        sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
+    ).eval()  # fmt: skip
+    return m, {"hidden_states": torch.randn(2, 4, 16, 16), "controlnet_cond": torch.randn(2, 4, 16, 16),
+               "encoder_hidden_states": torch.randn(2, 7, 32), "pooled_projections": torch.randn(2, 16),
+               "timestep": torch.tensor([10, 10])}  # fmt: skip
+
+
+def flux_controlnet() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import FluxControlNetModel
+
+    _, inputs = tiny.flux()
+    _seed()
+    m = FluxControlNetModel(
+        patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, pooled_projection_dim=16, axes_dims_rope=(2, 2, 4),
+    ).eval()  # fmt: skip
+    inputs = dict(inputs, controlnet_cond=torch.randn(1, 16, 8))
+    return m, inputs
+
+
+def prior() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import PriorTransformer
+
+    _seed()
+    m = PriorTransformer(num_attention_heads=2, attention_head_dim=8, num_layers=2, embedding_dim=16,
+                         num_embeddings=5, additional_embeddings=4).eval()  # fmt: skip
+    return m, {"hidden_states": torch.randn(2, 16), "timestep": 3, "proj_embedding": torch.randn(2, 16),
+               "encoder_hidden_states": torch.randn(2, 5, 16), "attention_mask": torch.ones(2, 5)}  # fmt: skip
+
+
+def auraflow() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import AuraFlowTransformer2DModel
+
+    _seed()
+    m = AuraFlowTransformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=1,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+        out_channels=4, pos_embed_max_size=64,
+    ).eval()  # fmt: skip
+    return m, {"hidden_states": torch.randn(2, 4, 8, 8), "encoder_hidden_states": torch.randn(2, 5, 16),
+               "timestep": torch.tensor([3, 3])}  # fmt: skip
+
+
+def cogvideox() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import CogVideoXTransformer3DModel
+
+    _seed()
+    m = CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=8,
+        text_embed_dim=16, num_layers=1, sample_width=8, sample_height=8, sample_frames=2, patch_size=2,
+        temporal_compression_ratio=1, max_text_seq_length=5,
+    ).eval()  # fmt: skip
+    return m, {"hidden_states": torch.randn(1, 2, 4, 8, 8), "encoder_hidden_states": torch.randn(1, 5, 16),
+               "timestep": torch.tensor([3])}  # fmt: skip
+
+
+def hunyuan_dit() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import HunyuanDiT2DModel
+
+    _seed()
+    m = HunyuanDiT2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, patch_size=2, num_layers=2, sample_size=8,
+        cross_attention_dim=16, cross_attention_dim_t5=16, pooled_projection_dim=8, hidden_size=16,
+        text_len=5, text_len_t5=5, use_style_cond_and_image_meta_size=False,
+    ).eval()  # fmt: skip
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed
+
+    rope = get_2d_rotary_pos_embed(8, ((0, 0), (4, 4)), (4, 4))
+    return m, {"hidden_states": torch.randn(1, 4, 8, 8), "timestep": torch.tensor([3.0]),
+               "encoder_hidden_states": torch.randn(1, 5, 16), "text_embedding_mask": torch.ones(1, 5),
+               "encoder_hidden_states_t5": torch.randn(1, 5, 16), "text_embedding_mask_t5": torch.ones(1, 5),
+               "image_meta_size": None, "style": None, "image_rotary_emb": rope}  # fmt: skip
+
+
+def ltx() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import LTXVideoTransformer3DModel
+
+    _seed()
+    m = LTXVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+        num_layers=1, caption_channels=16,
+    ).eval()  # fmt: skip
+    return m, {"hidden_states": torch.randn(1, 2 * 4 * 4, 4), "encoder_hidden_states": torch.randn(1, 5, 16),
+               "timestep": torch.tensor([3]), "encoder_attention_mask": torch.ones(1, 5), "num_frames": 2,
+               "height": 4, "width": 4}  # fmt: skip
+
+
+def unet3d() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import UNet3DConditionModel
+
+    _seed()
+    m = UNet3DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=16, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        norm_num_groups=8, sample_size=8,
+    ).eval()  # fmt: skip
+    return m, {"sample": torch.randn(1, 4, 2, 8, 8), "timestep": torch.tensor(3),
+               "encoder_hidden_states": torch.randn(1, 5, 16)}  # fmt: skip
+
+
+def lumina2() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import Lumina2Transformer2DModel
+
+    _seed()
+    m = Lumina2Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, hidden_size=16, num_layers=1, num_refiner_layers=1,
+        num_attention_heads=2, num_kv_heads=2, multiple_of=8, cap_feat_dim=16, axes_dim_rope=(4, 2, 2),
+        axes_lens=(32, 32, 32),
+    ).eval()  # fmt: skip
+    return m, {"hidden_states": torch.randn(1, 4, 8, 8), "timestep": torch.tensor([0.5]),
+               "encoder_hidden_states": torch.randn(1, 5, 16),
+               "encoder_attention_mask": torch.ones(1, 5, dtype=torch.bool)}  # fmt: skip
+
+
+CASES: dict[str, Builder] = {
+    "UNet2DConditionModel": tiny.sd15_unet,
+    "SD3Transformer2DModel": tiny.sd3,
+    "FluxTransformer2DModel": tiny.flux,
+    "PixArtTransformer2DModel": tiny.pixart,
+    "WanTransformer3DModel": tiny.wan,
+    "UNet2DModel": unet2d,
+    "VQModel": vq,
+    "AutoencoderKL": autoencoder_kl,
+    "AsymmetricAutoencoderKL": asym_kl,
+    "DiTTransformer2DModel": dit,
+    "Transformer2DModel": transformer2d,
+    "SanaTransformer2DModel": sana,
+    "ControlNetModel": controlnet,
+    "SD3ControlNetModel": sd3_controlnet,
+    "FluxControlNetModel": flux_controlnet,
+    "PriorTransformer": prior,
+    "AuraFlowTransformer2DModel": auraflow,
+    "CogVideoXTransformer3DModel": cogvideox,
+    "HunyuanDiT2DModel": hunyuan_dit,
+    "LTXVideoTransformer3DModel": ltx,
+    "UNet3DConditionModel": unet3d,
+    "Lumina2Transformer2DModel": lumina2,
+}
+
+#: Extra variants exercising adapters/processors on an already-covered class.
+VARIANTS: dict[str, Builder] = {
+    "UNet2DConditionModel[sdxl]": tiny.sdxl_unet,
+    "UNet2DConditionModel[classic]": tiny.classic_unet,
+    "WanTransformer3DModel[i2v]": lambda: tiny.wan(i2v=True),
+}
+
+
+def run(model: torch.nn.Module, inputs: Inputs) -> torch.Tensor:
+    """One forward without grad; the first output tensor (the `.sample` for VAEs)."""
+    with torch.no_grad():
+        out = model(**inputs, return_dict=False)
+    while isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        out = getattr(out, "sample", out)
+    return out
+
+#: Classes whose attention (or part of it) runs outside any processor (F.sdpa in a plain module),
+#: found by scanning diffusers 0.42.1's sources; reachable only through the plain-PyTorch adapter.
+OUTSIDE_PROCESSOR: dict[str, str] = {
+    "AutoencoderKLWan": "WanAttentionBlock calls F.sdpa",
+    "AutoencoderKLQwenImage": "QwenImageAttentionBlock calls F.sdpa",
+    "AutoencoderKLQwenImage21": "QwenImage21AttentionBlock calls F.sdpa",
+    "AutoencoderKLHunyuanImage": "HunyuanImageAttentionBlock calls F.sdpa",
+    "AutoencoderKLHunyuanImageRefiner": "HunyuanImageRefinerAttnBlock calls F.sdpa",
+    "AutoencoderKLHunyuanVideo15": "HunyuanVideo15AttnBlock calls F.sdpa",
+    "AutoencoderVidTok": "VidTokAttnBlock calls F.sdpa",
+    "SanaWMTransformer3DModel": "SanaWMSoftmaxAttention / SanaWMSoftmaxCamAttention call F.sdpa",
+    "MochiTransformer3DModel": "MochiAttentionPool (embeddings) calls F.sdpa",
+}
