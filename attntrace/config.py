@@ -1,4 +1,4 @@
-"""`TraceConfig`: the pydantic model of a trace (rules of observer × sites × kinds × steps) and YAML loading.
+"""`TraceConfig`: the pydantic model of a trace (rules of observer x sites x kinds x steps) and YAML loading.
 
 Every validation error becomes one `ConfigError` whose message starts with the field path
 (`rules.0.with.max_chunk_mib: ...`). YAML is read with `yaml.safe_load`: tags that construct Python
@@ -27,12 +27,12 @@ MAX_YAML_BYTES = 4 * 2**20
 def config_error_from(exc: ValidationError, prefix: str = "") -> ConfigError:
     """Turn pydantic's first error into one `ConfigError` naming the field path."""
     err = exc.errors(include_url=False)[0]
-    loc = [str(p) for p in err.get("loc", ())]
+    loc = [_path_part(p) for p in err.get("loc", ())]
     ctx = err.get("ctx") or {}
     if ctx.get("subpath"):
         loc.append(str(ctx["subpath"]))
     path = ".".join([p for p in [prefix, *loc] if p]) or "(top level)"
-    msg = str(err.get("msg", "invalid value"))
+    msg = " ".join(str(err.get("msg", "invalid value")).split())  # one line, whatever the cause said
     kind = err.get("type", "")
     if kind == "extra_forbidden":
         msg = "unknown field (check the spelling; see `attntrace schema`)"
@@ -44,12 +44,21 @@ def config_error_from(exc: ValidationError, prefix: str = "") -> ConfigError:
     return ConfigError(msg, field=path)
 
 
+def _path_part(part: object) -> str:
+    """A field-path component; odd keys (empty, blanks, newlines, dots) are quoted: one-line paths."""
+    text = str(part)
+    if isinstance(part, int) or (text and text.isprintable() and text.strip() == text and "." not in text):
+        return text
+    return repr(text)
+
+
 def load_yaml(path_or_text: str | os.PathLike[str], what: str = "YAML") -> Any:
     """Read YAML safely from a file path or a YAML string; errors are `ConfigError`s."""
     text: str
     source = "text"
+    is_str = isinstance(path_or_text, str)
     if isinstance(path_or_text, os.PathLike) or (
-        isinstance(path_or_text, str) and "\n" not in path_or_text and path_or_text.endswith((".yaml", ".yml"))
+        is_str and "\n" not in path_or_text and path_or_text.endswith((".yaml", ".yml"))
     ):
         path = Path(path_or_text)
         source = str(path)
@@ -136,7 +145,8 @@ class Rule(BaseModel):
     def _patterns(cls, v: str | list[str]) -> str | list[str]:
         items = [v] if isinstance(v, str) else v
         if not items or any(not p.strip() for p in items):
-            raise PydanticCustomError("config", "empty glob; use '*' for every site or a pattern like '*attn2'")
+            msg = "empty glob; use '*' for every site or a pattern like '*attn2'"
+            raise PydanticCustomError("config", msg)
         return v
 
     @field_validator("kind")

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import re
 from dataclasses import dataclass
 from importlib import metadata
 
+from pydantic import BaseModel
+
 from .errors import PluginError, UnknownObserverError
-from .observer import Observer
+from .observer import NEEDS, Observer
 
 __all__ = ["ENTRY_POINT_GROUP", "ObserverEntry", "available", "get", "register"]
 
@@ -47,17 +50,29 @@ class ObserverEntry:
         """Import and check the class; raise `PluginError` naming dist, entry point and cause."""
         if self.cls is not None:
             return self.cls
-        where = f"observer {self.name!r} (entry point {self.name} = {self.target!r} of distribution {self.dist!r})"
+        ep = f"entry point {self.name} = {self.target!r}"
+        where = f"observer {self.name!r} ({ep} of distribution {self.dist!r})"
+        module_name, sep, attr = self.target.partition(":")
+        if not module_name.strip() or not sep or not attr.strip():
+            self.error = f"entry point value {self.target!r} is not of the form 'module:Class'"
+            raise PluginError(f"{where} is invalid: {self.error}")
         try:
-            module_name, _, attr = self.target.partition(":")
-            obj: object = importlib.import_module(module_name)
-            for part in attr.split("."):
+            obj: object = importlib.import_module(module_name.strip())
+            for part in attr.strip().split("."):
                 obj = getattr(obj, part)
-        except Exception as exc:  # a broken plugin must not take the host down
+        except (Exception, SystemExit) as exc:  # a broken plugin must not take the host down
             self.error = f"{type(exc).__name__}: {exc}"
             raise PluginError(f"{where} failed to load: {self.error}") from exc
         if not (isinstance(obj, type) and issubclass(obj, Observer)):
-            self.error = f"{self.target} is not an attntrace.Observer subclass"
+            self.error = f"{self.target} is a {type(obj).__name__}, not an attntrace.Observer subclass"
+            raise PluginError(f"{where} is invalid: {self.error}")
+        needs = obj.needs
+        bad = set(needs) - NEEDS if isinstance(needs, (set, frozenset, tuple, list)) else {needs}
+        if bad:
+            self.error = f"{obj.__name__}.needs has unknown items {sorted(map(str, bad))}"
+            raise PluginError(f"{where} is invalid: {self.error}")
+        if not (isinstance(obj.Params, type) and issubclass(obj.Params, BaseModel)):
+            self.error = f"{obj.__name__}.Params must be a pydantic BaseModel subclass"
             raise PluginError(f"{where} is invalid: {self.error}")
         if not obj.name:
             obj.name = self.name
@@ -90,9 +105,17 @@ def _plugin_entries() -> list[ObserverEntry]:
 
 
 def refresh() -> None:
-    """Forget cached entry points (after installing a plugin in a running process)."""
+    """Forget cached entry points (after installing a plugin or changing `sys.path` in a running process)."""
     global _plugins
     _plugins = None
+    for key in [k for k in _loaded if k[0] not in ("attntrace", "python")]:
+        del _loaded[key]
+    importlib.invalidate_caches()
+
+
+def _norm(dist: str) -> str:
+    """PEP 503 normalised distribution name: `My_Plugin` and `my-plugin` are the same distribution."""
+    return re.sub(r"[-_.]+", "-", dist).lower()
 
 
 def _candidates(name: str) -> list[ObserverEntry]:
@@ -100,7 +123,7 @@ def _candidates(name: str) -> list[ObserverEntry]:
     if sep:  # "dist:name" picks one distribution's entry
         if dist == "attntrace" and short in BUILTINS:
             return [ObserverEntry(short, BUILTINS[short], "attntrace")]
-        return [e for e in _plugin_entries() if e.name == short and e.dist == dist]
+        return [e for e in _plugin_entries() if e.name == short and _norm(e.dist) == _norm(dist)]
     if name in _python:
         return [_python[name]]
     out = [ObserverEntry(name, BUILTINS[name], "attntrace")] if name in BUILTINS else []
