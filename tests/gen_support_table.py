@@ -1,4 +1,4 @@
-# ruff: noqa: E501  (long literal Markdown lines)
+
 """Generate docs/support_diffusers.md from a run of tests/test_coverage_diffusers.py.
 
     python tests/gen_support_table.py            # runs the coverage tests, writes the table
