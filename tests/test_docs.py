@@ -1,4 +1,4 @@
-"""Every ```python block in docs/*.md runs, page by page, and the site builds with `mkdocs build --strict`.
+"""Every ```python block in docs/*.md and README.md runs, page by page, and the site builds with `mkdocs build --strict`.
 
 Blocks of one page share a namespace and run in order, in a temporary working directory, with
 `docs/` on `sys.path` (for `_snippets`). A block preceded by `<!-- no-run -->` is skipped.
@@ -18,14 +18,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 BLOCK = re.compile(r"(<!--\s*no-run\s*-->\s*\n)?```python\n(.*?)```", re.S)
-PAGES = sorted(p for p in DOCS.rglob("*.md"))
+PAGES = [*sorted(p for p in DOCS.rglob("*.md")), REPO / "README.md"]
 
 
 def blocks(page: Path) -> list[str]:
     return [code for skip, code in BLOCK.findall(page.read_text(encoding="utf-8")) if not skip]
 
 
-@pytest.mark.parametrize("page", [p for p in PAGES if blocks(p)], ids=lambda p: str(p.relative_to(DOCS)))
+@pytest.mark.parametrize("page", [p for p in PAGES if blocks(p)], ids=lambda p: str(p.relative_to(REPO)))
 def test_code_blocks_run(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(DOCS))
