@@ -72,6 +72,9 @@ class Save(Observer):
     steps x sites x tensors. The forward blocks when `queue_size` files are pending. Probabilities
     are built chunk by chunk straight into the stored dtype (and head mean), so a site's full float32
     map is not materialised unless another observer already did.
+
+    The manifest is rewritten after every file (its size grows with the entries: about 300 bytes per
+    saved tensor), and a fresh observer starts a fresh manifest in its directory.
     """
 
     name = "save"
