@@ -183,7 +183,7 @@ def test_writer_failure_surfaces_without_deadlock(tmp_path: Path) -> None:
     with pytest.raises(RunError, match="No space left"), tracer.attach(model):
         for _ in range(3):  # the writer keeps draining after failing: the forward never blocks forever
             run(model, inputs)
-    saver.close()
+    saver.close()  # the failure was already reported: closing does not raise it again
     saved = load_run(tmp_path)  # what landed before the failure is listed and readable
     assert len(saved.entries) == 1
     e = saved.entries[0]
