@@ -89,8 +89,8 @@ def main() -> None:
     print(f"self-attention B={B} H={H} L={L} D={D}; full fp32 map = {FULL_MAP_MIB:.0f} MiB")
     print(f"{'case':<8} {'budget MiB':>10} {'peak extra MiB':>15} {'seconds':>8}")
     for case, mib in [("stats", 256.0), ("stats", 64.0), ("stats", 1024.0), ("full", 256.0)]:
-        out = subprocess.run([sys.executable, __file__, "--case", case, "--mib", str(mib)], capture_output=True,
-                             text=True, check=True)  # fmt: skip
+        cmd = [sys.executable, __file__, "--case", case, "--mib", str(mib)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         budget = f"{mib:.0f}" if case == "stats" else "-"
         print(f"{case:<8} {budget:>10} {r['peak_extra_mib']:>15.1f} {r['seconds']:>8.2f}")

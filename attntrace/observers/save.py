@@ -72,6 +72,9 @@ class Save(Observer):
     steps x sites x tensors. The forward blocks when `queue_size` files are pending. Probabilities
     are built chunk by chunk straight into the stored dtype (and head mean), so a site's full float32
     map is not materialised unless another observer already did.
+
+    The manifest is rewritten after every file (its size grows with the entries: about 300 bytes per
+    saved tensor), and a fresh observer starts a fresh manifest in its directory.
     """
 
     name = "save"
@@ -86,6 +89,7 @@ class Save(Observer):
         self._queue: queue.Queue[Any] | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._reported = False
         self._lock = threading.Lock()
         self._dir: Path | None = None
         self._atexit_registered = False
@@ -107,7 +111,7 @@ class Save(Observer):
 
     # -- per call --------------------------------------------------------------------------------
     def on_call(self, call: AttentionCall) -> None:
-        self._raise_writer_error()
+        self._raise_writer_error(again=True)
         p = self.params
         if p.max_resolution is not None and self._side(call) > p.max_resolution:
             return
@@ -253,12 +257,16 @@ class Save(Observer):
         os.replace(tmp, path)
         _fsync_dir(self._dir)
 
-    def _raise_writer_error(self) -> None:
-        if self._error is not None:
-            exc, self._error = self._error, None
-            raise RunError(
-                f"the save observer failed writing to {self._dir}: {type(exc).__name__}: {exc}"
-            ) from exc
+    def _raise_writer_error(self, again: bool = False) -> None:
+        # A write failure is permanent for this observer (the writer only drains after it): it is
+        # raised once from flush/close/step end, and from every later on_call (nothing more is queued).
+        exc = self._error
+        if exc is None or (self._reported and not again):
+            return
+        self._reported = True
+        raise RunError(
+            f"the save observer failed writing to {self._dir}: {type(exc).__name__}: {exc}"
+        ) from exc
 
     def flush(self) -> None:
         """Wait until every queued file is written and listed in the manifest."""
