@@ -293,3 +293,22 @@ def test_temperature(tau: float) -> None:
         return (p / p.sum(-1, keepdim=True)) @ v.float()
 
     check("temperature", {"tau": tau}, "*attn1", "self", edit, sdpa_calls=8)
+
+
+def test_yaml_and_python_agree() -> None:
+    inputs = sd15_inputs(2)
+    yaml_text = (
+        "rules:\n  - use: ablate\n    match: '*attn2'\n    kind: cross\n"
+        "    with: {heads: [1, 2], mode: mean}\n"
+    )
+    m1 = fresh("sd15")
+    with Tracer(yaml_text).attach(m1):
+        a = run(m1, inputs)
+    m2 = fresh("sd15")
+    tracer = Tracer()
+    tracer.add("ablate", match="*attn2", kind="cross", heads=[1, 2], mode="mean")
+    with tracer.attach(m2):
+        b = run(m2, inputs)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match=r"rules\.0\.with"):
+        Tracer("rules:\n  - use: ablate\n    with: {heads: [0], mode: halve}\n")
