@@ -91,10 +91,23 @@ def test_schema_is_json_schema(work: Path) -> None:
     )
 
 
-def test_observers_lists_params(work: Path) -> None:
-    r = cli("observers", tmp=work)
+def test_observers_lists_params_and_warns_on_broken_plugin(work: Path) -> None:
+    # A real (if minimal) installed distribution whose entry point cannot be imported.
+    site = work / "plugins"
+    info = site / "brokenplug-0.1.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: brokenplug\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[attntrace.observers]\nghost = brokenplug_missing:Ghost\n")
+    env = _env(work)
+    env["PYTHONPATH"] = env["PYTHONPATH"] + os.pathsep + str(site)
+    r = subprocess.run([sys.executable, "-m", "attntrace", "observers"], capture_output=True, text=True,
+                       env=env, cwd=work, timeout=120)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert re.search(r"^shapes\s+attntrace\s+observer\s+print_table: bool = False", r.stdout, re.M)
+    assert "ghost" not in r.stdout
+    warn = [ln for ln in r.stderr.splitlines() if "ghost" in ln]
+    assert len(warn) == 1 and warn[0].startswith("warning: observer 'ghost' from brokenplug")
+    assert "ModuleNotFoundError" in warn[0]
 
 
 def test_sites_of_folder_and_experiment(work: Path) -> None:
