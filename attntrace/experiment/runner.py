@@ -7,6 +7,8 @@ Run directory layout (`runs/<name>/`):
   crash or Ctrl-C leaves it consistent. Re-running skips `done` items; `force=True` redoes them.
 - `items/<item-id>/image.png` — the generated image (pipelines); `items/<item-id>/<label>/...` —
   what each observer's `save()` wrote for that item (a fresh tracer per item, so results are per item).
+- Observers that define `set_context(prompt=..., tokens=..., item=...)` receive the item's prompt and
+  its tokens (as the pipeline's tokenizer splits it) before the item runs: per-word labels.
 - Multi-process (`torchrun`/`accelerate launch`, env `RANK`/`WORLD_SIZE`): item *i* runs on rank
   *i % world*; each rank writes `manifest.rank<k>.json`; rank 0 merges them into `manifest.json`
   after a barrier (gloo on CPU, nccl on CUDA).
@@ -254,7 +256,7 @@ class Progress:
         if self._tqdm is not None and steps:
             self._steps = self._tqdm(
                 total=steps,
-                desc=f"{prefix_trim(self.prefix)}{item.id}",
+                desc=f"{self.prefix}{item.id}",
                 unit="step",
                 leave=False,
                 file=sys.stderr,
@@ -280,10 +282,6 @@ class Progress:
             self._steps.close()
         if self._bar is not None:
             self._bar.close()
-
-
-def prefix_trim(prefix: str) -> str:
-    return prefix
 
 
 # -- the run ------------------------------------------------------------------------------------
