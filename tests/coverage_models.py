@@ -23,9 +23,8 @@ Builder = Callable[[], tuple[torch.nn.Module, Inputs]]
 
 
 def _has_processor(module: torch.nn.Module) -> bool:
-    return (hasattr(module, "set_processor") or hasattr(module, "get_processor")) and getattr(
-        module, "processor", None
-    ) is not None
+    # Independent of attntrace's own rule: any module holding a processor object.
+    return getattr(module, "processor", None) is not None
 
 
 def discover() -> dict[str, int | str]:
@@ -272,6 +271,193 @@ def lumina2() -> tuple[torch.nn.Module, Inputs]:
                "encoder_attention_mask": torch.ones(1, 5, dtype=torch.bool)}  # fmt: skip
 
 
+def _img_ids(h: int, w: int) -> torch.Tensor:
+    ids = torch.zeros(h * w, 3)
+    ids[:, 1] = torch.arange(h).repeat_interleave(w)
+    ids[:, 2] = torch.arange(w).repeat(h)
+    return ids
+
+
+def mochi() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import MochiTransformer3DModel
+
+    _seed()
+    m = MochiTransformer3DModel(patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2, pooled_projection_dim=16,
+                                in_channels=4, text_embed_dim=16, time_embed_dim=4, max_sequence_length=8).eval()  # fmt: skip
+    return m, {"hidden_states": torch.randn(1, 4, 2, 8, 8), "encoder_hidden_states": torch.randn(1, 5, 16),
+               "timestep": torch.tensor([3]), "encoder_attention_mask": torch.ones(1, 5, dtype=torch.bool)}  # fmt: skip
+
+
+def latte() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import LatteTransformer3DModel
+
+    _seed()
+    m = LatteTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
+                                cross_attention_dim=16, sample_size=8, patch_size=2, num_embeds_ada_norm=1000,
+                                norm_type="ada_norm_single", caption_channels=16, video_length=2).eval()  # fmt: skip
+    return m, {"hidden_states": torch.randn(1, 4, 2, 8, 8), "encoder_hidden_states": torch.randn(1, 5, 16),
+               "timestep": torch.tensor([3]), "enable_temporal_attentions": True}  # fmt: skip
+
+
+def allegro() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import AllegroTransformer3DModel
+
+    _seed()
+    m = AllegroTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, num_layers=1,
+                                  cross_attention_dim=16, sample_height=8, sample_width=8, sample_frames=2,
+                                  caption_channels=16).eval()  # fmt: skip
+    return m, {"hidden_states": torch.randn(1, 4, 2, 8, 8), "encoder_hidden_states": torch.randn(1, 5, 16),
+               "timestep": torch.tensor([3])}  # fmt: skip
+
+
+def hunyuan_video() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    _seed()
+    m = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+                                       num_single_layers=1, num_refiner_layers=1, patch_size=1, text_embed_dim=16,
+                                       pooled_projection_dim=8, rope_axes_dim=(2, 2, 4)).eval()  # fmt: skip
+    return m, {"hidden_states": torch.randn(1, 4, 1, 4, 4), "timestep": torch.tensor([3]),
+               "encoder_hidden_states": torch.randn(1, 5, 16), "encoder_attention_mask": torch.ones(1, 5),
+               "pooled_projections": torch.randn(1, 8), "guidance": torch.tensor([3.0])}  # fmt: skip
+
+
+def cogview3() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import CogView3PlusTransformer2DModel
+
+    _seed()
+    m = CogView3PlusTransformer2DModel(patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+                                       out_channels=4, text_embed_dim=16, time_embed_dim=8, condition_dim=2,
+                                       pos_embed_max_size=8, sample_size=8).eval()  # fmt: skip
+    hw = torch.tensor([[8.0, 8.0]])
+    return m, {"hidden_states": torch.randn(1, 4, 8, 8), "encoder_hidden_states": torch.randn(1, 5, 16),
+               "timestep": torch.tensor([3]), "original_size": hw, "target_size": hw, "crop_coords": hw * 0}  # fmt: skip
+
+
+def cogview4() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import CogView4Transformer2DModel
+
+    _seed()
+    m = CogView4Transformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
+                                   num_attention_heads=2, text_embed_dim=16, time_embed_dim=8, condition_dim=2,
+                                   pos_embed_max_size=8, sample_size=8, rope_axes_dim=(4, 4)).eval()  # fmt: skip
+    hw = torch.tensor([[8.0, 8.0]])
+    return m, {"hidden_states": torch.randn(1, 4, 8, 8), "encoder_hidden_states": torch.randn(1, 5, 16),
+               "timestep": torch.tensor([3]), "original_size": hw, "target_size": hw, "crop_coords": hw * 0}  # fmt: skip
+
+
+def qwen_image() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import QwenImageTransformer2DModel
+
+    _seed()
+    m = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=8,
+                                    num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(2, 2, 4)).eval()  # fmt: skip
+    return m, {"hidden_states": torch.randn(1, 16, 16), "encoder_hidden_states": torch.randn(1, 5, 16),
+               "encoder_hidden_states_mask": torch.ones(1, 5), "timestep": torch.tensor([0.5]),
+               "img_shapes": [(1, 4, 4)]}  # fmt: skip
+
+
+def chroma() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import ChromaTransformer2DModel
+
+    _seed()
+    m = ChromaTransformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                                 num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(2, 2, 4),
+                                 approximator_num_channels=8, approximator_hidden_dim=16, approximator_layers=1).eval()  # fmt: skip
+    return m, {"hidden_states": torch.randn(1, 16, 8), "encoder_hidden_states": torch.randn(1, 6, 16),
+               "timestep": torch.tensor([0.5]), "img_ids": _img_ids(4, 4), "txt_ids": torch.zeros(6, 3)}  # fmt: skip
+
+
+def skyreels() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    _seed()
+    m = SkyReelsV2Transformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, text_dim=16,
+                                     freq_dim=16, ffn_dim=32, num_layers=1, rope_max_seq_len=32).eval()  # fmt: skip
+    return m, {"hidden_states": torch.randn(1, 4, 2, 8, 8), "timestep": torch.tensor([10]),
+               "encoder_hidden_states": torch.randn(1, 6, 16)}  # fmt: skip
+
+
+def stable_audio() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import StableAudioDiTModel
+
+    _seed()
+    m = StableAudioDiTModel(sample_size=8, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+                            num_key_value_attention_heads=1, out_channels=4, cross_attention_dim=16, time_proj_dim=8,
+                            global_states_input_dim=16, cross_attention_input_dim=16).eval()  # fmt: skip
+    from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+    rope = get_1d_rotary_pos_embed(4, 8 + 1, use_real=True, repeat_interleave_real=False)
+    return m, {"hidden_states": torch.randn(1, 4, 8), "timestep": torch.tensor([3]),
+               "encoder_hidden_states": torch.randn(1, 5, 16), "global_hidden_states": torch.randn(1, 1, 16),
+               "rotary_embedding": rope}  # fmt: skip
+
+
+def sana_controlnet() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import SanaControlNetModel
+
+    _seed()
+    m = SanaControlNetModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+                            num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
+                            caption_channels=16, sample_size=8).eval()  # fmt: skip
+    return m, {"hidden_states": torch.randn(2, 4, 8, 8), "encoder_hidden_states": torch.randn(2, 5, 16),
+               "timestep": torch.tensor([3, 3]), "controlnet_cond": torch.randn(2, 4, 8, 8)}  # fmt: skip
+
+
+def temporal_decoder_vae() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import AutoencoderKLTemporalDecoder
+
+    _seed()
+    m = AutoencoderKLTemporalDecoder(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                                     latent_channels=4, layers_per_block=1).eval()  # fmt: skip
+    return m, {"sample": torch.randn(2, 3, 16, 16), "num_frames": 2}
+
+
+def flux2_vae() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import AutoencoderKLFlux2
+
+    _seed()
+    m = AutoencoderKLFlux2(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                           up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                           norm_num_groups=8).eval()  # fmt: skip
+    return m, {"sample": torch.randn(1, 3, 16, 16)}
+
+
+def unet_motion() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import UNetMotionModel
+
+    _seed()
+    m = UNetMotionModel(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=16, norm_num_groups=8,
+                        down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
+                        up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"),
+                        motion_num_attention_heads=2, num_attention_heads=2, motion_max_seq_length=4).eval()  # fmt: skip
+    return m, {"sample": torch.randn(1, 4, 2, 8, 8), "timestep": torch.tensor(3),
+               "encoder_hidden_states": torch.randn(2, 5, 16)}  # fmt: skip
+
+
+def transformer_temporal() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import TransformerTemporalModel
+
+    _seed()
+    m = TransformerTemporalModel(num_attention_heads=2, attention_head_dim=8, in_channels=16, num_layers=1,
+                                 norm_num_groups=8).eval()  # fmt: skip
+    return m, {"hidden_states": torch.randn(2, 16, 4, 4), "num_frames": 2}
+
+
+def unet_svd() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    _seed()
+    m = UNetSpatioTemporalConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=16, num_attention_heads=(2, 4),
+        in_channels=8, out_channels=4, addition_time_embed_dim=4, projection_class_embeddings_input_dim=12,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+    ).eval()  # fmt: skip
+    return m, {"sample": torch.randn(1, 2, 8, 8, 8), "timestep": torch.tensor(3),
+               "encoder_hidden_states": torch.randn(1, 1, 16), "added_time_ids": torch.randn(1, 3)}  # fmt: skip
+
+
 CASES: dict[str, Builder] = {
     "UNet2DConditionModel": tiny.sd15_unet,
     "SD3Transformer2DModel": tiny.sd3,
@@ -295,6 +481,22 @@ CASES: dict[str, Builder] = {
     "LTXVideoTransformer3DModel": ltx,
     "UNet3DConditionModel": unet3d,
     "Lumina2Transformer2DModel": lumina2,
+    "MochiTransformer3DModel": mochi,
+    "LatteTransformer3DModel": latte,
+    "AllegroTransformer3DModel": allegro,
+    "HunyuanVideoTransformer3DModel": hunyuan_video,
+    "CogView3PlusTransformer2DModel": cogview3,
+    "CogView4Transformer2DModel": cogview4,
+    "QwenImageTransformer2DModel": qwen_image,
+    "ChromaTransformer2DModel": chroma,
+    "SkyReelsV2Transformer3DModel": skyreels,
+    "StableAudioDiTModel": stable_audio,
+    "SanaControlNetModel": sana_controlnet,
+    "AutoencoderKLTemporalDecoder": temporal_decoder_vae,
+    "AutoencoderKLFlux2": flux2_vae,
+    "UNetMotionModel": unet_motion,
+    "TransformerTemporalModel": transformer_temporal,
+    "UNetSpatioTemporalConditionModel": unet_svd,
 }
 
 #: Extra variants exercising adapters/processors on an already-covered class.
