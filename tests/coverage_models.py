@@ -458,6 +458,67 @@ def unet_svd() -> tuple[torch.nn.Module, Inputs]:
                "encoder_hidden_states": torch.randn(1, 1, 16), "added_time_ids": torch.randn(1, 3)}  # fmt: skip
 
 
+def _flux_like(cls_name: str, **extra: Any) -> tuple[torch.nn.Module, Inputs]:
+    import diffusers
+
+    _seed()
+    m = getattr(diffusers, cls_name)(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                                     num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(2, 2, 4), **extra).eval()  # fmt: skip
+    inputs: Inputs = {"hidden_states": torch.randn(1, 16, 8), "encoder_hidden_states": torch.randn(1, 6, 16),
+                      "timestep": torch.tensor([0.5]), "img_ids": _img_ids(4, 4), "txt_ids": torch.zeros(6, 3)}  # fmt: skip
+    return m, inputs
+
+
+def bria() -> tuple[torch.nn.Module, Inputs]:
+    return _flux_like("BriaTransformer2DModel")
+
+
+def ovis() -> tuple[torch.nn.Module, Inputs]:
+    return _flux_like("OvisImageTransformer2DModel", out_channels=8)
+
+
+def longcat() -> tuple[torch.nn.Module, Inputs]:
+    m, inputs = _flux_like("LongCatImageTransformer2DModel", pooled_projection_dim=16)
+    return m, inputs
+
+
+def flux2() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import Flux2Transformer2DModel
+
+    _seed()
+    m = Flux2Transformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                                num_attention_heads=2, joint_attention_dim=16, timestep_guidance_channels=8,
+                                axes_dims_rope=(2, 2, 2, 2), guidance_embeds=False).eval()  # fmt: skip
+    img_ids = torch.zeros(16, 4)
+    img_ids[:, 1] = torch.arange(4).repeat_interleave(4)
+    img_ids[:, 2] = torch.arange(4).repeat(4)
+    return m, {"hidden_states": torch.randn(1, 16, 8), "encoder_hidden_states": torch.randn(1, 6, 16),
+               "timestep": torch.tensor([0.5]), "img_ids": img_ids[None], "txt_ids": torch.zeros(1, 6, 4)}  # fmt: skip
+
+
+def wan_vace() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import WanVACETransformer3DModel
+
+    _seed()
+    m = WanVACETransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                  out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32,
+                                  vace_layers=[0], vace_in_channels=4).eval()  # fmt: skip
+    return m, {"hidden_states": torch.randn(1, 4, 2, 8, 8), "timestep": torch.tensor([10]),
+               "encoder_hidden_states": torch.randn(1, 6, 16), "control_hidden_states": torch.randn(1, 4, 2, 8, 8)}  # fmt: skip
+
+
+def i2vgen() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import I2VGenXLUNet
+
+    _seed()
+    m = I2VGenXLUNet(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=16, norm_num_groups=8,
+                     down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+                     attention_head_dim=8, num_attention_heads=None, sample_size=8).eval()  # fmt: skip
+    return m, {"sample": torch.randn(1, 4, 2, 8, 8), "timestep": torch.tensor(3), "fps": torch.tensor([8]),
+               "image_latents": torch.randn(1, 4, 2, 8, 8), "image_embeddings": torch.randn(1, 16),
+               "encoder_hidden_states": torch.randn(1, 5, 16)}  # fmt: skip
+
+
 CASES: dict[str, Builder] = {
     "UNet2DConditionModel": tiny.sd15_unet,
     "SD3Transformer2DModel": tiny.sd3,
@@ -497,6 +558,12 @@ CASES: dict[str, Builder] = {
     "UNetMotionModel": unet_motion,
     "TransformerTemporalModel": transformer_temporal,
     "UNetSpatioTemporalConditionModel": unet_svd,
+    "BriaTransformer2DModel": bria,
+    "OvisImageTransformer2DModel": ovis,
+    "LongCatImageTransformer2DModel": longcat,
+    "Flux2Transformer2DModel": flux2,
+    "WanVACETransformer3DModel": wan_vace,
+    "I2VGenXLUNet": i2vgen,
 }
 
 #: Extra variants exercising adapters/processors on an already-covered class.
