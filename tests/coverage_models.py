@@ -519,6 +519,41 @@ def i2vgen() -> tuple[torch.nn.Module, Inputs]:
                "encoder_hidden_states": torch.randn(1, 5, 16)}  # fmt: skip
 
 
+def qwen_controlnet() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import QwenImageControlNetModel
+
+    _, inputs = qwen_image()
+    _seed()
+    m = QwenImageControlNetModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=8,
+                                 num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(2, 2, 4)).eval()  # fmt: skip
+    return m, dict(inputs, controlnet_cond=torch.randn(1, 16, 16))
+
+
+def chronoedit() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import ChronoEditTransformer3DModel
+
+    _seed()
+    m = ChronoEditTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                     out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=1,
+                                     rope_max_seq_len=32).eval()  # fmt: skip
+    return m, {"hidden_states": torch.randn(1, 4, 2, 8, 8), "timestep": torch.tensor([10]),
+               "encoder_hidden_states": torch.randn(1, 6, 16)}  # fmt: skip
+
+
+def controlnet_xs() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import UNetControlNetXSModel
+
+    _seed()
+    m = UNetControlNetXSModel(sample_size=16, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(32, 64),
+                              norm_num_groups=8, cross_attention_dim=16, transformer_layers_per_block=1,
+                              num_attention_heads=2, ctrl_block_out_channels=(4, 8), ctrl_num_attention_heads=2,
+                              ctrl_conditioning_embedding_out_channels=(8, 16),
+                              time_cond_proj_dim=None, ctrl_max_norm_num_groups=2).eval()  # fmt: skip
+    return m, {"sample": torch.randn(1, 4, 16, 16), "timestep": torch.tensor(3),
+               "encoder_hidden_states": torch.randn(1, 5, 16), "controlnet_cond": torch.randn(1, 3, 32, 32)}  # fmt: skip
+
+
 CASES: dict[str, Builder] = {
     "UNet2DConditionModel": tiny.sd15_unet,
     "SD3Transformer2DModel": tiny.sd3,
@@ -564,6 +599,9 @@ CASES: dict[str, Builder] = {
     "Flux2Transformer2DModel": flux2,
     "WanVACETransformer3DModel": wan_vace,
     "I2VGenXLUNet": i2vgen,
+    "QwenImageControlNetModel": qwen_controlnet,
+    "ChronoEditTransformer3DModel": chronoedit,
+    "UNetControlNetXSModel": controlnet_xs,
 }
 
 #: Extra variants exercising adapters/processors on an already-covered class.
