@@ -554,6 +554,32 @@ def controlnet_xs() -> tuple[torch.nn.Module, Inputs]:
                "encoder_hidden_states": torch.randn(1, 5, 16), "controlnet_cond": torch.randn(1, 3, 32, 32)}  # fmt: skip
 
 
+def hunyuan_dit_controlnet() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import HunyuanDiT2DControlNetModel
+
+    _, inputs = hunyuan_dit()
+    _seed()
+    m = HunyuanDiT2DControlNetModel(
+        conditioning_channels=4, num_attention_heads=2, attention_head_dim=8, in_channels=4, patch_size=2,
+        transformer_num_layers=4, sample_size=8, cross_attention_dim=16, cross_attention_dim_t5=16,
+        pooled_projection_dim=8, hidden_size=16, text_len=5, text_len_t5=5, use_style_cond_and_image_meta_size=False,
+    ).eval()  # fmt: skip
+    return m, dict(inputs, controlnet_cond=torch.randn(1, 4, 8, 8))
+
+
+def consisid() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import ConsisIDTransformer3DModel
+
+    _seed()
+    m = ConsisIDTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=8,
+        text_embed_dim=16, num_layers=1, sample_width=8, sample_height=8, sample_frames=2, patch_size=2,
+        temporal_compression_ratio=1, max_text_seq_length=5, is_train_face=False,
+    ).eval()  # fmt: skip
+    return m, {"hidden_states": torch.randn(1, 2, 4, 8, 8), "encoder_hidden_states": torch.randn(1, 5, 16),
+               "timestep": torch.tensor([3])}  # fmt: skip
+
+
 CASES: dict[str, Builder] = {
     "UNet2DConditionModel": tiny.sd15_unet,
     "SD3Transformer2DModel": tiny.sd3,
@@ -602,6 +628,8 @@ CASES: dict[str, Builder] = {
     "QwenImageControlNetModel": qwen_controlnet,
     "ChronoEditTransformer3DModel": chronoedit,
     "UNetControlNetXSModel": controlnet_xs,
+    "HunyuanDiT2DControlNetModel": hunyuan_dit_controlnet,
+    "ConsisIDTransformer3DModel": consisid,
 }
 
 #: Extra variants exercising adapters/processors on an already-covered class.
