@@ -23,9 +23,8 @@ Builder = Callable[[], tuple[torch.nn.Module, Inputs]]
 
 
 def _has_processor(module: torch.nn.Module) -> bool:
-    return (hasattr(module, "set_processor") or hasattr(module, "get_processor")) and getattr(
-        module, "processor", None
-    ) is not None
+    # Independent of attntrace's own rule: any module holding a processor object.
+    return getattr(module, "processor", None) is not None
 
 
 def discover() -> dict[str, int | str]:
@@ -272,6 +271,315 @@ def lumina2() -> tuple[torch.nn.Module, Inputs]:
                "encoder_attention_mask": torch.ones(1, 5, dtype=torch.bool)}  # fmt: skip
 
 
+def _img_ids(h: int, w: int) -> torch.Tensor:
+    ids = torch.zeros(h * w, 3)
+    ids[:, 1] = torch.arange(h).repeat_interleave(w)
+    ids[:, 2] = torch.arange(w).repeat(h)
+    return ids
+
+
+def mochi() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import MochiTransformer3DModel
+
+    _seed()
+    m = MochiTransformer3DModel(patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2, pooled_projection_dim=16,
+                                in_channels=4, text_embed_dim=16, time_embed_dim=4, max_sequence_length=8).eval()  # fmt: skip
+    return m, {"hidden_states": torch.randn(1, 4, 2, 8, 8), "encoder_hidden_states": torch.randn(1, 5, 16),
+               "timestep": torch.tensor([3]), "encoder_attention_mask": torch.ones(1, 5, dtype=torch.bool)}  # fmt: skip
+
+
+def latte() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import LatteTransformer3DModel
+
+    _seed()
+    m = LatteTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
+                                cross_attention_dim=16, sample_size=8, patch_size=2, num_embeds_ada_norm=1000,
+                                norm_type="ada_norm_single", caption_channels=16, video_length=2).eval()  # fmt: skip
+    return m, {"hidden_states": torch.randn(1, 4, 2, 8, 8), "encoder_hidden_states": torch.randn(1, 5, 16),
+               "timestep": torch.tensor([3]), "enable_temporal_attentions": True}  # fmt: skip
+
+
+def allegro() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import AllegroTransformer3DModel
+
+    _seed()
+    m = AllegroTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, num_layers=1,
+                                  cross_attention_dim=16, sample_height=8, sample_width=8, sample_frames=2,
+                                  caption_channels=16).eval()  # fmt: skip
+    return m, {"hidden_states": torch.randn(1, 4, 2, 8, 8), "encoder_hidden_states": torch.randn(1, 5, 16),
+               "timestep": torch.tensor([3])}  # fmt: skip
+
+
+def hunyuan_video() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    _seed()
+    m = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+                                       num_single_layers=1, num_refiner_layers=1, patch_size=1, text_embed_dim=16,
+                                       pooled_projection_dim=8, rope_axes_dim=(2, 2, 4)).eval()  # fmt: skip
+    return m, {"hidden_states": torch.randn(1, 4, 1, 4, 4), "timestep": torch.tensor([3]),
+               "encoder_hidden_states": torch.randn(1, 5, 16), "encoder_attention_mask": torch.ones(1, 5),
+               "pooled_projections": torch.randn(1, 8), "guidance": torch.tensor([3.0])}  # fmt: skip
+
+
+def cogview3() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import CogView3PlusTransformer2DModel
+
+    _seed()
+    m = CogView3PlusTransformer2DModel(patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+                                       out_channels=4, text_embed_dim=16, time_embed_dim=8, condition_dim=2,
+                                       pos_embed_max_size=8, sample_size=8).eval()  # fmt: skip
+    hw = torch.tensor([[8.0, 8.0]])
+    return m, {"hidden_states": torch.randn(1, 4, 8, 8), "encoder_hidden_states": torch.randn(1, 5, 16),
+               "timestep": torch.tensor([3]), "original_size": hw, "target_size": hw, "crop_coords": hw * 0}  # fmt: skip
+
+
+def cogview4() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import CogView4Transformer2DModel
+
+    _seed()
+    m = CogView4Transformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
+                                   num_attention_heads=2, text_embed_dim=16, time_embed_dim=8, condition_dim=2,
+                                   pos_embed_max_size=8, sample_size=8, rope_axes_dim=(4, 4)).eval()  # fmt: skip
+    hw = torch.tensor([[8.0, 8.0]])
+    return m, {"hidden_states": torch.randn(1, 4, 8, 8), "encoder_hidden_states": torch.randn(1, 5, 16),
+               "timestep": torch.tensor([3]), "original_size": hw, "target_size": hw, "crop_coords": hw * 0}  # fmt: skip
+
+
+def qwen_image() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import QwenImageTransformer2DModel
+
+    _seed()
+    m = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=8,
+                                    num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(2, 2, 4)).eval()  # fmt: skip
+    return m, {"hidden_states": torch.randn(1, 16, 16), "encoder_hidden_states": torch.randn(1, 5, 16),
+               "encoder_hidden_states_mask": torch.ones(1, 5), "timestep": torch.tensor([0.5]),
+               "img_shapes": [(1, 4, 4)]}  # fmt: skip
+
+
+def chroma() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import ChromaTransformer2DModel
+
+    _seed()
+    m = ChromaTransformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                                 num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(2, 2, 4),
+                                 approximator_num_channels=8, approximator_hidden_dim=16, approximator_layers=1).eval()  # fmt: skip
+    return m, {"hidden_states": torch.randn(1, 16, 8), "encoder_hidden_states": torch.randn(1, 6, 16),
+               "timestep": torch.tensor([0.5]), "img_ids": _img_ids(4, 4), "txt_ids": torch.zeros(6, 3)}  # fmt: skip
+
+
+def skyreels() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    _seed()
+    m = SkyReelsV2Transformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, text_dim=16,
+                                     freq_dim=16, ffn_dim=32, num_layers=1, rope_max_seq_len=32).eval()  # fmt: skip
+    return m, {"hidden_states": torch.randn(1, 4, 2, 8, 8), "timestep": torch.tensor([10]),
+               "encoder_hidden_states": torch.randn(1, 6, 16)}  # fmt: skip
+
+
+def stable_audio() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import StableAudioDiTModel
+
+    _seed()
+    m = StableAudioDiTModel(sample_size=8, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+                            num_key_value_attention_heads=1, out_channels=4, cross_attention_dim=16, time_proj_dim=8,
+                            global_states_input_dim=16, cross_attention_input_dim=16).eval()  # fmt: skip
+    from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+    rope = get_1d_rotary_pos_embed(4, 8 + 1, use_real=True, repeat_interleave_real=False)
+    return m, {"hidden_states": torch.randn(1, 4, 8), "timestep": torch.tensor([3]),
+               "encoder_hidden_states": torch.randn(1, 5, 16), "global_hidden_states": torch.randn(1, 1, 16),
+               "rotary_embedding": rope}  # fmt: skip
+
+
+def sana_controlnet() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import SanaControlNetModel
+
+    _seed()
+    m = SanaControlNetModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+                            num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
+                            caption_channels=16, sample_size=8).eval()  # fmt: skip
+    return m, {"hidden_states": torch.randn(2, 4, 8, 8), "encoder_hidden_states": torch.randn(2, 5, 16),
+               "timestep": torch.tensor([3, 3]), "controlnet_cond": torch.randn(2, 4, 8, 8)}  # fmt: skip
+
+
+def temporal_decoder_vae() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import AutoencoderKLTemporalDecoder
+
+    _seed()
+    m = AutoencoderKLTemporalDecoder(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                                     latent_channels=4, layers_per_block=1).eval()  # fmt: skip
+    return m, {"sample": torch.randn(2, 3, 16, 16), "num_frames": 2}
+
+
+def flux2_vae() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import AutoencoderKLFlux2
+
+    _seed()
+    m = AutoencoderKLFlux2(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                           up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                           norm_num_groups=8).eval()  # fmt: skip
+    return m, {"sample": torch.randn(1, 3, 16, 16)}
+
+
+def unet_motion() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import UNetMotionModel
+
+    _seed()
+    m = UNetMotionModel(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=16, norm_num_groups=8,
+                        down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
+                        up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"),
+                        motion_num_attention_heads=2, num_attention_heads=2, motion_max_seq_length=4).eval()  # fmt: skip
+    return m, {"sample": torch.randn(1, 4, 2, 8, 8), "timestep": torch.tensor(3),
+               "encoder_hidden_states": torch.randn(2, 5, 16)}  # fmt: skip
+
+
+def transformer_temporal() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import TransformerTemporalModel
+
+    _seed()
+    m = TransformerTemporalModel(num_attention_heads=2, attention_head_dim=8, in_channels=16, num_layers=1,
+                                 norm_num_groups=8).eval()  # fmt: skip
+    return m, {"hidden_states": torch.randn(2, 16, 4, 4), "num_frames": 2}
+
+
+def unet_svd() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    _seed()
+    m = UNetSpatioTemporalConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=16, num_attention_heads=(2, 4),
+        in_channels=8, out_channels=4, addition_time_embed_dim=4, projection_class_embeddings_input_dim=12,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+    ).eval()  # fmt: skip
+    return m, {"sample": torch.randn(1, 2, 8, 8, 8), "timestep": torch.tensor(3),
+               "encoder_hidden_states": torch.randn(1, 1, 16), "added_time_ids": torch.randn(1, 3)}  # fmt: skip
+
+
+def _flux_like(cls_name: str, **extra: Any) -> tuple[torch.nn.Module, Inputs]:
+    import diffusers
+
+    _seed()
+    m = getattr(diffusers, cls_name)(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                                     num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(2, 2, 4), **extra).eval()  # fmt: skip
+    inputs: Inputs = {"hidden_states": torch.randn(1, 16, 8), "encoder_hidden_states": torch.randn(1, 6, 16),
+                      "timestep": torch.tensor([0.5]), "img_ids": _img_ids(4, 4), "txt_ids": torch.zeros(6, 3)}  # fmt: skip
+    return m, inputs
+
+
+def bria() -> tuple[torch.nn.Module, Inputs]:
+    return _flux_like("BriaTransformer2DModel")
+
+
+def ovis() -> tuple[torch.nn.Module, Inputs]:
+    return _flux_like("OvisImageTransformer2DModel", out_channels=8)
+
+
+def longcat() -> tuple[torch.nn.Module, Inputs]:
+    m, inputs = _flux_like("LongCatImageTransformer2DModel", pooled_projection_dim=16)
+    return m, inputs
+
+
+def flux2() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import Flux2Transformer2DModel
+
+    _seed()
+    m = Flux2Transformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                                num_attention_heads=2, joint_attention_dim=16, timestep_guidance_channels=8,
+                                axes_dims_rope=(2, 2, 2, 2), guidance_embeds=False).eval()  # fmt: skip
+    img_ids = torch.zeros(16, 4)
+    img_ids[:, 1] = torch.arange(4).repeat_interleave(4)
+    img_ids[:, 2] = torch.arange(4).repeat(4)
+    return m, {"hidden_states": torch.randn(1, 16, 8), "encoder_hidden_states": torch.randn(1, 6, 16),
+               "timestep": torch.tensor([0.5]), "img_ids": img_ids[None], "txt_ids": torch.zeros(1, 6, 4)}  # fmt: skip
+
+
+def wan_vace() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import WanVACETransformer3DModel
+
+    _seed()
+    m = WanVACETransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                  out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32,
+                                  vace_layers=[0], vace_in_channels=4).eval()  # fmt: skip
+    return m, {"hidden_states": torch.randn(1, 4, 2, 8, 8), "timestep": torch.tensor([10]),
+               "encoder_hidden_states": torch.randn(1, 6, 16), "control_hidden_states": torch.randn(1, 4, 2, 8, 8)}  # fmt: skip
+
+
+def i2vgen() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import I2VGenXLUNet
+
+    _seed()
+    m = I2VGenXLUNet(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=16, norm_num_groups=8,
+                     down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+                     attention_head_dim=8, num_attention_heads=None, sample_size=8).eval()  # fmt: skip
+    return m, {"sample": torch.randn(1, 4, 2, 8, 8), "timestep": torch.tensor(3), "fps": torch.tensor([8]),
+               "image_latents": torch.randn(1, 4, 2, 8, 8), "image_embeddings": torch.randn(1, 16),
+               "encoder_hidden_states": torch.randn(1, 5, 16)}  # fmt: skip
+
+
+def qwen_controlnet() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import QwenImageControlNetModel
+
+    _, inputs = qwen_image()
+    _seed()
+    m = QwenImageControlNetModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=8,
+                                 num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(2, 2, 4)).eval()  # fmt: skip
+    return m, dict(inputs, controlnet_cond=torch.randn(1, 16, 16))
+
+
+def chronoedit() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import ChronoEditTransformer3DModel
+
+    _seed()
+    m = ChronoEditTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                     out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=1,
+                                     rope_max_seq_len=32).eval()  # fmt: skip
+    return m, {"hidden_states": torch.randn(1, 4, 2, 8, 8), "timestep": torch.tensor([10]),
+               "encoder_hidden_states": torch.randn(1, 6, 16)}  # fmt: skip
+
+
+def controlnet_xs() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import UNetControlNetXSModel
+
+    _seed()
+    m = UNetControlNetXSModel(sample_size=16, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(32, 64),
+                              norm_num_groups=8, cross_attention_dim=16, transformer_layers_per_block=1,
+                              num_attention_heads=2, ctrl_block_out_channels=(4, 8), ctrl_num_attention_heads=2,
+                              ctrl_conditioning_embedding_out_channels=(8, 16),
+                              time_cond_proj_dim=None, ctrl_max_norm_num_groups=2).eval()  # fmt: skip
+    return m, {"sample": torch.randn(1, 4, 16, 16), "timestep": torch.tensor(3),
+               "encoder_hidden_states": torch.randn(1, 5, 16), "controlnet_cond": torch.randn(1, 3, 32, 32)}  # fmt: skip
+
+
+def hunyuan_dit_controlnet() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import HunyuanDiT2DControlNetModel
+
+    _, inputs = hunyuan_dit()
+    _seed()
+    m = HunyuanDiT2DControlNetModel(
+        conditioning_channels=4, num_attention_heads=2, attention_head_dim=8, in_channels=4, patch_size=2,
+        transformer_num_layers=4, sample_size=8, cross_attention_dim=16, cross_attention_dim_t5=16,
+        pooled_projection_dim=8, hidden_size=16, text_len=5, text_len_t5=5, use_style_cond_and_image_meta_size=False,
+    ).eval()  # fmt: skip
+    return m, dict(inputs, controlnet_cond=torch.randn(1, 4, 8, 8))
+
+
+def consisid() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import ConsisIDTransformer3DModel
+
+    _seed()
+    m = ConsisIDTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=8,
+        text_embed_dim=16, num_layers=1, sample_width=8, sample_height=8, sample_frames=2, patch_size=2,
+        temporal_compression_ratio=1, max_text_seq_length=5, is_train_face=False,
+    ).eval()  # fmt: skip
+    return m, {"hidden_states": torch.randn(1, 2, 4, 8, 8), "encoder_hidden_states": torch.randn(1, 5, 16),
+               "timestep": torch.tensor([3])}  # fmt: skip
+
+
 CASES: dict[str, Builder] = {
     "UNet2DConditionModel": tiny.sd15_unet,
     "SD3Transformer2DModel": tiny.sd3,
@@ -295,6 +603,33 @@ CASES: dict[str, Builder] = {
     "LTXVideoTransformer3DModel": ltx,
     "UNet3DConditionModel": unet3d,
     "Lumina2Transformer2DModel": lumina2,
+    "MochiTransformer3DModel": mochi,
+    "LatteTransformer3DModel": latte,
+    "AllegroTransformer3DModel": allegro,
+    "HunyuanVideoTransformer3DModel": hunyuan_video,
+    "CogView3PlusTransformer2DModel": cogview3,
+    "CogView4Transformer2DModel": cogview4,
+    "QwenImageTransformer2DModel": qwen_image,
+    "ChromaTransformer2DModel": chroma,
+    "SkyReelsV2Transformer3DModel": skyreels,
+    "StableAudioDiTModel": stable_audio,
+    "SanaControlNetModel": sana_controlnet,
+    "AutoencoderKLTemporalDecoder": temporal_decoder_vae,
+    "AutoencoderKLFlux2": flux2_vae,
+    "UNetMotionModel": unet_motion,
+    "TransformerTemporalModel": transformer_temporal,
+    "UNetSpatioTemporalConditionModel": unet_svd,
+    "BriaTransformer2DModel": bria,
+    "OvisImageTransformer2DModel": ovis,
+    "LongCatImageTransformer2DModel": longcat,
+    "Flux2Transformer2DModel": flux2,
+    "WanVACETransformer3DModel": wan_vace,
+    "I2VGenXLUNet": i2vgen,
+    "QwenImageControlNetModel": qwen_controlnet,
+    "ChronoEditTransformer3DModel": chronoedit,
+    "UNetControlNetXSModel": controlnet_xs,
+    "HunyuanDiT2DControlNetModel": hunyuan_dit_controlnet,
+    "ConsisIDTransformer3DModel": consisid,
 }
 
 #: Extra variants exercising adapters/processors on an already-covered class.

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..intercept import KernelInterceptor, LayerCall, install_dispatch_wrappers, patch_classic_path
-from ..proxy import AttentionProxy, make_proxy
+from ..proxy import AttentionProxy, make_proxy, unwrap
 from ..site import Kind, Site
 from .base import Adapter, Undo
 
@@ -34,9 +34,13 @@ def is_linear_processor(processor: Any) -> bool:
 
 
 def _is_site(module: torch.nn.Module) -> bool:
-    return (hasattr(module, "set_processor") or hasattr(module, "get_processor")) and getattr(
-        module, "processor", None
-    ) is not None
+    processor = getattr(module, "processor", None)
+    if processor is None:
+        return False
+    if hasattr(module, "set_processor") or hasattr(module, "get_processor"):
+        return True
+    # MochiAttention (diffusers 0.42) holds a processor but has no set_processor/get_processor.
+    return callable(processor) and "Processor" in type(unwrap(processor)).__name__
 
 
 def _kind(module: torch.nn.Module, processor: Any) -> Kind:
