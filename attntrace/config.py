@@ -8,6 +8,8 @@ objects are rejected.
 from __future__ import annotations
 
 import os
+import re
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,7 +21,7 @@ from . import registry
 from .errors import ConfigError, PluginError, UnknownObserverError
 from .selection import StepSelector, validate_kinds
 
-__all__ = ["Rule", "TraceConfig", "config_error_from", "load_yaml"]
+__all__ = ["Rule", "TraceConfig", "config_error_from", "load_yaml", "short_repr"]
 
 MAX_YAML_BYTES = 4 * 2**20
 
@@ -27,7 +29,7 @@ MAX_YAML_BYTES = 4 * 2**20
 def config_error_from(exc: ValidationError, prefix: str = "") -> ConfigError:
     """Turn pydantic's first error into one `ConfigError` naming the field path."""
     err = exc.errors(include_url=False)[0]
-    loc = [_path_part(p) for p in err.get("loc", ())]
+    loc = [_path_part(p) for p in err.get("loc", ()) if not (isinstance(p, str) and _TYPE_TAG.match(p))]
     ctx = err.get("ctx") or {}
     if ctx.get("subpath"):
         loc.append(str(ctx["subpath"]))
@@ -39,9 +41,26 @@ def config_error_from(exc: ValidationError, prefix: str = "") -> ConfigError:
     elif kind == "missing":
         msg = "this field is required"
     elif kind not in ("unknown_observer", "observer_params", "plugin", "config"):
-        shown = repr(err.get("input"))
-        msg = f"{msg} (got {shown[:57] + '...' if len(shown) > 60 else shown})"
+        msg = f"{msg} (got {short_repr(err.get('input'))})"
     return ConfigError(msg, field=path)
+
+
+_repr = reprlib.Repr()
+_repr.maxlevel, _repr.maxlist, _repr.maxtuple, _repr.maxdict, _repr.maxset = 2, 4, 4, 4, 4
+_repr.maxstring, _repr.maxother, _repr.maxlong = 40, 40, 40
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """A one-line repr of at most `limit` characters that never walks a whole (possibly alias-bomb) value."""
+    shown = " ".join(_repr.repr(value).split())
+    return shown[: limit - 3] + "..." if len(shown) > limit else shown
+
+
+# pydantic puts union members and validator tags into error locations (`rules.0.kind.str`,
+# `steps.list[int]`); they are not fields, so they are cut from the path.
+_TYPE_TAG = re.compile(
+    r"^(str|int|float|bool|bytes|none|any|[a-z_-]+\[.*\]|function-[a-z]+\[.*|json-or-python.*)$"
+)
 
 
 def _path_part(part: object) -> str:
@@ -183,8 +202,7 @@ class Rule(BaseModel):
                 allowed = ", ".join(obs_cls.Params.model_fields) or "none"
                 msg = f"unknown parameter for observer {use!r} (allowed: {allowed})"
             else:
-                shown = repr(err.get("input"))
-                msg = f"{err.get('msg')} (got {shown[:57] + '...' if len(shown) > 60 else shown})"
+                msg = f"{err.get('msg')} (got {short_repr(err.get('input'))})"
             raise PydanticCustomError("observer_params", msg, {"subpath": sub}) from None
         return v
 

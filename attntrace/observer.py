@@ -94,8 +94,6 @@ def _first_error(exc: ValidationError, cls: type[Observer]) -> str:
     if err.get("type") == "extra_forbidden":
         allowed = ", ".join(cls.Params.model_fields) or "none"
         return f"unknown parameter for observer {cls.name or cls.__name__!r} (allowed: {allowed})"
-    value = err.get("input")
-    shown = repr(value)
-    if len(shown) > 60:
-        shown = shown[:57] + "..."
-    return f"{msg} (got {shown})"
+    from .config import short_repr  # bounded: never walks a whole alias-bomb value
+
+    return f"{msg} (got {short_repr(err.get('input'))})"

@@ -72,7 +72,8 @@ def validate_kinds(value: object, field: str) -> tuple[str, ...] | None:
     out = []
     for item in items:
         if item not in (*KINDS, "any"):
-            raise ConfigError(f"unknown kind {item!r}; use one of self, cross, joint, linear, any", field=field)
+            msg = f"unknown kind {item!r}; use one of self, cross, joint, linear, any"
+            raise ConfigError(msg, field=field)
         out.append(item)
     return tuple(out)
 
@@ -106,7 +107,8 @@ class StepSelector:
         if spec is None:
             return cls()
         if isinstance(spec, bool):
-            raise ConfigError("expected a step, a list of steps or 'start:stop:step', got a boolean", field=field)
+            msg = "expected a step, a list of steps or 'start:stop:step', got a boolean"
+            raise ConfigError(msg, field=field)
         if isinstance(spec, int):
             return cls(explicit=frozenset({_non_negative(spec, field)}))
         if isinstance(spec, (list, tuple)):
