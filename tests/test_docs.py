@@ -1,4 +1,4 @@
-"""Every ```python block in docs/*.md and README.md runs, page by page, and the site builds with `mkdocs build --strict`.
+"""Every ```python block in docs/*.md and README.md runs, and the site builds with `mkdocs build --strict`.
 
 Blocks of one page share a namespace and run in order, in a temporary working directory, with
 `docs/` on `sys.path` (for `_snippets`). A block preceded by `<!-- no-run -->` is skipped.
