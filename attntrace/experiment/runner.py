@@ -488,15 +488,32 @@ def _run_item(
                 outputs = model(**enc)
                 hidden = getattr(outputs, "last_hidden_state", None)
                 if hidden is not None:
-                    path = item_dir / "last_hidden_state.pt"
-                    torch.save(hidden.float().cpu(), path)
+                    from safetensors.torch import save_file
+
+                    path = item_dir / "last_hidden_state.safetensors"
+                    save_file({"last_hidden_state": hidden.float().cpu().contiguous()}, str(path))
                     files.append(path)
             else:
                 files += _run_pipeline(exp, model, it, item_dir, bar)
+                _hand_image_to_observers(tracer, files)
         files += tracer.save(item_dir)
     finally:
         tracer.close()
     return files, extra
+
+
+def _hand_image_to_observers(tracer: Any, files: list[Path]) -> None:
+    """Observers drawing on the generated image (heat maps) get it before they save."""
+    pngs = [f for f in files if f.suffix == ".png"]
+    setters = [s for s in (getattr(o, "set_image", None) for o in tracer.observers.values()) if callable(s)]
+    if not pngs or not setters:
+        return
+    from PIL import Image
+
+    with Image.open(pngs[0]) as img:
+        rgb = img.convert("RGB")
+    for setter in setters:
+        setter(rgb)
 
 
 def _tokens(model: Any, tokenizer: Any, prompt: str) -> list[str] | None:

@@ -135,6 +135,11 @@ class Heatmap(Observer):
         """Name the maps by the prompt's words (sub-tokens merged)."""
         self._words = word_tokens(tokenizer, prompt)
 
+    def set_context(self, prompt: str | None = None, tokens: list[str] | None = None, **_: Any) -> None:
+        """Name the maps from the token strings the text encoder saw (the experiment runner calls this)."""
+        if tokens:
+            self._words = words_from_token_strings(tokens)
+
     def save(self, directory: Path) -> list[Path]:
         from safetensors.torch import save_file
 
@@ -299,3 +304,27 @@ def render(
     fig.savefig(grid, dpi=80)
     files.append(grid)
     return files
+
+
+_SPECIAL = ("<|startoftext|>", "<|endoftext|>", "[CLS]", "[SEP]", "[PAD]", "<s>", "</s>", "<pad>")
+
+
+def words_from_token_strings(tokens: list[str]) -> list[tuple[str, list[int]]]:
+    """Merge token strings into words: CLIP marks word ends with `</w>`, BERT continuations with `##`.
+
+    Special tokens (BOS/EOS/padding) belong to no word.
+    """
+    words: list[tuple[str, list[int]]] = []
+    open_word = False
+    for i, tok in enumerate(tokens):
+        if tok in _SPECIAL:
+            open_word = False
+            continue
+        piece = tok.removeprefix("##").removesuffix("</w>").lstrip("\u0120\u2581")
+        if (open_word or tok.startswith("##")) and words:
+            word, idx = words[-1]
+            words[-1] = (word + piece, [*idx, i])
+        else:
+            words.append((piece, [i]))
+        open_word = not tok.endswith("</w>") and "</w>" in "".join(tokens)
+    return words
