@@ -269,8 +269,11 @@ class TraceConfig(BaseModel):
         data = load_yaml(path_or_text, "trace config")
         if data is None:
             return cls()
+        if isinstance(data, dict) and "trace" in data and "rules" not in data:  # an experiment's trace section
+            data = data["trace"] or {}
         if not isinstance(data, dict):
             raise ConfigError(f"a trace config must be a mapping with 'rules', got {type(data).__name__}")
-        if "trace" in data and "rules" not in data:  # an experiment file's trace section
-            data = data["trace"] or {}
+        odd = [k for k in data if not isinstance(k, str)]
+        if odd:
+            raise ConfigError(f"keys must be field names (text), got {type(odd[0]).__name__} {str(odd[0])[:40]!r}")
         return cls(**data)

@@ -370,12 +370,12 @@ NASTY = [
 ]
 
 
-def alias_bomb(field: str) -> str:
-    """Nine levels of nine-fold aliases (9**9 leaves when expanded, 73 aliases) used as one rule field."""
+def alias_bomb(field: str, levels: int = 9) -> str:
+    """`levels` levels of nine-fold aliases (9**levels leaves when expanded) used as one rule field."""
     lines = ["  a: &a [x, x, x, x, x, x, x, x, x]"]
-    for i in range(8):
+    for i in range(levels - 1):
         lines.append(f"  {chr(98 + i)}: &{chr(98 + i)} [" + ", ".join([f"*{chr(97 + i)}"] * 9) + "]")
-    return "_anchors:\n" + "\n".join(lines) + f"\nrules:\n  - use: shapes\n    {field}: *i\n"
+    return "_anchors:\n" + "\n".join(lines) + f"\nrules:\n  - use: shapes\n    {field}: *{chr(96 + levels)}\n"
 
 
 @pytest.mark.parametrize("field", ["use", "match", "kind", "steps", "with", "name"])
@@ -386,6 +386,12 @@ def test_alias_bomb_in_each_field_is_a_fast_short_config_error(field: str) -> No
     start = time.perf_counter()
     with pytest.raises(ConfigError) as info:
         TraceConfig.from_yaml(alias_bomb(field))
+    assert time.perf_counter() - start < 5
+    assert "alias bomb" in str(info.value) and len(str(info.value)) < 300  # refused while loading
+    # Below the expansion bound (9**4 leaves) the document loads and the error names the field.
+    start = time.perf_counter()
+    with pytest.raises(ConfigError) as info:
+        TraceConfig.from_yaml(alias_bomb(field, levels=4))
     assert time.perf_counter() - start < 5
     assert str(info.value).startswith(f"rules.0.{field}:") and len(str(info.value)) < 300
 

@@ -464,7 +464,6 @@ def _run_item(
     exp: Experiment, loaded: tuple[Any, Any], it: Item, item_dir: Path, bar: Progress
 ) -> tuple[list[Path], dict[str, Any]]:
     """Trace one item with a fresh tracer (so observer results are per item) and save everything."""
-    import torch
 
     from ..tracer import Tracer
 
