@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from .call import AttentionCall
     from .tracer import Attachment
 
-__all__ = ["NEEDS", "NoParams", "Observer"]
+__all__ = ["NEEDS", "NoParams", "Observer", "batch_rows"]
 
 #: What an observer may read from a call; `probs` is the costly one.
 NEEDS = frozenset({"query", "key", "value", "probs", "output"})
@@ -81,6 +81,19 @@ class Observer:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.params!r})"
+
+
+def batch_rows(call: AttentionCall, cond_half: bool) -> slice:
+    """The batch items to keep: all, or the conditional half of an [uncond, cond] guidance batch."""
+    batch = call.query.shape[0]
+    if not cond_half:
+        return slice(0, batch)
+    if batch % 2:
+        raise ConfigError(
+            f"cond_half needs an even (uncond + cond) batch, got batch {batch} at site {call.site!r}",
+            field="cond_half",
+        )
+    return slice(batch // 2, batch)
 
 
 def _error_path(exc: ValidationError, prefix: str) -> str:

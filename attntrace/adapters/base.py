@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -11,9 +12,25 @@ if TYPE_CHECKING:
     from ..site import Site
     from ..tracer import Attachment, SiteBinding
 
-__all__ = ["Adapter", "Undo"]
+__all__ = ["Adapter", "Undo", "forward_mentions"]
 
 Undo = Callable[[], None]
+
+
+_source_cache: dict[tuple[type, str], bool] = {}
+
+
+def forward_mentions(cls: type, needle: str) -> bool:
+    """Whether the source of `cls.forward` contains `needle` (cached per class and needle)."""
+    key = (cls, needle)
+    cached = _source_cache.get(key)
+    if cached is None:
+        try:
+            source = inspect.getsource(cls.forward)  # type: ignore[attr-defined]
+        except (OSError, TypeError):
+            source = ""
+        cached = _source_cache[key] = needle in source
+    return cached
 
 
 class Adapter:

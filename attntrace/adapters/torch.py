@@ -14,7 +14,6 @@ the output goes through `out_proj` as the module would.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -26,27 +25,18 @@ from ..call import AttentionCall
 from ..errors import AttachError
 from ..intercept import KernelInterceptor, LayerCall
 from ..site import Site
-from .base import Adapter, Undo
+from .base import Adapter, Undo, forward_mentions
 
 if TYPE_CHECKING:
     from ..tracer import SiteBinding
 
 __all__ = ["TorchAdapter"]
 
-_sdpa_class_cache: dict[type, bool] = {}
 
 
 def _calls_sdpa(cls: type) -> bool:
     """Whether `cls.forward` calls `scaled_dot_product_attention` directly (cached per class)."""
-    cached = _sdpa_class_cache.get(cls)
-    if cached is None:
-        try:
-            source = inspect.getsource(cls.forward)
-        except (OSError, TypeError):
-            source = ""
-        cached = "scaled_dot_product_attention(" in source
-        _sdpa_class_cache[cls] = cached
-    return cached
+    return forward_mentions(cls, "scaled_dot_product_attention(")
 
 
 def _is_candidate(module: torch.nn.Module) -> bool:

@@ -26,7 +26,7 @@ import torch
 from ..call import AttentionCall
 from ..errors import AttachError
 from ..site import Kind, Site
-from .base import Adapter, Undo
+from .base import Adapter, Undo, forward_mentions
 
 if TYPE_CHECKING:
     from ..tracer import Attachment, SiteBinding
@@ -35,22 +35,13 @@ __all__ = ["TransformersAdapter"]
 
 _SUPPORTED = ("sdpa", "eager")
 _counter = itertools.count()
-_site_class_cache: dict[type, bool] = {}
 # Names of cross-attention submodules in encoder-decoder families (T5, BART/Whisper/Marian...).
 _CROSS_NAMES = ("EncDecAttention", "encoder_attn", "crossattention", "cross_attn")
 
 
 def _is_attention_class(cls: type) -> bool:
     """Whether `cls.forward` calls the attention-function registry (the rule transformers itself uses)."""
-    cached = _site_class_cache.get(cls)
-    if cached is None:
-        try:
-            source = inspect.getsource(cls.forward)
-        except (OSError, TypeError):
-            source = ""
-        cached = "ALL_ATTENTION_FUNCTIONS" in source
-        _site_class_cache[cls] = cached
-    return cached
+    return forward_mentions(cls, "ALL_ATTENTION_FUNCTIONS")
 
 
 def _branches_on_implementation(cls: type) -> bool:

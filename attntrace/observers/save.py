@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..call import AttentionCall
 from ..errors import ConfigError, RunError
-from ..observer import Observer
+from ..observer import Observer, batch_rows
 
 __all__ = ["MANIFEST", "Save", "SaveParams"]
 
@@ -115,16 +115,7 @@ class Save(Observer):
         p = self.params
         if p.max_resolution is not None and self._side(call) > p.max_resolution:
             return
-        batch = call.query.shape[0]
-        if p.cond_half:
-            if batch % 2:
-                raise ConfigError(
-                    f"cond_half needs an even (uncond + cond) batch, got batch {batch} at site {call.site!r}",
-                    field="cond_half",
-                )
-            keep = slice(batch // 2, batch)
-        else:
-            keep = slice(0, batch)
+        keep = batch_rows(call, p.cond_half)
         dtype = _DTYPES[p.dtype]
         tensors: dict[str, torch.Tensor] = {}
         for name in p.tensors:

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ..call import AttentionCall
 from ..errors import ConfigError
-from ..observer import Observer
+from ..observer import Observer, batch_rows
 
 __all__ = ["Stats", "StatsParams"]
 
@@ -98,16 +98,7 @@ class Stats(Observer):
     def on_call(self, call: AttentionCall) -> None:
         p = self.params
         metrics = list(p.metrics)
-        batch = call.query.shape[0]
-        if p.cond_half:
-            if batch % 2:
-                raise ConfigError(
-                    f"cond_half needs an even (uncond + cond) batch, got batch {batch} at site {call.site!r}",
-                    field="cond_half",
-                )
-            keep = slice(batch // 2, batch)
-        else:
-            keep = slice(0, batch)
+        keep = batch_rows(call, p.cond_half)
 
         token_keys = token_rows = None
         if "token_mass" in metrics:
