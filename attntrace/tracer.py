@@ -57,14 +57,19 @@ def resolve_model(model: Any) -> torch.nn.Module:
 def find_sites(model: Any) -> list[Site]:
     """Every attention site of `model` that some adapter can trace, in module order."""
     module = resolve_model(model)
+    return [site for site, _ in _claimed_sites(module, adapters_for(module))]
+
+
+def _claimed_sites(module: torch.nn.Module, adapters: Sequence[Adapter]) -> list[tuple[Site, Adapter]]:
+    # A module found by an earlier adapter is not claimed by a later one.
     seen: set[int] = set()
-    sites: list[Site] = []
-    for adapter in adapters_for(module):
+    claimed: list[tuple[Site, Adapter]] = []
+    for adapter in adapters:
         for site in adapter.find_sites(module):
             if id(site.module) not in seen:
                 seen.add(id(site.module))
-                sites.append(site)
-    return sites
+                claimed.append((site, adapter))
+    return claimed
 
 
 @dataclass
@@ -398,15 +403,9 @@ class Tracer:
                     "or add these observers to it (tracers do not stack on one model)"
                 )
         adapters = adapters_for(module)
-        sites: list[Site] = []
-        owner: dict[str, Adapter] = {}
-        seen: set[int] = set()
-        for adapter in adapters:
-            for site in adapter.find_sites(module):
-                if id(site.module) not in seen:
-                    seen.add(id(site.module))
-                    sites.append(site)
-                    owner[site.name] = adapter
+        claimed = _claimed_sites(module, adapters)
+        sites = [site for site, _ in claimed]
+        owner = {site.name: adapter for site, adapter in claimed}
         if not sites:
             raise AttachError(
                 f"{type(module).__name__} has no attention sites attntrace can trace (no diffusers attention "
