@@ -222,23 +222,39 @@ class AttentionCall:
             rows=rows,
         )
 
-    def iter_probs(self, max_bytes: int = 256 * 2**20) -> Iterator[tuple[slice, torch.Tensor]]:
-        """Yield `(rows, probs[:, :, rows, :])` in query chunks of at most about `max_bytes`.
+    def iter_probs(
+        self, max_bytes: int = 256 * 2**20, batch: slice | None = None
+    ) -> Iterator[tuple[slice, torch.Tensor]]:
+        """Yield `(rows, probs[batch, :, rows, :])` in query chunks of at most about `max_bytes`.
 
-        Uses the full matrix if it already exists; otherwise never materialises it.
+        Uses the full matrix if it already exists; otherwise never materialises it. `batch` restricts
+        the computation to some batch items (e.g. the conditional half under classifier-free
+        guidance), which saves the work for the others.
         """
+        batch = batch or slice(None)
         if self._probs is not None or (self._precomputed is not None and not self._inputs_edited):
-            full = self.probs
+            full = self.probs[batch]
             step = kernel.chunk_rows(full, full.shape[-1], max_bytes)
             for start in range(0, full.shape[-2], step):
                 rows = slice(start, min(full.shape[-2], start + step))
                 yield rows, full[..., rows, :]
             return
         q_len = self._query.shape[-2]
-        step = kernel.chunk_rows(self._query, self._key.shape[-2], max_bytes)
+        if self._probs_fn is not None:  # adapter-specific probabilities: computed for all items, then cut
+            step = kernel.chunk_rows(self._query, self._key.shape[-2], max_bytes)
+            for start in range(0, q_len, step):
+                rows = slice(start, min(q_len, start + step))
+                yield rows, self._probs_fn(self, rows)[batch]
+            return
+        query, key, mask = self._query[batch], self._key[batch], self._attn_mask
+        if mask is not None and mask.dim() == 4 and mask.shape[0] != 1:
+            mask = mask[batch]
+        step = kernel.chunk_rows(query, key.shape[-2], max_bytes)
         for start in range(0, q_len, step):
             rows = slice(start, min(q_len, start + step))
-            yield rows, self._compute_probs(rows)
+            yield rows, kernel.attention_probs(
+                query, key, mask, scale=self.scale, is_causal=self.is_causal, enable_gqa=self.enable_gqa, rows=rows
+            )
 
     # -- output --------------------------------------------------------------------------------
     @property

@@ -4,6 +4,9 @@
 
 W1: a 35M-parameter SD-style UNet (64/128/256/256, cross-attention dim 256), 32x32 latent, batch 2.
 W2: the real-size SD1.5 UNet architecture (random weights), 64x64 latent, batch 2 (slow on CPU).
+W3: a 20-step run of the demo pipeline (`attntrace demo`'s tiny SD pipeline, 128 px, CFG 7.5).
+W3-sd15: a 10-step run of an SD1.5-architecture pipeline (random weights: SD1.5 UNet, CLIP ViT-L/14
+  text encoder, SD VAE) at 256 px with CFG 7.5: the setting of the DAAM / prompt-to-prompt numbers.
 Variants run interleaved (A B C ... A B C ...) after one warm-up round each; ratios are to the
 untraced model measured in the same run. Peak memory is the peak RSS above the RSS before the run,
 sampled every 2 ms by a thread.
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import statistics
 import threading
 import time
@@ -50,6 +54,62 @@ def build_unet(workload: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     return unet, inputs
 
 
+PROMPT = "a photograph of a red fox sitting on green grass under a blue sky"
+
+
+def build_sd15_pipeline() -> Any:
+    """SD1.5's architecture with random weights (no hub): UNet, CLIP ViT-L/14 text encoder, SD VAE."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from attntrace.demo import DATA
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768).eval()
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    ).eval()  # fmt: skip
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                       max_position_embeddings=77, vocab_size=49408, projection_dim=768)
+    ).eval()  # fmt: skip
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(DATA / "tokenizer"),
+        unet=unet, scheduler=DDIMScheduler.from_pretrained(DATA / "scheduler"), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+
+
+def build_workload(workload: str) -> tuple[torch.nn.Module, Any, Callable[[], Any], str]:
+    """(unet, what the tracer attaches to, one run, description)."""
+    if workload in ("W1", "W2"):
+        unet, inputs = build_unet(workload)
+        n = sum(p.numel() for p in unet.parameters()) / 1e6
+        latent = inputs["sample"].shape[-1]
+        desc = f"UNet {n:.1f}M parameters, {latent}x{latent} latent, batch 2, 77 text tokens, one forward"
+        return unet, unet, lambda: unet(**inputs), desc
+    if workload == "W3":
+        from diffusers import StableDiffusionPipeline
+
+        from attntrace.demo import build_demo_pipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(build_demo_pipeline())
+        steps, size = 20, 128
+    else:  # W3-sd15
+        pipe = build_sd15_pipeline()
+        steps, size = 10, 256
+    pipe.set_progress_bar_config(disable=True)
+
+    def once() -> Any:
+        return pipe(PROMPT, num_inference_steps=steps, guidance_scale=7.5, height=size, width=size,
+                    generator=torch.Generator().manual_seed(0), output_type="np")  # fmt: skip
+
+    n = sum(p.numel() for p in pipe.unet.parameters()) / 1e6
+    desc = f"pipeline, UNet {n:.1f}M parameters, {size} px, {steps} steps, CFG 7.5 (batch 2), DDIM"
+    return pipe.unet, pipe, once, desc
+
+
 class ReadQKV(Observer):
     """Reads q/k/v only (a cheap statistic of the keys): no probabilities."""
 
@@ -74,7 +134,7 @@ def copied_processor(record: bool, edit_tokens: list[int] | None, factor: float 
             self.maps: dict[int, torch.Tensor] = {}
 
         def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: Any = None,
-                     attention_mask: Any = None, temb: Any = None, *args: Any, **kwargs: Any) -> torch.Tensor:  # fmt: skip
+                     attention_mask: Any = None, temb: Any = None, *a: Any, **kw: Any) -> torch.Tensor:  # fmt: skip
             residual = hidden_states
             batch_size, sequence_length, _ = (
                 hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
@@ -142,15 +202,19 @@ class PeakRSS(AbstractContextManager["PeakRSS"]):
         self.peak = max(self.peak, self._rss() - self.base)
 
 
-def variants(unet: torch.nn.Module) -> dict[str, Callable[[], AbstractContextManager[Any]]]:
-    """name -> a context manager factory that sets the variant up around one forward."""
+SAVE_DIR = "/tmp/attntrace-bench-save"
+
+
+def variants(unet: torch.nn.Module, target: Any) -> dict[str, Callable[[], AbstractContextManager[Any]]]:
+    """name -> a context manager factory that sets the variant up around one run."""
 
     def traced(rules: list[dict[str, Any]], extra: Observer | None = None, kind: str = "any") -> Any:
         def make() -> AbstractContextManager[Any]:
+            shutil.rmtree(SAVE_DIR, ignore_errors=True)
             tracer = Tracer({"rules": rules})
             if extra is not None:
                 tracer.add(extra, kind=kind)
-            return tracer.attach(unet)
+            return _Closing(tracer, tracer.attach(target))
 
         return make
 
@@ -172,74 +236,104 @@ def variants(unet: torch.nn.Module) -> dict[str, Callable[[], AbstractContextMan
     if has("stats"):
         out["stats, self"] = traced([{"use": "stats", "kind": "self"}])
     if has("reweight"):
-        out["reweight, cross"] = traced([{"use": "reweight", "kind": "cross", "with": {"tokens": [1, 2], "factor": 2.0}}])
+        reweight = {"tokens": [1, 2], "factor": 2.0}
+        out["reweight, cross"] = traced([{"use": "reweight", "kind": "cross", "with": reweight}])
     if has("save"):
-        out["save probs fp16 head-mean, cross"] = traced(
-            [{"use": "save", "kind": "cross", "with": {"tensors": ["probs"], "head_mean": True, "dtype": "float16",
-                                                        "dir": "/tmp/attntrace-bench-save"}}]  # fmt: skip
-        )
+        save = {"tensors": ["probs"], "head_mean": True, "dtype": "float16", "dir": SAVE_DIR}
+        out["save probs fp16 head-mean, cross"] = traced([{"use": "save", "kind": "cross", "with": save}])
+        out["store everything: save probs fp16 head-mean, all sites"] = traced([{"use": "save", "with": save}])
 
     originals = dict(unet.attn_processors)
 
-    def baseline(record: bool, tokens: list[int] | None) -> Callable[[], AbstractContextManager[Any]]:
+    def swap(make_processors: Callable[[], Any]) -> Callable[[], AbstractContextManager[Any]]:
         class Swap(AbstractContextManager[None]):
             def __enter__(self) -> None:
-                unet.set_attn_processor(copied_processor(record, tokens))
+                unet.set_attn_processor(make_processors())
 
             def __exit__(self, *exc: object) -> None:
                 unet.set_attn_processor(dict(originals))
 
         return Swap
 
-    out["copied processor: record cross maps"] = baseline(True, None)
-    out["copied processor: reweight cross"] = baseline(False, [1, 2])
+    def floor() -> dict[str, Any]:
+        # Explicit attention (the classic processor: baddbmm + softmax + bmm) on the cross sites only:
+        # the least any edit of probabilities must compute, with no recording and no edit.
+        from diffusers.models.attention_processor import AttnProcessor
+
+        return {k: (AttnProcessor() if k.endswith("attn2.processor") else v) for k, v in originals.items()}
+
+    out["explicit-attention floor, cross"] = swap(floor)
+    out["copied processor: record cross maps"] = swap(lambda: copied_processor(True, None))
+    out["copied processor: reweight cross"] = swap(lambda: copied_processor(False, [1, 2]))
     return out
+
+
+class _Closing(AbstractContextManager[None]):
+    """Attach on enter; detach and close (flushes `save`'s writer) on exit, outside the timed region."""
+
+    def __init__(self, tracer: Tracer, attachment: Any) -> None:
+        self.tracer, self.attachment = tracer, attachment
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        self.attachment.detach()
+        self.tracer.close()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--workload", choices=["W1", "W2"], default="W1")
+    ap.add_argument("--workload", choices=["W1", "W2", "W3", "W3-sd15"], default="W1")
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--out", type=Path, default=None, help="append a Markdown table here")
     ap.add_argument("--only", nargs="*", default=None, help="variant names to run (default all)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    unet, inputs = build_unet(args.workload)
-    table = variants(unet)
+    unet, target, once, desc = build_workload(args.workload)
+    table = variants(unet, target)
     if args.only:
         table = {k: v for k, v in table.items() if k == "untraced" or k in args.only}
     times: dict[str, list[float]] = {k: [] for k in table}
     peaks: dict[str, list[int]] = {k: [] for k in table}
     with torch.no_grad():
-        for name, make in table.items():  # warm-up
+        for make in table.values():  # warm-up
             with make():
-                unet(**inputs)
+                once()
         for _ in range(args.runs):
             for name, make in table.items():
                 with make(), PeakRSS() as mem:
                     t0 = time.perf_counter()
-                    unet(**inputs)
+                    once()
                     times[name].append(time.perf_counter() - t0)
                 peaks[name].append(mem.peak)
     base = statistics.median(times["untraced"])
     base_mem = statistics.median(peaks["untraced"])
     lines = [
-        f"### {args.workload} — {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}, {args.runs} interleaved runs after warm-up",
+        f"### {args.workload} — {desc}",
         "",
-        "| variant | median s | ratio to untraced | peak RSS above start (MiB) | extra vs untraced (MiB) |",
-        "|---|---|---|---|---|",
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{args.runs} interleaved runs after warm-up, {time.strftime('%Y-%m-%d')}",
+        "",
+        "| variant | median s | ratio to untraced | min ratio | peak RSS above start (MiB) | extra vs untraced (MiB) |",
+        "|---|---|---|---|---|---|",
     ]
     for name in table:
         med = statistics.median(times[name])
         pk = statistics.median(peaks[name])
         lines.append(
-            f"| {name} | {med:.4f} | {med / base:.3f} | {pk / 2**20:.1f} | {(pk - base_mem) / 2**20:+.1f} |"
+            f"| {name} | {med:.4f} | {med / base:.3f} | {min(times[name]) / min(times['untraced']):.3f} | "
+            f"{pk / 2**20:.1f} | {(pk - base_mem) / 2**20:+.1f} |"
         )
+    publish(lines, args.out)
+
+
+def publish(lines: list[str], out: Path | None) -> None:
+    """Print a result table and append it to `out` (when given)."""
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.out:
-        with args.out.open("a") as f:
+    if out:
+        with out.open("a") as f:
             f.write(text + "\n")
 
 

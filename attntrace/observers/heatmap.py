@@ -83,11 +83,12 @@ class Heatmap(Observer):
         # Head-mean of the image rows x text keys, filled chunk by chunk: (B', image tokens, text tokens).
         reduced = torch.empty(batch - b0, n_img, n_text, dtype=torch.float32, device=call.query.device)
         budget = int(self.params.max_chunk_mib * 2**20)
-        for rows, chunk in call.iter_probs(budget):
+        # Only the kept batch items are computed (half the work under classifier-free guidance).
+        for rows, chunk in call.iter_probs(budget, batch=slice(b0, batch)):
             lo, hi = max(rows.start, image.start), min(rows.stop, image.stop)
             if lo >= hi:
                 continue
-            part = chunk[b0:, :, lo - rows.start : hi - rows.start, text]
+            part = chunk[:, :, lo - rows.start : hi - rows.start, text]
             if heads is not None:
                 part = part[:, heads]
             reduced[:, lo - image.start : hi - image.start] = part.float().mean(dim=1)

@@ -1,21 +1,28 @@
 """`save`: writes query/key/value/probs/output of selected sites and steps to safetensors files.
 
 Each (site, step, call index) becomes one safetensors file holding the chosen tensors, written by a
-background thread: the file is written under a temporary name, fsynced and renamed, then the JSON
-manifest `manifest.json` is rewritten atomically (temporary file, fsync, rename). A run killed at any
-moment leaves a manifest that lists only complete, readable files. Read a run back with
-`attntrace.load_run(path)`.
+background thread under a temporary name and renamed. The JSON manifest `manifest.json` is committed
+in batches: the files written since the last commit are fsynced, then the manifest is rewritten
+atomically (temporary file, fsync, rename). A commit happens when the writer has been idle, at most
+every `COMMIT_EVERY_S` seconds while it is busy, and on flush/close. A run killed at any moment
+leaves a manifest that lists only complete, durable files (the files of the last fraction of a
+second may exist unlisted). Read a run back with `attntrace.load_run(path)`.
+
+Why batches: rewriting the manifest after every file costs time that grows with the run (the
+manifest holds every entry) and, on a small CPU, steals cycles from the forward it runs beside.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import math
 import os
 import queue
 import re
 import threading
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +39,9 @@ MANIFEST = "manifest.json"
 TENSORS = ("query", "key", "value", "probs", "output")
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _STOP = object()
+_COMMIT = object()
+#: While files keep arriving, the manifest is committed at most this often (seconds).
+COMMIT_EVERY_S = 0.5
 
 
 class SaveParams(BaseModel):
@@ -50,7 +60,10 @@ class SaveParams(BaseModel):
     max_resolution: int | None = Field(
         default=None, ge=1, description="skip sites whose image token grid is larger than this per side"
     )
-    queue_size: int = Field(default=8, ge=1, description="files waiting to be written before forward blocks")
+    queue_size: int = Field(default=64, ge=1, description="files waiting to be written before forward blocks")
+    max_pending_mib: float = Field(
+        default=256.0, gt=0, description="bytes waiting to be written before forward blocks (one file always fits)"
+    )
     max_chunk_mib: float = Field(default=256.0, gt=0, description="chunk budget when computing probs")
     dir: str | None = Field(
         default=None, description="where to write (default: the tracer's output_dir/<label>)"
@@ -67,14 +80,15 @@ class SaveParams(BaseModel):
 class Save(Observer):
     """Saves tensors of each matched call to disk in a background thread.
 
-    Memory: at most `queue_size` pending files (each the chosen tensors of one call, in the stored
-    dtype) plus the manifest entries (a few hundred bytes per tensor saved), which grow with
-    steps x sites x tensors. The forward blocks when `queue_size` files are pending. Probabilities
+    Memory: the pending files (the chosen tensors of a call, in the stored dtype): at most
+    `queue_size` files and `max_pending_mib` MiB (or one file, if a single file is larger), plus the
+    manifest entries (a few hundred bytes per tensor saved), which grow with steps x sites x tensors.
+    The forward blocks only when one of those two bounds is reached. Probabilities
     are built chunk by chunk straight into the stored dtype (and head mean), so a site's full float32
     map is not materialised unless another observer already did.
 
-    The manifest is rewritten after every file (its size grows with the entries: about 300 bytes per
-    saved tensor), and a fresh observer starts a fresh manifest in its directory.
+    The manifest is committed in batches (see the module docstring); its size grows with the entries
+    (about 300 bytes per saved tensor). A fresh observer starts a fresh manifest in its directory.
     """
 
     name = "save"
@@ -91,6 +105,10 @@ class Save(Observer):
         self._error: BaseException | None = None
         self._reported = False
         self._lock = threading.Lock()
+        self._pending = threading.Condition()
+        self._pending_bytes = 0
+        self._unsynced: list[Path] = []
+        self._staged: list[tuple[str, Path, list[dict[str, Any]]]] = []
         self._dir: Path | None = None
         self._atexit_registered = False
 
@@ -140,6 +158,13 @@ class Save(Observer):
         }
         self._ensure_writer()
         assert self._queue is not None
+        nbytes = sum(t.nbytes for t in tensors.values())
+        budget = int(p.max_pending_mib * 2**20)
+        with self._pending:
+            while self._pending_bytes and self._pending_bytes + nbytes > budget and self._error is None:
+                self._pending.wait(0.1)
+            self._pending_bytes += nbytes
+        item["nbytes"] = nbytes
         self._queue.put(item)  # blocks while `queue_size` files are pending
 
     def _side(self, call: AttentionCall) -> float:
@@ -152,8 +177,8 @@ class Save(Observer):
         q, k = call.query, call.key
         heads = 1 if self.params.head_mean else q.shape[1]
         out = torch.empty((keep.stop - keep.start, heads, q.shape[2], k.shape[2]), dtype=dtype)
-        for rows, chunk in call.iter_probs(int(self.params.max_chunk_mib * 2**20)):
-            c = chunk[keep]
+        for rows, chunk in call.iter_probs(int(self.params.max_chunk_mib * 2**20), batch=keep):
+            c = chunk
             if self.params.head_mean:
                 c = c.mean(dim=1, keepdim=True)
             out[:, :, rows] = c.to(device="cpu", dtype=dtype)
@@ -184,19 +209,49 @@ class Save(Observer):
 
     def _writer(self) -> None:
         assert self._queue is not None
+        _lower_thread_priority()
+        dirty = False
+        last_commit = time.monotonic()
         while True:
-            item = self._queue.get()
+            wait = None if not dirty else max(0.0, last_commit + COMMIT_EVERY_S - time.monotonic())
             try:
-                if item is _STOP:
-                    return
-                if self._error is None:  # after a failure keep draining so the forward never deadlocks
+                item = self._queue.get(timeout=wait)
+            except queue.Empty:  # uncommitted files and nothing new for a while: commit them now
+                try:
+                    if self._error is None:
+                        self._commit()
+                except BaseException as exc:
+                    self._error = exc
+                dirty, last_commit = False, time.monotonic()
+                continue
+            try:
+                if item is _STOP or item is _COMMIT:
+                    if dirty and self._error is None:
+                        self._commit()
+                    dirty, last_commit = False, time.monotonic()
+                    if item is _STOP:
+                        return
+                elif self._error is None:  # after a failure keep draining so the forward never deadlocks
                     self._write(item)
+                    dirty = True
+                    if time.monotonic() - last_commit >= COMMIT_EVERY_S:
+                        self._commit()
+                        dirty, last_commit = False, time.monotonic()
             except BaseException as exc:
                 self._error = exc
+                if dirty:  # what was fully written before the failure stays listed and readable
+                    with contextlib.suppress(BaseException):
+                        self._commit()
+                    dirty = False
             finally:
+                if isinstance(item, dict):
+                    with self._pending:
+                        self._pending_bytes -= item.get("nbytes", 0)
+                        self._pending.notify_all()
                 self._queue.task_done()
 
     def _write(self, item: dict[str, Any]) -> None:
+        """Write one file (temporary name, then rename) and stage its manifest entries."""
         from safetensors.torch import save_file
 
         assert self._dir is not None
@@ -206,7 +261,6 @@ class Save(Observer):
         tmp = self._dir / f".{fname}.tmp{os.getpid()}"
         meta = {"site": item["site"], "step": str(item["step"]), "index": str(item["index"])}
         save_file(item["tensors"], str(tmp), metadata=meta)
-        _fsync_file(tmp)
         os.replace(tmp, final)
         new = [
             {
@@ -223,12 +277,21 @@ class Save(Observer):
             }
             for name, t in item["tensors"].items()
         ]
+        self._unsynced.append(final)
+        self._staged.append((fname, final, new))
+
+    def _commit(self) -> None:
+        """Make the staged files durable, then list them in the manifest."""
+        for path in dict.fromkeys(self._unsynced):
+            _fsync_file(path)
+        self._unsynced.clear()
+        staged, self._staged = self._staged, []
         with self._lock:
-            self.entries = [
-                e for e in self.entries if e["file"] != fname
-            ] + new  # a rewritten (site, step, index) replaces its old entries
-            if final not in self.files:
-                self.files.append(final)
+            for fname, final, new in staged:
+                # a rewritten (site, step, index) replaces its old entries
+                self.entries = [e for e in self.entries if e["file"] != fname] + new
+                if final not in self.files:
+                    self.files.append(final)
             self._write_manifest()
 
     def _write_manifest(self) -> None:
@@ -241,8 +304,9 @@ class Save(Observer):
         }
         path = self._dir / MANIFEST
         tmp = self._dir / f".{MANIFEST}.tmp{os.getpid()}"
+        text = json.dumps(doc)  # one shot: the C encoder (json.dump streams through the pure-Python one)
         with tmp.open("w") as fh:
-            json.dump(doc, fh)
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -262,6 +326,7 @@ class Save(Observer):
     def flush(self) -> None:
         """Wait until every queued file is written and listed in the manifest."""
         if self._queue is not None and self._thread is not None and self._thread.is_alive():
+            self._queue.put(_COMMIT)
             self._queue.join()
         self._raise_writer_error()
 
@@ -294,6 +359,13 @@ class Save(Observer):
             if self._atexit_registered:
                 atexit.unregister(self.close)
                 self._atexit_registered = False
+
+
+def _lower_thread_priority() -> None:
+    # The writer should yield the CPU to the forward's compute threads (on Linux a thread has its own
+    # nice value); raising one's own nice value needs no privilege. Elsewhere this is a no-op.
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
 def _fsync_file(path: Path) -> None:

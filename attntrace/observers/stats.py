@@ -124,8 +124,8 @@ class Stats(Observer):
         q_len = call.query.shape[-2]
         n_token_rows = 0
         budget = int(p.max_chunk_mib * 2**20)
-        for rows, chunk in call.iter_probs(budget):
-            n_token_rows += self._reduce_chunk(sums, metrics, rows, chunk[keep], token_keys, token_rows)
+        for rows, chunk in call.iter_probs(budget, batch=keep):
+            n_token_rows += self._reduce_chunk(sums, metrics, rows, chunk, token_keys, token_rows)
             # Drop this chunk before the generator computes the next one: otherwise the old chunk,
             # the new scores and the new probabilities coexist (1.5x the budget).
             del chunk
