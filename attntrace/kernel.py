@@ -61,7 +61,11 @@ def attention_probs(
     if enable_gqa or (q.dim() == 4 and k.shape[-3] != q.shape[-3]):
         k = expand_kv_heads(k, q.shape[-3])
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+    # Scale the smaller operand: q is (Lq, D) per head, the scores (Lq, Lk); D < Lk almost always.
+    if k_len > q.shape[-1]:
+        scores = torch.matmul(q * scale, k.transpose(-1, -2))
+    else:
+        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
     if is_causal:
         causal = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril_(0)[start:stop]
         scores.masked_fill_(~causal, float("-inf"))

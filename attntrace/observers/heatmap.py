@@ -1,13 +1,15 @@
 """`heatmap`: per-token cross-attention maps for diffusion models (DAAM-style), as a running sum.
 
 For every cross-attention call (and the image-query x text-key part of joint attention) the
-probabilities are reduced over heads first (cheap), reshaped to the call's image grid, upsampled
-bilinearly to one common `resolution` and added into a running sum on the model's device.
+probabilities are reduced over heads first (cheap), reshaped to the call's image grid and added into
+a running sum kept at that grid's own size, on the model's device. The sums are upsampled
+bilinearly to one common `resolution` only when the result is read: upsampling is linear, so this
+equals upsampling every call's map (DAAM's order) and costs nothing per call.
 
-Memory: one float32 sum of shape (batch, text tokens, resolution, resolution) per distinct image
-grid size seen (a UNet has 3-4 of them), plus a call counter each. It does not grow with the number
-of steps, layers or heads; the per-call work is chunked over query rows (`max_chunk_mib`).
-Keeping one sum per grid size is what lets `skip_lowest` drop the coarsest grid after the fact.
+Memory: one float32 sum of shape (batch, text tokens, h, w) per distinct image grid (h, w) seen (a
+UNet has 3-4 of them), plus a call counter each. It does not grow with the number of steps, layers
+or heads; the per-call work is chunked over query rows (`max_chunk_mib`). Keeping one sum per grid
+size is what lets `skip_lowest` drop the coarsest grid after the fact.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ class HeatmapParams(BaseModel):
 class Heatmap(Observer):
     """Running per-token attention maps: `result()["maps"]` is (batch, tokens, resolution, resolution).
 
-    Keeps one (batch, tokens, res, res) float32 sum per distinct image grid size seen; nothing per step.
+    Keeps one (batch, tokens, h, w) float32 sum per distinct image grid (h, w) seen; nothing per step.
     """
 
     name = "heatmap"
@@ -93,11 +95,9 @@ class Heatmap(Observer):
                 part = part[:, heads]
             reduced[:, lo - image.start : hi - image.start] = part.float().mean(dim=1)
         maps = reduced.transpose(1, 2).reshape(batch - b0, n_text, h, w)
-        res = self.params.resolution
-        maps = F.interpolate(maps, size=(res, res), mode="bilinear", align_corners=False)
         entry = self.sums.get(n_img)
         if entry is None:
-            self.sums[n_img] = [maps, 1]
+            self.sums[n_img] = [maps.clone(), 1]
             return
         if entry[0].shape != maps.shape:
             raise RunError(
@@ -124,7 +124,11 @@ class Heatmap(Observer):
         levels = self.levels()
         if not levels:
             return {"maps": None, "count": 0, "levels": []}
-        total = sum(self.sums[n][0] for n in levels)
+        res = self.params.resolution
+        total = sum(
+            F.interpolate(self.sums[n][0], size=(res, res), mode="bilinear", align_corners=False)
+            for n in levels
+        )
         count = sum(self.sums[n][1] for n in levels)
         return {"maps": total / count, "count": count, "levels": levels}
 
