@@ -1,0 +1,184 @@
+"""Tiny random-weight transformers models whose attention is hand-written (softmax inline), from configs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+V = 50  # vocabulary size
+
+
+def _ids(b: int = 2, n: int = 7, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, V, (b, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _mask(b: int = 2, n: int = 7) -> torch.Tensor:
+    m = torch.ones(b, n, dtype=torch.long)
+    m[1, -2:] = 0  # padding in the second sequence
+    return m
+
+
+def deberta_v2() -> tuple[torch.nn.Module, dict[str, Any]]:
+    from transformers import DebertaV2Config, DebertaV2Model
+
+    cfg = DebertaV2Config(
+        vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        relative_attention=True, pos_att_type=["p2c", "c2p"], max_relative_positions=16, position_buckets=8,
+    )  # fmt: skip
+    return DebertaV2Model(cfg), {"input_ids": _ids(), "attention_mask": _mask()}
+
+
+def bloom() -> tuple[torch.nn.Module, dict[str, Any]]:
+    from transformers import BloomConfig, BloomModel
+
+    cfg = BloomConfig(vocab_size=V, hidden_size=32, n_layer=2, n_head=4)
+    return BloomModel(cfg), {"input_ids": _ids(), "attention_mask": _mask()}
+
+
+def _falcon(alibi: bool) -> tuple[torch.nn.Module, dict[str, Any]]:
+    from transformers import FalconConfig, FalconModel
+
+    cfg = FalconConfig(
+        vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, alibi=alibi,
+        attn_implementation="eager",
+    )  # fmt: skip
+    return FalconModel(cfg), {"input_ids": _ids(), "attention_mask": _mask()}
+
+
+def falcon() -> tuple[torch.nn.Module, dict[str, Any]]:
+    return _falcon(False)
+
+
+def falcon_alibi() -> tuple[torch.nn.Module, dict[str, Any]]:
+    return _falcon(True)
+
+
+def gpt_neo() -> tuple[torch.nn.Module, dict[str, Any]]:
+    from transformers import GPTNeoConfig, GPTNeoModel
+
+    cfg = GPTNeoConfig(
+        vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
+        max_position_embeddings=64, window_size=4, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    return GPTNeoModel(cfg), {"input_ids": _ids(), "attention_mask": _mask()}
+
+
+def mpnet() -> tuple[torch.nn.Module, dict[str, Any]]:
+    from transformers import MPNetConfig, MPNetModel
+
+    cfg = MPNetConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
+    return MPNetModel(cfg), {"input_ids": _ids(), "attention_mask": _mask()}
+
+
+def xlnet() -> tuple[torch.nn.Module, dict[str, Any]]:
+    from transformers import XLNetConfig, XLNetModel
+
+    cfg = XLNetConfig(vocab_size=V, d_model=32, n_layer=2, n_head=4, d_inner=37)
+    return XLNetModel(cfg), {"input_ids": _ids(), "attention_mask": _mask()}
+
+
+def led() -> tuple[torch.nn.Module, dict[str, Any]]:
+    from transformers import LEDConfig, LEDModel
+
+    cfg = LEDConfig(
+        vocab_size=V, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, attention_window=4,
+        max_encoder_position_embeddings=64, max_decoder_position_embeddings=64,
+    )  # fmt: skip
+    return LEDModel(cfg), {"input_ids": _ids(n=8), "decoder_input_ids": _ids(n=5, seed=2)}
+
+
+def longformer() -> tuple[torch.nn.Module, dict[str, Any]]:
+    from transformers import LongformerConfig, LongformerModel
+
+    cfg = LongformerConfig(
+        vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37,
+        attention_window=4, max_position_embeddings=64,
+    )  # fmt: skip
+    return LongformerModel(cfg), {"input_ids": _ids(n=8)}
+
+
+def blip() -> tuple[torch.nn.Module, dict[str, Any]]:
+    from transformers import BlipConfig, BlipForConditionalGeneration
+
+    cfg = BlipConfig(
+        text_config={"vocab_size": V, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                     "intermediate_size": 37, "encoder_hidden_size": 32},
+        vision_config={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                       "intermediate_size": 37, "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )  # fmt: skip
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    return BlipForConditionalGeneration(cfg), {"pixel_values": pixels, "input_ids": _ids(), "attention_mask": _mask()}
+
+
+def sam_vision() -> tuple[torch.nn.Module, dict[str, Any]]:
+    from transformers import SamVisionConfig, SamVisionModel
+
+    cfg = SamVisionConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8,
+        output_channels=16, window_size=2, global_attn_indexes=[1], mlp_dim=37, use_rel_pos=True,
+        attn_implementation="eager",
+    )  # fmt: skip
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    return SamVisionModel(cfg), {"pixel_values": pixels}
+
+
+def reformer() -> tuple[torch.nn.Module, dict[str, Any]]:
+    from transformers import ReformerConfig, ReformerModel
+
+    cfg = ReformerConfig(
+        vocab_size=V, hidden_size=32, num_attention_heads=2, attention_head_size=16, feed_forward_size=37,
+        attn_layers=["local", "lsh"], axial_pos_embds=False, max_position_embeddings=64, local_attn_chunk_length=4,
+        lsh_attn_chunk_length=4, num_buckets=2, is_decoder=False,
+    )  # fmt: skip
+    return ReformerModel(cfg), {"input_ids": _ids(n=8)}
+
+
+def _bigbird_pegasus(kind: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    from transformers import BigBirdPegasusConfig, BigBirdPegasusModel
+
+    cfg = BigBirdPegasusConfig(
+        vocab_size=V, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, attention_type=kind,
+        max_position_embeddings=64, block_size=2, num_random_blocks=1, attn_implementation="eager",
+    )  # fmt: skip
+    return BigBirdPegasusModel(cfg), {"input_ids": _ids(n=8), "decoder_input_ids": _ids(n=5, seed=2)}
+
+
+def bigbird_pegasus() -> tuple[torch.nn.Module, dict[str, Any]]:
+    return _bigbird_pegasus("original_full")
+
+
+def bigbird_pegasus_sparse() -> tuple[torch.nn.Module, dict[str, Any]]:
+    return _bigbird_pegasus("block_sparse")
+
+
+FAMILIES: dict[str, Callable[[], tuple[torch.nn.Module, dict[str, Any]]]] = {
+    "deberta_v2": deberta_v2,
+    "bloom": bloom,
+    "falcon": falcon,
+    "falcon_alibi": falcon_alibi,
+    "gpt_neo": gpt_neo,
+    "mpnet": mpnet,
+    "xlnet": xlnet,
+    "led": led,
+    "blip": blip,
+    "sam_vision": sam_vision,
+    "bigbird_pegasus": bigbird_pegasus,
+}
+#: Families whose attention is listed but refused at attach (site pattern -> refused).
+REFUSED: dict[str, Callable[[], tuple[torch.nn.Module, dict[str, Any]]]] = {
+    "longformer": longformer,
+    "reformer": reformer,
+    "bigbird_pegasus_sparse": bigbird_pegasus_sparse,
+}
+
+
+def build(name: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A tiny eval-mode model of family `name` and its inputs (deterministic weights)."""
+    torch.manual_seed(0)
+    model, inputs = {**FAMILIES, **REFUSED}[name]()
+    return model.eval(), inputs
