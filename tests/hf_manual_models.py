@@ -40,9 +40,10 @@ def bloom() -> tuple[torch.nn.Module, dict[str, Any]]:
 def _falcon(alibi: bool) -> tuple[torch.nn.Module, dict[str, Any]]:
     from transformers import FalconConfig, FalconModel
 
+    # Without alibi: multi-query (one key/value head shared by all); with alibi: one per head.
     cfg = FalconConfig(
         vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, alibi=alibi,
-        attn_implementation="eager",
+        multi_query=not alibi, attn_implementation="eager",
     )  # fmt: skip
     return FalconModel(cfg), {"input_ids": _ids(), "attention_mask": _mask()}
 
@@ -120,10 +121,16 @@ def sam_vision() -> tuple[torch.nn.Module, dict[str, Any]]:
     cfg = SamVisionConfig(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8,
         output_channels=16, window_size=2, global_attn_indexes=[1], mlp_dim=37, use_rel_pos=True,
-        attn_implementation="eager",
+        initializer_range=0.02, attn_implementation="eager",
     )  # fmt: skip
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    return SamVisionModel(cfg), {"pixel_values": pixels}
+    model = SamVisionModel(cfg)
+    with torch.no_grad():  # SAM's init gives near-uniform attention and zero relative positions
+        for layer in model.vision_encoder.layers:
+            layer.attn.qkv.weight.normal_(0, 0.3)
+            layer.attn.rel_pos_h.normal_(0, 0.5)
+            layer.attn.rel_pos_w.normal_(0, 0.5)
+    return model, {"pixel_values": pixels}
 
 
 def reformer() -> tuple[torch.nn.Module, dict[str, Any]]:
