@@ -189,3 +189,17 @@ def build(name: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     torch.manual_seed(0)
     model, inputs = {**FAMILIES, **REFUSED}[name]()
     return model.eval(), inputs
+
+
+def sew_d() -> tuple[torch.nn.Module, dict[str, Any]]:
+    from transformers import SEWDConfig, SEWDModel
+
+    cfg = SEWDConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, squeeze_factor=1,
+        conv_dim=(8, 8), conv_stride=(4, 4), conv_kernel=(8, 8), num_conv_pos_embeddings=4,
+        num_conv_pos_embedding_groups=2, position_buckets=8, max_position_embeddings=64,
+    )  # fmt: skip
+    return SEWDModel(cfg), {"input_values": torch.randn(2, 400, generator=torch.Generator().manual_seed(4))}
+
+
+FAMILIES["sew_d"] = sew_d

@@ -313,3 +313,31 @@ def test_composite_model_gets_both_adapters() -> None:
     assert {c["adapter"] for c in rec.calls} == adapters
     _assert_restored(model)
     assert model.config._attn_implementation == "eager"
+
+
+def test_sdpa_branch_of_a_hand_written_module_is_caught_at_the_same_site() -> None:
+    # Falcon's attention module runs F.sdpa under attn_implementation="sdpa" and its own softmax under
+    # "eager": one site either way, probs equal to eager's attentions.
+    model, inputs = build("falcon")
+    with torch.no_grad():
+        eager = model(**inputs, output_attentions=True).attentions
+    model.config._attn_implementation_internal = "sdpa"  # the tiny config was built for eager
+    tracer = Tracer()
+    rec = tracer.add(Record())
+    with tracer.attach(model), torch.no_grad():
+        model(**inputs)
+    assert [c["site"] for c in rec.calls] == ["h.0.self_attention", "h.1.self_attention"]
+    for c, att in zip(rec.calls, eager, strict=True):
+        assert torch.allclose(c["probs"], att, atol=1e-6)
+    _assert_restored(model)
+
+
+def test_deformable_attention_is_classified_as_refused() -> None:
+    from transformers.models.deformable_detr import modeling_deformable_detr as dd
+
+    from attntrace.adapters.hf_manual import _classify
+
+    ok, note = _classify(dd.DeformableDetrMultiscaleDeformableAttention)
+    assert ok and "deformable" in note and "sampling points" in note
+    # Its registry-based self-attention in the same model is not claimed by this adapter.
+    assert _classify(dd.DeformableDetrSelfAttention) == (False, "")

@@ -64,8 +64,11 @@ _SAME = {
 }  # fmt: skip
 _CHANGING = {
     F.dropout, torch.dropout, torch.Tensor.masked_fill, torch.masked_fill, torch.mul, torch.Tensor.mul,
-    torch.Tensor.__mul__, torch.Tensor.__rmul__,
+    torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.Tensor.masked_fill_, torch.Tensor.mul_,
+    torch.Tensor.__imul__,
 }  # fmt: skip
+# In place on the softmax output itself (SEW-D zeroes masked rows): the probs view sees the change.
+_IN_PLACE = {torch.Tensor.masked_fill_, torch.Tensor.mul_, torch.Tensor.__imul__}
 _KEEP_PRODUCTS = 4
 
 _REFUSALS = (
@@ -73,9 +76,11 @@ _REFUSALS = (
      "(B, L, H, 2w+1) bands, not a (Lq, Lk) probability matrix"),
     ("block_sparse", "block-sparse attention (BigBird): scores are computed block by block, no (Lq, Lk) "
      "probability matrix exists"),
-    ("grid_sample", "deformable attention: the softmax runs over sampling points, not over keys"),
-    ("deformable_attention", "deformable attention: the softmax runs over sampling points, not over keys"),
 )  # fmt: skip
+_DEFORMABLE = (
+    "deformable attention: the softmax runs over sampling points around reference locations, not over "
+    "keys; there is no (Lq, Lk) probability matrix"
+)
 _LOGSUMEXP = (
     "LSH/chunked attention normalised with logsumexp and exp (Reformer): probabilities are per hash "
     "bucket or chunk, with no softmax over the keys"
@@ -105,7 +110,8 @@ def _attention_source(cls: type) -> str:
     return out
 
 
-_SOFTMAX_RE = re.compile(r"softmax\(|nn\.Softmax\b")
+# `XSoftmax.apply(` (DeBERTa-v1-style masked softmax as an autograd Function) ends in `torch.softmax`.
+_SOFTMAX_RE = re.compile(r"softmax\(|nn\.Softmax\b|Softmax\.apply\(")
 _PRODUCT_RE = re.compile(r"\b(matmul|bmm|baddbmm|einsum)\(|\S\s@\s\S")
 _QK_RE = re.compile(r"\b(matmul|bmm|baddbmm)\(|\S\s@\s\S")
 
@@ -115,7 +121,11 @@ def _classify(cls: type) -> tuple[bool, str]:
     if cls.forward is torch.nn.Module.forward or not cls.__module__.startswith("transformers."):
         return False, ""
     src = _attention_source(cls)
-    if "ALL_ATTENTION_FUNCTIONS" in src or not _PRODUCT_RE.search(src):
+    if "ALL_ATTENTION_FUNCTIONS" in src:
+        return False, ""
+    if _SOFTMAX_RE.search(src) and ("grid_sample" in src or "sampling_locations" in src):
+        return True, _DEFORMABLE
+    if not _PRODUCT_RE.search(src):
         return False, ""
     if not _SOFTMAX_RE.search(src):
         if "logsumexp(" in src:
@@ -131,6 +141,15 @@ def refusal_reason(module: torch.nn.Module) -> str | None:
     """Why `module` (a hand-written attention module) cannot be traced, or None if it can."""
     ok, note = _classify(type(module))
     return note or None if ok else None
+
+
+_HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "heads", "attention_heads")
+
+
+def _looks_like_attention(module: torch.nn.Module) -> bool:
+    """Named like attention or holding a head count (keeps MoE routers and heads' softmaxes out)."""
+    name = type(module).__name__.lower()
+    return "att" in name or any(isinstance(vars(module).get(a), int) for a in _HEAD_ATTRS)
 
 
 def _registry_attention(cls: type) -> bool:
@@ -275,6 +294,8 @@ class _ManualInterceptor(KernelInterceptor):
             hit = next(
                 (i for i, a in enumerate(operands) if isinstance(a, torch.Tensor) and id(a) in self.pending), None
             )
+            if hit is None and (func in _MATMUL or func in _EINSUM) and operands:
+                hit = self._alias(operands[0])
             if hit is not None:
                 return self._on_use(layer, func, args, kwargs, operands, hit)
         out = func(*args, **kwargs)
@@ -289,6 +310,22 @@ class _ManualInterceptor(KernelInterceptor):
                 self.products.append((a, b, out))
                 del self.products[:-_KEEP_PRODUCTS]
         return out
+
+    def _alias(self, t: Any) -> int | None:
+        """0 if `t` is a same-size alias of pending probabilities that left the mode's sight (an autograd
+        Function such as SEW-D's `XSoftmax` returns a new tensor object over the softmax's storage)."""
+        if not isinstance(t, torch.Tensor):
+            return None
+        ptr = t.untyped_storage().data_ptr()
+        for entry in {id(e): e for e in self.pending.values()}.values():
+            if any(
+                s.untyped_storage().data_ptr() == ptr and s.numel() == t.numel() and s.dtype == t.dtype
+                for s in entry.keep
+            ):
+                self.pending[id(t)] = entry
+                entry.keep.append(t)
+                return 0
+        return None
 
     # -- softmax -----------------------------------------------------------------------------------
     def _on_softmax(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -334,7 +371,9 @@ class _ManualInterceptor(KernelInterceptor):
         if not isinstance(out, torch.Tensor):
             return out  # .size(), .dim()...: an inspection, not a use
         if hit == 0 and (func in _SAME or func in _CHANGING) and out.numel() == src.numel():
-            if func in _CHANGING and not (func in (F.dropout, torch.dropout) and not _training(args, kwargs)):
+            if func in _CHANGING and func not in _IN_PLACE and not (
+                func in (F.dropout, torch.dropout) and not _training(args, kwargs)
+            ):
                 entry.exact = False
             entry.keep.append(out)
             self.pending[id(out)] = entry
@@ -505,7 +544,7 @@ class HFManualAdapter(Adapter):
         for name, module in model.named_modules():
             cls = type(module)
             ok, note = _classify(cls)
-            if ok:
+            if ok and _looks_like_attention(module):
                 found.append((name, module, note))
                 attention_names.append(name)
             elif _registry_attention(cls) or _sdpa_attention(cls):
