@@ -125,12 +125,35 @@ def sam_vision() -> tuple[torch.nn.Module, dict[str, Any]]:
     )  # fmt: skip
     pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     model = SamVisionModel(cfg)
+    _sharpen_sam(model.vision_encoder)
+    return model, {"pixel_values": pixels}
+
+
+def sam() -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The whole SAM: hand-written vision attention, registry attention in the mask decoder."""
+    from transformers import SamConfig, SamModel
+
+    cfg = SamConfig(
+        vision_config={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 32,
+                       "patch_size": 8, "output_channels": 32, "window_size": 2, "global_attn_indexes": [1],
+                       "mlp_dim": 37, "use_rel_pos": True, "initializer_range": 0.02, "num_pos_feats": 16},
+        prompt_encoder_config={"hidden_size": 32, "image_size": 32, "patch_size": 8, "mask_input_channels": 4},
+        mask_decoder_config={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "mlp_dim": 32,
+                             "iou_head_hidden_dim": 16},
+        attn_implementation="eager",
+    )  # fmt: skip
+    model = SamModel(cfg)
+    _sharpen_sam(model.vision_encoder)
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    return model, {"pixel_values": pixels, "input_points": torch.tensor([[[[10.0, 12.0]]]])}
+
+
+def _sharpen_sam(encoder: torch.nn.Module) -> None:
     with torch.no_grad():  # SAM's init gives near-uniform attention and zero relative positions
-        for layer in model.vision_encoder.layers:
+        for layer in encoder.layers:
             layer.attn.qkv.weight.normal_(0, 0.3)
             layer.attn.rel_pos_h.normal_(0, 0.5)
             layer.attn.rel_pos_w.normal_(0, 0.5)
-    return model, {"pixel_values": pixels}
 
 
 def reformer() -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -174,6 +197,7 @@ FAMILIES: dict[str, Callable[[], tuple[torch.nn.Module, dict[str, Any]]]] = {
     "led": led,
     "blip": blip,
     "sam_vision": sam_vision,
+    "sam": sam,
     "bigbird_pegasus": bigbird_pegasus,
 }
 #: Families whose attention is listed but refused at attach (site pattern -> refused).

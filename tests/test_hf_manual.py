@@ -26,7 +26,9 @@ MANUAL = "transformers-manual"
 MATCH = {"led": "decoder.*"}
 HEAD = 1
 # Attention maps the model returns from parts that are refused (LED's sliding-window encoder).
-UNTRACED = {"led": "encoder_attentions"}
+# SAM's `mask_decoder_attentions` are not probabilities: transformers records the two-way block's
+# second output there, the (B, points, image tokens, hidden) key embeddings.
+UNTRACED = {"led": "encoder_attentions", "sam": "mask_decoder_attentions"}
 
 
 class Record(Observer):
@@ -184,7 +186,7 @@ def _zero_value_head(name: str, site_module: torch.nn.Module, heads: int) -> Non
             lin = site_module.query_key_value
             d = lin.out_features // (3 * heads)
             rows = slice(HEAD * 3 * d + 2 * d, HEAD * 3 * d + 3 * d)  # (heads, 3, d) layout
-        elif name in ("sam_vision", "blip") and hasattr(site_module, "qkv"):
+        elif name in ("sam_vision", "sam", "blip") and hasattr(site_module, "qkv"):
             lin = site_module.qkv
             e = lin.out_features // 3
             d = e // heads
@@ -301,9 +303,11 @@ def test_an_edit_of_query_at_call_time_is_an_edit_error() -> None:
     _assert_restored(model)
 
 
-def test_composite_model_gets_both_adapters() -> None:
-    # BigBird-Pegasus (full attention): hand-written encoder, registry decoder, one attachment.
-    model, inputs = build("bigbird_pegasus")
+@pytest.mark.parametrize("name", ["bigbird_pegasus", "sam"])
+def test_composite_model_gets_both_adapters(name: str) -> None:
+    # BigBird-Pegasus (full attention): hand-written encoder, registry decoder; SAM: hand-written
+    # vision encoder, registry mask decoder. One attachment drives both adapters.
+    model, inputs = build(name)
     adapters = {s.adapter for s in find_sites(model)}
     assert adapters == {"transformers", MANUAL}
     tracer = Tracer()
