@@ -226,4 +226,17 @@ def sew_d() -> tuple[torch.nn.Module, dict[str, Any]]:
     return SEWDModel(cfg), {"input_values": torch.randn(2, 400, generator=torch.Generator().manual_seed(4))}
 
 
+def squeezebert() -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The softmax is an `nn.Softmax` submodule; q/k/v are grouped 1x1 convolutions over (B, C, L)."""
+    from transformers import SqueezeBertConfig, SqueezeBertModel
+
+    cfg = SqueezeBertConfig(
+        vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=38,
+        embedding_size=32, q_groups=2, k_groups=2, v_groups=2, post_attention_groups=2, intermediate_groups=2,
+        output_groups=2,
+    )  # fmt: skip
+    return SqueezeBertModel(cfg), {"input_ids": _ids(), "attention_mask": _mask()}
+
+
 FAMILIES["sew_d"] = sew_d
+FAMILIES["squeezebert"] = squeezebert

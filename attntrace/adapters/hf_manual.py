@@ -112,8 +112,9 @@ def _attention_source(cls: type) -> str:
 
 # `XSoftmax.apply(` (DeBERTa-v1-style masked softmax as an autograd Function) ends in `torch.softmax`.
 _SOFTMAX_RE = re.compile(r"softmax\(|nn\.Softmax\b|Softmax\.apply\(")
-_PRODUCT_RE = re.compile(r"\b(matmul|bmm|baddbmm|einsum)\(|\S\s@\s\S")
-_QK_RE = re.compile(r"\b(matmul|bmm|baddbmm)\(|\S\s@\s\S")
+# `matmul_qk(`: SqueezeBERT multiplies through small wrapper modules.
+_PRODUCT_RE = re.compile(r"\b(matmul\w*|bmm|baddbmm|einsum)\(|\S\s@\s\S")
+_QK_RE = re.compile(r"\b(matmul\w*|bmm|baddbmm)\(|\S\s@\s\S")
 
 
 def _classify(cls: type) -> tuple[bool, str]:
