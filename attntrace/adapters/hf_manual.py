@@ -1,8 +1,9 @@
 """Fallback adapter for HF transformers attention written by hand (softmax inline, no attention registry).
 
-About 85 transformers 5.x families (DeBERTa, BLOOM, Falcon eager, GPT-Neo, MPNet, XLNet, BLIP, LED's
-decoder, SAM's vision encoder, BigBird-Pegasus' full encoder attention...) compute
-`softmax(q·kᵀ + bias) @ v` in the module's own `forward` instead of calling `ALL_ATTENTION_FUNCTIONS`.
+In transformers 5.24, 112 families (79 entirely, 33 next to registry attention) have attention
+classes that compute `softmax(q·kᵀ + bias) @ v` in the module's own `forward` instead of calling
+`ALL_ATTENTION_FUNCTIONS` (DeBERTa, BLOOM, Falcon eager, GPT-Neo, MPNet, XLNet, BLIP, LED's decoder,
+SAM's vision encoder, BigBird-Pegasus' full encoder attention...; `benchmarks/hf_manual_census.md`).
 
 Sites: modules of a `PreTrainedModel` whose `forward` (or a `self.method` it calls) contains a softmax
 and a matrix product and does not use the registry; a module is not a site when one of its
