@@ -211,7 +211,7 @@ REFUSED: dict[str, Callable[[], tuple[torch.nn.Module, dict[str, Any]]]] = {
 def build(name: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     """A tiny eval-mode model of family `name` and its inputs (deterministic weights)."""
     torch.manual_seed(0)
-    model, inputs = {**FAMILIES, **REFUSED}[name]()
+    model, inputs = {**FAMILIES, **REFUSED, **SMOKE}[name]()
     return model.eval(), inputs
 
 
@@ -240,3 +240,37 @@ def squeezebert() -> tuple[torch.nn.Module, dict[str, Any]]:
 
 FAMILIES["sew_d"] = sew_d
 FAMILIES["squeezebert"] = squeezebert
+
+
+def _text(config_cls: str, model_cls: str, **kw: Any) -> Callable[[], tuple[torch.nn.Module, dict[str, Any]]]:
+    def make() -> tuple[torch.nn.Module, dict[str, Any]]:
+        import transformers
+
+        cfg = getattr(transformers, config_cls)(vocab_size=V, **kw)
+        return getattr(transformers, model_cls)(cfg), {"input_ids": _ids(), "attention_mask": _mask()}
+
+    return make
+
+
+def swinv2() -> tuple[torch.nn.Module, dict[str, Any]]:
+    from transformers import Swinv2Config, Swinv2Model
+
+    cfg = Swinv2Config(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4)
+    return Swinv2Model(cfg), {"pixel_values": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))}
+
+
+_BERTISH = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 37}
+#: More hand-written families, checked for transparency and probs only (no per-family edit reference).
+SMOKE: dict[str, Callable[[], tuple[torch.nn.Module, dict[str, Any]]]] = {
+    "openai": _text("OpenAIGPTConfig", "OpenAIGPTModel", n_embd=32, n_layer=2, n_head=4),
+    "xlm": _text("XLMConfig", "XLMModel", emb_dim=32, n_layers=2, n_heads=4),
+    "roformer": _text("RoFormerConfig", "RoFormerModel", embedding_size=32, **_BERTISH),
+    "megatron_bert": _text("MegatronBertConfig", "MegatronBertModel", **_BERTISH),
+    "funnel": _text("FunnelConfig", "FunnelModel", d_model=32, n_head=4, d_head=8, d_inner=37, block_sizes=[1, 1],
+                    num_decoder_layers=1),
+    "xglm": _text("XGLMConfig", "XGLMModel", d_model=32, num_layers=2, attention_heads=4, ffn_dim=37),
+    "mpt": _text("MptConfig", "MptModel", d_model=32, n_layers=2, n_heads=4),
+    "convbert": _text("ConvBertConfig", "ConvBertModel", embedding_size=32, **_BERTISH),
+    "rembert": _text("RemBertConfig", "RemBertModel", input_embedding_size=16, output_embedding_size=16, **_BERTISH),
+    "swinv2": swinv2,
+}  # fmt: skip

@@ -19,7 +19,7 @@ pytest.importorskip("transformers")
 from attntrace import Observer, Tracer
 from attntrace.errors import AttachError, EditError, SelectionError
 from attntrace.tracer import find_sites
-from tests.hf_manual_models import FAMILIES, build
+from tests.hf_manual_models import FAMILIES, SMOKE, build
 
 MANUAL = "transformers-manual"
 # Sites to trace per family ("*" unless part of the model is refused).
@@ -118,7 +118,7 @@ def _assert_restored(model: torch.nn.Module, hooks: list[tuple[int, ...]] | None
 
 
 # -- transparency and probs ---------------------------------------------------------------------
-@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("name", [*FAMILIES, *SMOKE])
 def test_passive_trace_is_bit_identical_and_probs_equal_eager(name: str) -> None:
     model, inputs = build(name)
     manual = _manual_sites(model)
