@@ -348,3 +348,16 @@ def test_deformable_attention_is_classified_as_refused() -> None:
     assert ok and "deformable" in note and "sampling points" in note
     # Its registry-based self-attention in the same model is not claimed by this adapter.
     assert _classify(dd.DeformableDetrSelfAttention) == (False, "")
+
+
+def test_cli_sites_lists_refused_attention_with_its_note(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from attntrace.cli import main
+
+    model, _ = build("led")
+    model.save_pretrained(tmp_path)
+    assert main(["sites", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    row = next(line for line in table.splitlines() if "longformer_self_attn" in line)
+    assert "LEDEncoderSelfAttention" in row and "sliding-window" in row
+    decoder = next(line for line in table.splitlines() if "decoder.layers.0.encoder_attn" in line)
+    assert "cross" in decoder and "hand-written attention" in decoder
