@@ -171,13 +171,14 @@ def cmd_sites(args: argparse.Namespace) -> int:
             s.processor_class or "",
             str(s.heads or ""),
             ", ".join(matches.get(s.name, [])),
+            s.note,
         ]
         for s in sites
     ]
     if args.json:
         print(json.dumps([{**s.as_row(), "rules": matches.get(s.name, [])} for s in sites], indent=1))
         return 0
-    print(_table(rows, ["site", "kind", "module", "processor", "heads", "rules"]))
+    print(_table(rows, ["site", "kind", "module", "processor", "heads", "rules", "note"]))
     print(f"{len(sites)} site(s)" + (f" matching {args.match!r}" if args.match else ""))
     return 0
 

@@ -17,7 +17,10 @@ class Site:
 
     `name` is the module's qualified name (`down_blocks.0.attentions.0.transformer_blocks.0.attn1`),
     `kind` what it attends to, `adapter` the framework adapter that found it, and `probs` whether a
-    probability matrix exists there (False for linear attention).
+    probability matrix exists there (False for linear attention). `unavailable` names call tensors
+    (`query`, `key`, `value`, `output`) the site cannot provide, and `inputs_editable` is False where
+    query/key/value/mask edits cannot be applied (hand-written attention): observers needing those
+    are refused at attach.
     """
 
     name: str
@@ -29,6 +32,8 @@ class Site:
     probs: bool = True
     editable: bool = True
     note: str = ""
+    unavailable: frozenset[str] = frozenset()
+    inputs_editable: bool = True
 
     @property
     def module_class(self) -> str:
@@ -47,4 +52,6 @@ class Site:
             "probs": self.probs,
             "editable": self.editable,
             "note": self.note,
+            "unavailable": sorted(self.unavailable),
+            "inputs_editable": self.inputs_editable,
         }

@@ -37,6 +37,7 @@ log = logging.getLogger("attntrace")
 _attached: weakref.WeakKeyDictionary[torch.nn.Module, Attachment] = weakref.WeakKeyDictionary()
 _attached_lock = threading.Lock()
 
+_INPUTS = frozenset({"query", "key", "value"})
 _DENOISER_ATTRS = ("unet", "transformer", "prior", "decoder", "model")
 
 
@@ -472,6 +473,19 @@ class Tracer:
                     raise SelectionError(
                         f"{where}: observer {e.label!r} needs attention probabilities, which do not exist at "
                         f"{len(blocked)} linear-attention site(s): {shown}; exclude them (kind: [self, cross, joint])"
+                    )
+            # Sites that cannot give some tensors (hand-written attention): refuse now, not mid-forward.
+            needs = set(e.observer.needs)
+            lacking = [s for s in matched if needs & s.unavailable]
+            fixed = [s for s in matched if not s.inputs_editable] if e.observer.edits and needs & _INPUTS else []
+            for bad, why in ((lacking, "cannot provide"), (fixed, "cannot apply edits of")):
+                if bad:
+                    s0 = bad[0]
+                    what = sorted(needs & (s0.unavailable if why == "cannot provide" else _INPUTS))
+                    shown = ", ".join(s.name for s in bad[:5]) + (" ..." if len(bad) > 5 else "")
+                    raise SelectionError(
+                        f"{where}: observer {e.label!r} needs {what}, which {len(bad)} site(s) {why} "
+                        f"({s0.module_class}: {s0.note or s0.adapter}): {shown}; exclude them from the match"
                     )
             for s in matched:
                 plan.setdefault(s.name, []).append(e)

@@ -1,6 +1,7 @@
 """Framework adapters: how to find sites and install interception, one module per framework.
 
-Adapters are tried in order (diffusers, transformers, plain PyTorch); a module found by an earlier
+Adapters are tried in order (diffusers, transformers, hand-written transformers attention, plain
+PyTorch); a module found by an earlier
 adapter is not claimed by a later one. `register_adapter` adds a third-party adapter (a public,
 stable extension point).
 """
@@ -35,6 +36,11 @@ def _builtin() -> list[Adapter]:
         pass
     else:
         out.append(TransformersAdapter())
+        # Hand-written transformers attention (softmax inline); after the registry adapter, so a
+        # composite model (SAM, BLIP-2...) gets both, each on its own modules.
+        from .hf_manual import HFManualAdapter
+
+        out.append(HFManualAdapter())
     try:
         from .torch import TorchAdapter
     except ImportError:
