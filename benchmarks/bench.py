@@ -241,7 +241,11 @@ def variants(unet: torch.nn.Module, target: Any) -> dict[str, Callable[[], Abstr
     if has("save"):
         save = {"tensors": ["probs"], "head_mean": True, "dtype": "float16", "dir": SAVE_DIR}
         out["save probs fp16 head-mean, cross"] = traced([{"use": "save", "kind": "cross", "with": save}])
-        out["store everything: save probs fp16 head-mean, all sites"] = traced([{"use": "save", "with": save}])
+        # Like prompt-to-prompt's AttentionStore: every site, the conditional half of the guidance batch.
+        everything = dict(save, cond_half=True)
+        out["store everything: save probs fp16 head-mean cond-half, all sites"] = traced(
+            [{"use": "save", "with": everything}]
+        )
 
     originals = dict(unet.attn_processors)
 
