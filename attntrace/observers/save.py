@@ -10,6 +10,7 @@ moment leaves a manifest that lists only complete, readable files. Read a run ba
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import math
 import os
@@ -23,7 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..call import AttentionCall
-from ..errors import ConfigError, RunError
+from ..errors import ConfigError, OutputWriteError
 from ..observer import Observer, batch_rows
 
 __all__ = ["MANIFEST", "Save", "SaveParams"]
@@ -89,6 +90,8 @@ class Save(Observer):
         self._queue: queue.Queue[Any] | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._error_file: Path | None = None  # the file whose write failed
+        self._current: Path | None = None  # the file being written (names a failure)
         self._reported = False
         self._lock = threading.Lock()
         self._dir: Path | None = None
@@ -192,6 +195,7 @@ class Save(Observer):
                 if self._error is None:  # after a failure keep draining so the forward never deadlocks
                     self._write(item)
             except BaseException as exc:
+                self._error_file = self._current
                 self._error = exc
             finally:
                 self._queue.task_done()
@@ -205,9 +209,15 @@ class Save(Observer):
         final = self._dir / fname
         tmp = self._dir / f".{fname}.tmp{os.getpid()}"
         meta = {"site": item["site"], "step": str(item["step"]), "index": str(item["index"])}
-        save_file(item["tensors"], str(tmp), metadata=meta)
-        _fsync_file(tmp)
-        os.replace(tmp, final)
+        self._current = final
+        try:
+            save_file(item["tensors"], str(tmp), metadata=meta)
+            _fsync_file(tmp)
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):  # never leave a half-written temporary behind
+                tmp.unlink()
+            raise
         new = [
             {
                 "site": item["site"],
@@ -241,11 +251,17 @@ class Save(Observer):
         }
         path = self._dir / MANIFEST
         tmp = self._dir / f".{MANIFEST}.tmp{os.getpid()}"
-        with tmp.open("w") as fh:
-            json.dump(doc, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        self._current = path
+        try:
+            with tmp.open("w") as fh:
+                json.dump(doc, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):  # the previous manifest stays as it was
+                tmp.unlink()
+            raise
         _fsync_dir(self._dir)
 
     def _raise_writer_error(self, again: bool = False) -> None:
@@ -255,8 +271,10 @@ class Save(Observer):
         if exc is None or (self._reported and not again):
             return
         self._reported = True
-        raise RunError(
-            f"the save observer failed writing to {self._dir}: {type(exc).__name__}: {exc}"
+        where = self._error_file or self._dir
+        detail = " ".join(str(exc).split())  # one line, whatever the library said
+        raise OutputWriteError(
+            f"the save observer failed writing {where}: {type(exc).__name__}: {detail}", path=str(where)
         ) from exc
 
     def flush(self) -> None:
