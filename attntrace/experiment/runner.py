@@ -427,6 +427,8 @@ def run_experiment(
     ran: list[str] = []
     failed: list[str] = []
     check_writable(out)  # before the model loads: an unwritable output is a one-line error, at once
+    for trash in (out / "items").glob(".discarded-*"):  # what a killed run had begun to delete
+        shutil.rmtree(trash, ignore_errors=True)
 
     device = pick_device(exp.model.device, dist.local_rank)
     dist.init(device.startswith("cuda"))
@@ -446,7 +448,7 @@ def run_experiment(
                 rec = manifest["items"][it.id]
                 item_dir = out / "items" / it.id
                 if item_dir.exists():  # leftovers of an interrupted or forced item
-                    shutil.rmtree(item_dir)
+                    _discard(item_dir)
                 rec.update(status="running", started=_now(), files=[], error=None, rank=dist.rank)
                 bar.item_start(it, None if exp.is_text_model else exp.inputs.steps)
                 t1 = time.perf_counter()
@@ -598,6 +600,14 @@ def _writing(path: Path) -> Iterator[None]:
         with contextlib.suppress(OSError):
             path.unlink()
         raise OutputWriteError(f"cannot write {path}: {_describe(broken)}", path=str(path)) from exc
+
+
+def _discard(item_dir: Path) -> None:
+    """Delete an unfinished item's folder: renamed away first (atomic), so that a kill during the deletion
+    never leaves a half-deleted folder, whose own manifests would list files that are gone."""
+    trash = item_dir.with_name(f".discarded-{item_dir.name}-{os.getpid()}-{time.monotonic_ns()}")
+    os.replace(item_dir, trash)
+    shutil.rmtree(trash)
 
 
 def _hand_image_to_observers(tracer: Any, files: list[Path]) -> None:
