@@ -130,6 +130,8 @@ def to_bytes(doc: Any, transform: str, noise: bytes, at: int, model: str) -> byt
         text += f"extra: !!python/object/new:pathlib.Path ['{pwned}']\n"
     elif transform == "alias-bomb":
         text = alias_bomb() + text.replace("steps: 2", "steps: *i", 1)
+    elif transform == "recursive-alias":  # a structure containing itself
+        text = text.replace("- a cat", "- &r [*r]", 1)
     elif transform == "alias-small":  # a legal alias expanding a bit: the field must still be named
         text = "x: &p ['a cat', 'a dog']\n" + text.replace("- a cat", "- *p", 1)
     data = text.encode("utf-8")
@@ -146,7 +148,7 @@ overrides = st.lists(
                          "trace.rules.0.with.print_table", "", "a..b", "model.dtype", "inputs.prompts.0.x",
                          "trace.strict"]),
         st.sampled_from(["-1", "1e999", "[1, 2", "{a: b}", "", "!!python/object/apply:os.system [ls]", "null",
-                         "99999999999999999999", "'*'", "\xff"]),
+                         "99999999999999999999", "'*'", "\xff", "&a [*a]", "&m {k: *m}"]),
     ).map(lambda kv: f"{kv[0]}={kv[1]}" if kv[0] or kv[1] != "\xff" else "no-equals-sign"),
     max_size=2,
 )  # fmt: skip
@@ -184,7 +186,8 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 )  # fmt: skip
 @given(
     mutated_docs(),
-    st.sampled_from(["plain"] * 4 + ["bytes", "non-utf8", "python-tag", "alias-bomb", "alias-small"]),
+    st.sampled_from(["plain"] * 4 + ["bytes", "non-utf8", "python-tag", "alias-bomb", "alias-small",
+                     "recursive-alias"]),
     st.binary(min_size=1, max_size=40),
     st.integers(0, 400),
     overrides,
