@@ -83,6 +83,19 @@ class AttentionCall:
         self._probs_edited = False
         self._output_edited = False
 
+    # What an observer may change on a call (by assignment): saved before each observer runs so that a
+    # failing one (under on_error: warn) leaves the call as it found it. References only, no copies:
+    # in-place changes to a tensor cannot be undone.
+    _STATE = ("_query", "_key", "_value", "_attn_mask", "scale", "is_causal", "enable_gqa", "_probs", "_output",
+              "_inputs_edited", "_probs_edited", "_output_edited")  # fmt: skip
+
+    def _checkpoint(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self._STATE)
+
+    def _rollback(self, state: tuple[Any, ...]) -> None:
+        for name, value in zip(self._STATE, state):
+            setattr(self, name, value)
+
     # -- identity ------------------------------------------------------------------------------
     @property
     def site(self) -> str:

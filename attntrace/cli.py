@@ -81,8 +81,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .experiment.runner import run_experiment
     from .experiment.spec import load_experiment
 
+    exp = load_experiment(args.experiment, args.set)  # first: a bad file fails fast, before heavy imports
     _quiet_libraries()
-    exp = load_experiment(args.experiment, args.set)
     if args.output:
         exp.output = args.output
     t0 = time.perf_counter()

@@ -21,7 +21,7 @@ from . import registry
 from .errors import ConfigError, PluginError, UnknownObserverError
 from .selection import StepSelector, validate_kinds
 
-__all__ = ["Rule", "TraceConfig", "config_error_from", "load_yaml", "short_repr"]
+__all__ = ["Rule", "TraceConfig", "config_error_from", "load_yaml", "short_repr", "text_keys"]
 
 MAX_YAML_BYTES = 4 * 2**20
 
@@ -130,6 +130,15 @@ class _SafeNoAliasBombLoader(yaml.SafeLoader):
                 f"aliases expand to more than {self.max_expanded_nodes} nodes: refusing a possible alias bomb"
             )
         return node
+
+
+def text_keys(data: dict[Any, Any], field: str | None = None) -> dict[str, Any]:
+    """`data` if every key is text (so it can be passed as `**data`); otherwise a `ConfigError`."""
+    odd = [k for k in data if not isinstance(k, str)]
+    if odd:
+        got = f"{type(odd[0]).__name__} {short_repr(odd[0], 40)}"
+        raise ConfigError(f"keys must be field names (text), got {got}", field=field)
+    return data
 
 
 class Rule(BaseModel):
@@ -258,7 +267,7 @@ class TraceConfig(BaseModel):
         if isinstance(value, TraceConfig):
             return value
         if isinstance(value, dict):
-            return cls(**value)
+            return cls(**text_keys(value))
         if isinstance(value, (str, os.PathLike)):
             return cls.from_yaml(value)
         raise ConfigError(f"expected a TraceConfig, dict or YAML path, got {type(value).__name__}")
@@ -273,7 +282,4 @@ class TraceConfig(BaseModel):
             data = data["trace"] or {}
         if not isinstance(data, dict):
             raise ConfigError(f"a trace config must be a mapping with 'rules', got {type(data).__name__}")
-        odd = [k for k in data if not isinstance(k, str)]
-        if odd:
-            raise ConfigError(f"keys must be field names (text), got {type(odd[0]).__name__} {str(odd[0])[:40]!r}")
-        return cls(**data)
+        return cls(**text_keys(data))

@@ -37,3 +37,11 @@ class PluginError(AttnTraceError):
 
 class RunError(AttnTraceError):
     """An experiment run or a saved run directory is invalid or unreadable."""
+
+
+class OutputWriteError(RunError):
+    """Writing results failed (disk full, file too large, read-only or unwritable output); names the file."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        self.path = path
+        super().__init__(message)

@@ -128,9 +128,11 @@ class SiteBinding:
         for observer in observers:
             if observer in self.attachment.disabled:
                 continue
+            state = call._checkpoint()
             try:
                 observer.on_call(call)
             except Exception as exc:
+                call._rollback(state)  # a failed observer's half-done edits are not kept (warn policy)
                 self.attachment.observer_failed(observer, self.site.name, call.step, exc)
 
 

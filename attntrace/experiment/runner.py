@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import AttnTraceError, ConfigError, RunError
+from ..errors import AttnTraceError, ConfigError, OutputWriteError, RunError
 from .spec import Experiment
 
 __all__ = ["Item", "RunResult", "load_model", "plan_items", "run_experiment", "write_json_atomic"]
@@ -86,6 +88,66 @@ def write_json_atomic(path: Path, data: Any) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _save_manifest(path: Path, data: Any) -> None:
+    """`write_json_atomic` whose failure (disk full...) is an `OutputWriteError` naming the manifest."""
+    try:
+        write_json_atomic(path, data)
+    except OSError as exc:
+        raise OutputWriteError(
+            f"cannot write the run manifest {path}: {exc.strerror or exc} (the previous manifest is unchanged)",
+            path=str(path),
+        ) from None
+
+
+def check_writable(out: Path) -> None:
+    """Create the run directory and write, fsync and delete a probe file in it; `ConfigError` if not possible.
+
+    Run before the model is loaded so that an unwritable output costs seconds, not an item's work.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".attntrace-probe-", dir=out)
+        try:
+            os.write(fd, b"attntrace write probe\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(
+            f"the run directory {out} is not writable: {exc.strerror or exc}", field="output"
+        ) from None
+
+
+# errno values that mean "the output cannot take more data": a run stops at the first one.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def write_failure(exc: BaseException) -> BaseException | None:
+    """The write failure (disk full, file too large, read-only...) in `exc`'s chain, or None."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OutputWriteError):
+            return e
+        if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
+            return e
+        # safetensors reports I/O errors as SafetensorError("... (os error 28)").
+        m = re.search(r"os error (\d+)", str(e)) if type(e).__name__ == "SafetensorError" else None
+        if m and int(m.group(1)) in _WRITE_ERRNOS:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and not isinstance(exc, OutputWriteError):
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror or exc}{where}"
+    return " ".join(str(exc).split())
 
 
 def read_manifest(path: Path) -> dict[str, Any] | None:
@@ -364,7 +426,9 @@ def run_experiment(
     skipped = [it.id for it in mine if it not in todo]
     ran: list[str] = []
     failed: list[str] = []
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)  # before the model loads: an unwritable output is a one-line error, at once
+    for trash in (out / "items").glob(".discarded-*"):  # what a killed run had begun to delete
+        shutil.rmtree(trash, ignore_errors=True)
 
     device = pick_device(exp.model.device, dist.local_rank)
     dist.init(device.startswith("cuda"))
@@ -384,7 +448,7 @@ def run_experiment(
                 rec = manifest["items"][it.id]
                 item_dir = out / "items" / it.id
                 if item_dir.exists():  # leftovers of an interrupted or forced item
-                    shutil.rmtree(item_dir)
+                    _discard(item_dir)
                 rec.update(status="running", started=_now(), files=[], error=None, rank=dist.rank)
                 bar.item_start(it, None if exp.is_text_model else exp.inputs.steps)
                 t1 = time.perf_counter()
@@ -394,6 +458,17 @@ def run_experiment(
                     rec.update(status="interrupted", finished=_now())
                     raise
                 except Exception as exc:
+                    broken = write_failure(exc)
+                    if broken is not None:
+                        # Disk full / file too large / read-only: every later item would fail the same way.
+                        # Stop at the first failed write; finished items stay listed and intact.
+                        rec.update(status="failed", error=f"write failed: {_describe(broken)}", finished=_now())
+                        done = sum(r.get("status") == "done" for r in manifest["items"].values())
+                        raise OutputWriteError(
+                            f"item {it.id}: writing results failed: {_describe(broken)}; the run stopped "
+                            f"({done} finished item(s) are kept in {shard_path}; free space and re-run to resume)",
+                            path=getattr(broken, "path", None) or getattr(broken, "filename", None),
+                        ) from None
                     if isinstance(exc, AttnTraceError) and not isinstance(exc, RunError):
                         # Bad configuration (e.g. a pattern matching no site) fails every item alike.
                         rec.update(status="failed", error=f"{type(exc).__name__}: {exc}", finished=_now())
@@ -408,9 +483,9 @@ def run_experiment(
                 finally:
                     rec["seconds"] = round(time.perf_counter() - t1, 3)
                     bar.item_end()
-                    write_json_atomic(shard_path, manifest)
+                    _save_manifest(shard_path, manifest)
         else:
-            write_json_atomic(shard_path, manifest)
+            _save_manifest(shard_path, manifest)
     except BaseException:
         with contextlib.suppress(Exception):
             write_json_atomic(shard_path, manifest)
@@ -490,15 +565,49 @@ def _run_item(
                     from safetensors.torch import save_file
 
                     path = item_dir / "last_hidden_state.safetensors"
-                    save_file({"last_hidden_state": hidden.float().cpu().contiguous()}, str(path))
+                    with _writing(path):
+                        save_file({"last_hidden_state": hidden.float().cpu().contiguous()}, str(path))
                     files.append(path)
             else:
                 files += _run_pipeline(exp, model, it, item_dir, bar)
                 _hand_image_to_observers(tracer, files)
-        files += tracer.save(item_dir)
+        for label, obs in tracer.observers.items():  # tracer.save, one observer at a time (names who failed)
+            where = item_dir / label.replace("#", "_")
+            try:
+                files += obs.save(where)
+            except Exception as exc:
+                broken = write_failure(exc)
+                if broken is None or isinstance(broken, OutputWriteError):
+                    raise
+                raise OutputWriteError(
+                    f"observer {label!r} could not write its results under {where}: {_describe(broken)}",
+                    path=str(where),
+                ) from exc
     finally:
         tracer.close()
     return files, extra
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Turn a failed write of `path` into an `OutputWriteError` naming it (a partial file is removed)."""
+    try:
+        yield
+    except Exception as exc:
+        broken = write_failure(exc)
+        if broken is None:
+            raise
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise OutputWriteError(f"cannot write {path}: {_describe(broken)}", path=str(path)) from exc
+
+
+def _discard(item_dir: Path) -> None:
+    """Delete an unfinished item's folder: renamed away first (atomic), so that a kill during the deletion
+    never leaves a half-deleted folder, whose own manifests would list files that are gone."""
+    trash = item_dir.with_name(f".discarded-{item_dir.name}-{os.getpid()}-{time.monotonic_ns()}")
+    os.replace(item_dir, trash)
+    shutil.rmtree(trash)
 
 
 def _hand_image_to_observers(tracer: Any, files: list[Path]) -> None:
@@ -563,6 +672,7 @@ def _run_pipeline(exp: Experiment, pipe: Any, it: Item, item_dir: Path, bar: Pro
     for n, img in enumerate(images or []):
         if hasattr(img, "save"):
             path = item_dir / ("image.png" if n == 0 else f"image_{n}.png")
-            img.save(path)
+            with _writing(path):
+                img.save(path)
             files.append(path)
     return files

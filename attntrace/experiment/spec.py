@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..config import TraceConfig, config_error_from, load_yaml
+from ..config import TraceConfig, config_error_from, load_yaml, text_keys
 from ..errors import ConfigError
 
 __all__ = ["Experiment", "InputsSpec", "ModelSpec", "apply_overrides", "experiment_schema", "load_experiment"]
@@ -123,7 +123,7 @@ class Experiment(BaseModel):
             raise ConfigError(f"must be a mapping with 'rules', got {got}", field="trace")
         # TraceConfig raises its own ConfigError (field relative to the trace): prefix it.
         try:
-            trace = TraceConfig(**(trace_data or {}))
+            trace = TraceConfig(**text_keys(trace_data or {}))
         except ConfigError as exc:
             msg = str(exc)
             if exc.field:

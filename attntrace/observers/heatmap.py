@@ -169,6 +169,7 @@ class Heatmap(Observer):
 
     def close(self) -> None:
         self.sums.clear()
+        self._image = None  # the generated image handed over by set_image
 
 
 # -- words --------------------------------------------------------------------------------------

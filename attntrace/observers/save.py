@@ -30,7 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..call import AttentionCall
-from ..errors import ConfigError, RunError
+from ..errors import ConfigError, OutputWriteError
 from ..observer import Observer, batch_rows
 
 __all__ = ["MANIFEST", "Save", "SaveParams"]
@@ -103,6 +103,8 @@ class Save(Observer):
         self._queue: queue.Queue[Any] | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._error_file: Path | None = None  # the file whose write failed
+        self._current: Path | None = None  # the file being written (names a failure)
         self._reported = False
         self._lock = threading.Lock()
         self._pending = threading.Condition()
@@ -221,6 +223,7 @@ class Save(Observer):
                     if self._error is None:
                         self._commit()
                 except BaseException as exc:
+                    self._error_file = self._current
                     self._error = exc
                 dirty, last_commit = False, time.monotonic()
                 continue
@@ -238,6 +241,7 @@ class Save(Observer):
                         self._commit()
                         dirty, last_commit = False, time.monotonic()
             except BaseException as exc:
+                self._error_file = self._current
                 self._error = exc
                 if dirty:  # what was fully written before the failure stays listed and readable
                     with contextlib.suppress(BaseException):
@@ -260,8 +264,14 @@ class Save(Observer):
         final = self._dir / fname
         tmp = self._dir / f".{fname}.tmp{os.getpid()}"
         meta = {"site": item["site"], "step": str(item["step"]), "index": str(item["index"])}
-        save_file(item["tensors"], str(tmp), metadata=meta)
-        os.replace(tmp, final)
+        self._current = final
+        try:
+            save_file(item["tensors"], str(tmp), metadata=meta)
+            os.replace(tmp, final)
+        except BaseException:
+            with contextlib.suppress(OSError):  # never leave a half-written temporary behind
+                tmp.unlink()
+            raise
         new = [
             {
                 "site": item["site"],
@@ -283,6 +293,7 @@ class Save(Observer):
     def _commit(self) -> None:
         """Make the staged files durable, then list them in the manifest."""
         for path in dict.fromkeys(self._unsynced):
+            self._current = path
             _fsync_file(path)
         self._unsynced.clear()
         staged, self._staged = self._staged, []
@@ -304,12 +315,18 @@ class Save(Observer):
         }
         path = self._dir / MANIFEST
         tmp = self._dir / f".{MANIFEST}.tmp{os.getpid()}"
+        self._current = path
         text = json.dumps(doc)  # one shot: the C encoder (json.dump streams through the pure-Python one)
-        with tmp.open("w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        try:
+            with tmp.open("w") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):  # the previous manifest stays as it was
+                tmp.unlink()
+            raise
         _fsync_dir(self._dir)
 
     def _raise_writer_error(self, again: bool = False) -> None:
@@ -319,8 +336,10 @@ class Save(Observer):
         if exc is None or (self._reported and not again):
             return
         self._reported = True
-        raise RunError(
-            f"the save observer failed writing to {self._dir}: {type(exc).__name__}: {exc}"
+        where = self._error_file or self._dir
+        detail = " ".join(str(exc).split())  # one line, whatever the library said
+        raise OutputWriteError(
+            f"the save observer failed writing {where}: {type(exc).__name__}: {detail}", path=str(where)
         ) from exc
 
     def flush(self) -> None:
