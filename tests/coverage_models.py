@@ -580,6 +580,110 @@ def consisid() -> tuple[torch.nn.Module, Inputs]:
                "timestep": torch.tensor([3])}  # fmt: skip
 
 
+# ---- more classes (configs as small as the class allows; inputs matching them) ----
+
+
+def _mk(cls_name: str, **config: Any) -> torch.nn.Module:
+    import diffusers
+
+    _seed()
+    return getattr(diffusers, cls_name)(**config).eval()
+
+
+def _r(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape)
+
+
+def hidream() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("HiDreamImageTransformer2DModel", patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1,
+            attention_head_dim=8, num_attention_heads=2, caption_channels=[8, 4], text_emb_dim=8, num_routed_experts=2,
+            num_activated_experts=2, axes_dims_rope=(4, 2, 2), max_resolution=(16, 16), llama_layers=(0, 1),
+            force_inference_output=True)  # fmt: skip
+    return m, {"hidden_states": _r(1, 4, 8, 8), "encoder_hidden_states_t5": _r(1, 4, 8),
+               "encoder_hidden_states_llama3": _r(2, 1, 4, 4), "pooled_embeds": _r(1, 8), "timesteps": torch.tensor([3])}  # fmt: skip
+
+
+def omnigen() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("OmniGenTransformer2DModel", hidden_size=16, num_attention_heads=2, num_key_value_heads=2, intermediate_size=32,
+            num_layers=2, pad_token_id=0, vocab_size=100, in_channels=4, time_step_dim=4,
+            rope_scaling={"long_factor": [1, 2, 3, 4], "short_factor": [1, 2, 3, 4]})  # fmt: skip
+    n = 20 + 1 + 16
+    return m, {"hidden_states": _r(1, 4, 8, 8), "timestep": torch.tensor([0.5]), "input_ids": torch.randint(0, 10, (1, 20)),
+               "input_img_latents": [_r(1, 4, 8, 8)], "input_image_sizes": {0: [[0, 16]]},
+               "attention_mask": torch.ones(1, n, n), "position_ids": torch.arange(n)[None]}  # fmt: skip
+
+
+def lumina_next() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("LuminaNextDiT2DModel", sample_size=8, patch_size=2, in_channels=4, hidden_size=24, num_layers=1,
+            num_attention_heads=3, num_kv_heads=1, multiple_of=16, learn_sigma=False, qk_norm=True,
+            cross_attention_dim=16)  # fmt: skip
+    mask = torch.ones(1, 5)
+    mask[:, -1] = 0  # one padded text token: the masked path runs too
+    return m, {"hidden_states": _r(1, 4, 8, 8), "encoder_hidden_states": _r(1, 5, 16), "timestep": torch.tensor([0.5]),
+               "encoder_mask": mask, "image_rotary_emb": _r(16, 16, 4), "cross_attention_kwargs": {}}  # fmt: skip
+
+
+def easyanimate() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("EasyAnimateTransformer3DModel", attention_head_dim=16, num_attention_heads=2, in_channels=4, mmdit_layers=1,
+            num_layers=1, out_channels=4, patch_size=2, sample_height=8, sample_width=8, text_embed_dim=16,
+            time_embed_dim=8)  # fmt: skip
+    return m, {"hidden_states": _r(1, 4, 2, 8, 8), "timestep": torch.tensor([3]), "encoder_hidden_states": _r(1, 5, 16)}
+
+
+def cosmos() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("CosmosTransformer3DModel", in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12,
+            num_layers=1, mlp_ratio=2, text_embed_dim=16, adaln_lora_dim=4, max_size=(4, 16, 16), patch_size=(1, 2, 2),
+            rope_scale=(2.0, 1.0, 1.0), concat_padding_mask=False, extra_pos_embed_type="learnable")  # fmt: skip
+    # concat_padding_mask=False: the padding-mask path needs torchvision, which is not a test dependency
+    return m, {"hidden_states": _r(1, 4, 1, 8, 8), "timestep": torch.tensor([3]), "encoder_hidden_states": _r(1, 5, 16),
+               "attention_mask": torch.ones(1, 5), "fps": 30}  # fmt: skip
+
+
+def stable_cascade() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("StableCascadeUNet", in_channels=4, out_channels=4, timestep_ratio_embedding_dim=8, conditioning_dim=16,
+            block_out_channels=(16, 32), num_attention_heads=(2, 2), down_num_layers_per_block=(1, 1),
+            up_num_layers_per_block=(1, 1), clip_text_pooled_in_channels=8, clip_text_in_channels=8, clip_seq=2,
+            dropout=(0.0, 0.0))  # fmt: skip
+    return m, {"sample": _r(1, 4, 8, 8), "timestep_ratio": torch.tensor([0.5]), "clip_text_pooled": _r(1, 1, 8),
+               "clip_text": _r(1, 5, 8)}  # fmt: skip
+
+
+def uvit2d() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("UVit2DModel", hidden_size=16, cond_embed_dim=8, micro_cond_encode_dim=2, micro_cond_embed_dim=10,
+            encoder_hidden_size=8, vocab_size=32, codebook_size=8, in_channels=8, block_out_channels=16, num_res_blocks=1,
+            downsample=True, upsample=True, block_num_heads=2, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=16, sample_size=4)  # fmt: skip
+    return m, {"input_ids": torch.randint(0, 8, (1, 4, 4)), "encoder_hidden_states": _r(1, 5, 8),
+               "pooled_text_emb": _r(1, 8), "micro_conds": _r(1, 5)}  # fmt: skip
+
+
+def kandinsky3() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("Kandinsky3UNet", in_channels=4, time_embedding_dim=4, groups=2, attention_head_dim=4, layers_per_block=2,
+            block_out_channels=(16, 32), cross_attention_dim=4, encoder_hid_dim=16)  # fmt: skip
+    mask = torch.ones(1, 5)
+    mask[:, -1] = 0
+    return m, {"sample": _r(1, 4, 8, 8), "timestep": torch.tensor([3]), "encoder_hidden_states": _r(1, 5, 16),
+               "encoder_attention_mask": mask}  # fmt: skip
+
+
+def sparse_controlnet() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("SparseControlNetModel", in_channels=4, conditioning_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+            down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"), norm_num_groups=8, cross_attention_dim=16,
+            attention_head_dim=8, conditioning_embedding_out_channels=(8, 16), motion_max_seq_length=4,
+            motion_num_attention_heads=2)  # fmt: skip
+    return m, {"sample": _r(1, 4, 2, 8, 8), "timestep": torch.tensor(3), "encoder_hidden_states": _r(2, 5, 16),
+               "controlnet_cond": _r(1, 4, 2, 8, 8), "conditioning_mask": torch.ones(1, 1, 2, 8, 8)}  # fmt: skip
+
+
+def t5_film() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("T5FilmDecoder", input_dims=4, targets_length=8, d_model=16, num_layers=1, num_heads=2, d_kv=8, d_ff=32,
+            dropout_rate=0.0)  # fmt: skip
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    mask[:, -1] = False
+    return m, {"encodings_and_masks": [(_r(1, 5, 16), mask)], "decoder_input_tokens": _r(1, 8, 4),
+               "decoder_noise_time": torch.tensor([0.5])}  # fmt: skip
+
+
 CASES: dict[str, Builder] = {
     "UNet2DConditionModel": tiny.sd15_unet,
     "SD3Transformer2DModel": tiny.sd3,
@@ -630,6 +734,16 @@ CASES: dict[str, Builder] = {
     "UNetControlNetXSModel": controlnet_xs,
     "HunyuanDiT2DControlNetModel": hunyuan_dit_controlnet,
     "ConsisIDTransformer3DModel": consisid,
+    "HiDreamImageTransformer2DModel": hidream,
+    "OmniGenTransformer2DModel": omnigen,
+    "LuminaNextDiT2DModel": lumina_next,
+    "EasyAnimateTransformer3DModel": easyanimate,
+    "CosmosTransformer3DModel": cosmos,
+    "StableCascadeUNet": stable_cascade,
+    "UVit2DModel": uvit2d,
+    "Kandinsky3UNet": kandinsky3,
+    "SparseControlNetModel": sparse_controlnet,
+    "T5FilmDecoder": t5_film,
 }
 
 #: Extra variants exercising adapters/processors on an already-covered class.
@@ -642,8 +756,10 @@ VARIANTS: dict[str, Builder] = {
 
 def run(model: torch.nn.Module, inputs: Inputs) -> torch.Tensor:
     """One forward without grad; the first output tensor (the `.sample` for VAEs)."""
+    # A few classes (UVit2DModel, T5FilmDecoder) return a tensor and take no `return_dict`.
+    extra = {"return_dict": False} if "return_dict" in inspect.signature(model.forward).parameters else {}
     with torch.no_grad():
-        out = model(**inputs, return_dict=False)
+        out = model(**inputs, **extra)
     while isinstance(out, (tuple, list)):
         out = out[0]
     if not isinstance(out, torch.Tensor):
