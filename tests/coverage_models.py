@@ -684,6 +684,100 @@ def t5_film() -> tuple[torch.nn.Module, Inputs]:
                "decoder_noise_time": torch.tensor([0.5])}  # fmt: skip
 
 
+def sana_video() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("SanaVideoTransformer3DModel", in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12,
+            num_layers=1, num_cross_attention_heads=2, cross_attention_head_dim=12, cross_attention_dim=24,
+            caption_channels=16, mlp_ratio=2.5, sample_size=8, patch_size=(1, 2, 2), norm_elementwise_affine=False,
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=32)  # fmt: skip
+    return m, {"hidden_states": _r(1, 4, 2, 8, 8), "encoder_hidden_states": _r(1, 5, 16), "timestep": torch.tensor([3])}
+
+
+def wan_animate() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("WanAnimateTransformer3DModel", patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+            in_channels=12, latent_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=1,
+            cross_attn_norm=True, qk_norm="rms_norm_across_heads", image_dim=16, rope_max_seq_len=32,
+            motion_encoder_channel_sizes={"4": 8, "8": 8, "16": 8}, motion_encoder_size=16, motion_style_dim=8,
+            motion_dim=4, motion_encoder_dim=8, face_encoder_hidden_dim=8, face_encoder_num_heads=2,
+            inject_face_latents_blocks=1)  # fmt: skip
+    # 4 pose frames + 1 reference frame; 13 face frames (the face encoder downsamples time by 4).
+    return m, {"hidden_states": _r(1, 12, 5, 8, 8), "timestep": torch.tensor([3]), "encoder_hidden_states": _r(1, 5, 16),
+               "encoder_hidden_states_image": _r(1, 3, 16), "pose_hidden_states": _r(1, 4, 4, 8, 8),
+               "face_pixel_values": _r(1, 3, 13, 16, 16)}  # fmt: skip
+
+
+def _zimage_transformer() -> torch.nn.Module:
+    return _mk("ZImageTransformer2DModel", all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=16, n_layers=1,
+               n_refiner_layers=1, n_heads=2, n_kv_heads=2, qk_norm=True, cap_feat_dim=16, axes_dims=[4, 2, 2],
+               axes_lens=[64, 16, 16])  # fmt: skip
+
+
+def zimage() -> tuple[torch.nn.Module, Inputs]:
+    # 32 caption tokens and 16 image tokens: multiples of the padding unit, so no pad rows (they make NaN rows).
+    return _zimage_transformer(), {"x": [_r(4, 1, 8, 8)], "t": torch.tensor([0.5]), "cap_feats": [_r(32, 16)]}
+
+
+def zimage_controlnet() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import ZImageControlNetModel
+
+    transformer = _zimage_transformer()
+    _seed()
+    cn = ZImageControlNetModel(control_layers_places=[0], control_in_dim=4, all_patch_size=(2,), all_f_patch_size=(1,),
+                               dim=16, n_refiner_layers=1, n_heads=2, n_kv_heads=2, qk_norm=True).eval()  # fmt: skip
+    m = ZImageControlNetModel.from_transformer(cn, transformer)
+    return m, {"x": [_r(4, 1, 8, 8)], "t": torch.tensor([0.5]), "cap_feats": [_r(32, 16)],
+               "control_context": [_r(4, 1, 8, 8)]}  # fmt: skip
+
+
+def multi_controlnet() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import MultiControlNetModel
+
+    a, inputs = controlnet()
+    b, _ = controlnet()
+    cond = inputs.pop("controlnet_cond")
+    return MultiControlNetModel([a, b]).eval(), dict(inputs, controlnet_cond=[cond, cond], conditioning_scale=[1.0, 0.5])
+
+
+def sd3_multi_controlnet() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import SD3MultiControlNetModel
+
+    a, inputs = sd3_controlnet()
+    b, _ = sd3_controlnet()
+    cond = inputs.pop("controlnet_cond")
+    return SD3MultiControlNetModel([a, b]).eval(), dict(inputs, controlnet_cond=[cond, cond], conditioning_scale=[1.0, 0.5])
+
+
+def flux_multi_controlnet() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import FluxControlNetModel, FluxMultiControlNetModel
+
+    _, inputs = tiny.flux()
+    nets = []
+    for _i in range(2):  # two union controlnets (num_mode set): the multi path passes one mode per net
+        _seed()
+        nets.append(FluxControlNetModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                                        num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16,
+                                        axes_dims_rope=(2, 2, 4), num_mode=2).eval())  # fmt: skip
+    cond = torch.randn(1, 16, 8)
+    return FluxMultiControlNetModel(nets).eval(), dict(inputs, controlnet_cond=[cond, cond], conditioning_scale=[1.0, 0.5],
+                                                       controlnet_mode=[torch.tensor([0]), torch.tensor([1])])  # fmt: skip
+
+
+def qwen_multi_controlnet() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import QwenImageMultiControlNetModel
+
+    a, inputs = qwen_controlnet()
+    cond = inputs.pop("controlnet_cond")
+    return QwenImageMultiControlNetModel([a]).eval(), dict(inputs, controlnet_cond=[cond], conditioning_scale=[0.5])
+
+
+def hunyuan_multi_controlnet() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers import HunyuanDiT2DMultiControlNetModel
+
+    a, inputs = hunyuan_dit_controlnet()
+    b, _ = hunyuan_dit_controlnet()
+    cond = inputs.pop("controlnet_cond")
+    return HunyuanDiT2DMultiControlNetModel([a, b]).eval(), dict(inputs, controlnet_cond=[cond, cond], conditioning_scale=[1.0, 0.5])
+
+
 CASES: dict[str, Builder] = {
     "UNet2DConditionModel": tiny.sd15_unet,
     "SD3Transformer2DModel": tiny.sd3,
@@ -744,6 +838,15 @@ CASES: dict[str, Builder] = {
     "Kandinsky3UNet": kandinsky3,
     "SparseControlNetModel": sparse_controlnet,
     "T5FilmDecoder": t5_film,
+    "SanaVideoTransformer3DModel": sana_video,
+    "WanAnimateTransformer3DModel": wan_animate,
+    "ZImageTransformer2DModel": zimage,
+    "ZImageControlNetModel": zimage_controlnet,
+    "MultiControlNetModel": multi_controlnet,
+    "SD3MultiControlNetModel": sd3_multi_controlnet,
+    "FluxMultiControlNetModel": flux_multi_controlnet,
+    "QwenImageMultiControlNetModel": qwen_multi_controlnet,
+    "HunyuanDiT2DMultiControlNetModel": hunyuan_multi_controlnet,
 }
 
 #: Extra variants exercising adapters/processors on an already-covered class.
@@ -760,8 +863,8 @@ def run(model: torch.nn.Module, inputs: Inputs) -> torch.Tensor:
     extra = {"return_dict": False} if "return_dict" in inspect.signature(model.forward).parameters else {}
     with torch.no_grad():
         out = model(**inputs, **extra)
-    while isinstance(out, (tuple, list)):
-        out = out[0]
+    while isinstance(out, (tuple, list, dict)):  # ZImageControlNetModel returns {layer index: hints}
+        out = out[0] if not isinstance(out, dict) else next(iter(out.values()))
     if not isinstance(out, torch.Tensor):
         out = getattr(out, "sample", out)
     return out
