@@ -778,6 +778,84 @@ def hunyuan_multi_controlnet() -> tuple[torch.nn.Module, Inputs]:
     return HunyuanDiT2DMultiControlNetModel([a, b]).eval(), dict(inputs, controlnet_cond=[cond, cond], conditioning_scale=[1.0, 0.5])
 
 
+def hunyuan_image() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("HunyuanImageTransformer2DModel", in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+            num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=(1, 1), text_embed_dim=16,
+            rope_axes_dim=(4, 4))  # fmt: skip
+    mask = torch.ones(1, 5)
+    mask[:, -1] = 0
+    return m, {"hidden_states": _r(1, 4, 4, 4), "timestep": torch.tensor([3.0]), "encoder_hidden_states": _r(1, 5, 16),
+               "encoder_attention_mask": mask}  # fmt: skip
+
+
+def ltx2() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("LTX2VideoTransformer3DModel", in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2,
+            attention_head_dim=8, cross_attention_dim=16, audio_in_channels=4, audio_out_channels=4,
+            audio_num_attention_heads=2, audio_attention_head_dim=4, audio_cross_attention_dim=8, num_layers=1,
+            qk_norm="rms_norm_across_heads", caption_channels=16, rope_double_precision=False)  # fmt: skip
+    return m, {"hidden_states": _r(1, 2 * 4 * 4, 4), "audio_hidden_states": _r(1, 5, 4), "encoder_hidden_states": _r(1, 6, 16),
+               "audio_encoder_hidden_states": _r(1, 6, 16), "timestep": torch.tensor([300.0]),
+               "encoder_attention_mask": torch.ones(1, 6, dtype=torch.bool), "num_frames": 2, "height": 4, "width": 4,
+               "audio_num_frames": 5, "fps": 25.0}  # fmt: skip
+
+
+def kandinsky6() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("Kandinsky6Transformer3DModel", in_visual_dim=4, out_visual_dim=4, in_text_dim=8, in_text_dim2=8, time_dim=16,
+            patch_size=(1, 2, 2), model_dim=24, ff_dim=32, num_text_blocks=1, num_visual_blocks=1, axes_dims=(4, 4, 4),
+            visual_cond=True, in_audio_dim=4, out_audio_dim=4)  # fmt: skip
+    return m, {"hidden_states": _r(1, 2, 4, 4, 9), "encoder_hidden_states": _r(1, 6, 8), "pooled_projections": _r(1, 8),
+               "timestep": torch.tensor([300.0]), "audio_hidden_states": _r(1, 5, 4)}  # fmt: skip
+
+
+def kandinsky5() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("Kandinsky5Transformer3DModel", in_visual_dim=4, in_text_dim=8, in_text_dim2=8, time_dim=16, out_visual_dim=4,
+            patch_size=(1, 2, 2), model_dim=24, ff_dim=32, num_text_blocks=1, num_visual_blocks=1, axes_dims=(4, 4, 4))  # fmt: skip
+    return m, {"hidden_states": _r(1, 2, 4, 4, 4), "encoder_hidden_states": _r(1, 6, 8), "pooled_projections": _r(1, 8),
+               "timestep": torch.tensor([300.0]), "visual_rope_pos": (torch.arange(2), torch.arange(2), torch.arange(2)),
+               "text_rope_pos": torch.arange(6)}  # fmt: skip
+
+
+def ideogram4() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers.models.transformers import transformer_ideogram4 as t
+
+    m = _mk("Ideogram4Transformer2DModel", in_channels=8, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+            intermediate_size=32, adaln_dim=16, llm_features_dim=12, rope_theta=10_000, mrope_section=(2, 1, 1))  # fmt: skip
+    text, img = 4, 4
+    hidden = torch.zeros(1, text + img, 8)
+    hidden[:, text:] = _r(1, img, 8)
+    context = torch.zeros(1, text + img, 12)
+    context[:, :text] = _r(1, text, 12)
+    pos = torch.zeros(1, text + img, 3, dtype=torch.long)
+    pos[:, :text] = torch.arange(text)[:, None]
+    pos[:, text:, 0] = t.IMAGE_POSITION_OFFSET
+    pos[:, text:, 1] = torch.tensor([0, 0, 1, 1]) + t.IMAGE_POSITION_OFFSET
+    pos[:, text:, 2] = torch.tensor([0, 1, 0, 1]) + t.IMAGE_POSITION_OFFSET
+    indicator = torch.full((1, text + img), t.OUTPUT_IMAGE_INDICATOR, dtype=torch.long)
+    indicator[:, :text] = t.LLM_TOKEN_INDICATOR
+    return m, {"hidden_states": hidden, "encoder_hidden_states": context, "timestep": torch.tensor([0.5]),
+               "position_ids": pos, "segment_ids": torch.ones(1, text + img, dtype=torch.long), "indicator": indicator}  # fmt: skip
+
+
+def qwen_image21() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("QwenImage21Transformer2DModel", patch_size=1, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=16,
+            num_attention_heads=2, context_in_dim=8, mlp_ratio=2, axes_dims_rope=(4, 6, 6))  # fmt: skip
+    img_mask = torch.zeros(1, 4 + 1, dtype=torch.bool)
+    img_mask[:, 4:] = True  # one vision slot per 2x2 group of target latents, after the text
+    return m, {"hidden_states": _r(1, 4, 4), "encoder_hidden_states": _r(1, 4, 8),
+               "encoder_hidden_states_mask": torch.ones(1, 4, dtype=torch.long), "timestep": torch.tensor([1.0]),
+               "img_shapes": [[(1, 2, 2)]], "img_mask": img_mask}  # fmt: skip
+
+
+def stable_audio3() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("StableAudio3DiTModel", io_channels=4, patch_size=1, embed_dim=16, depth=1, num_heads=2, cond_token_dim=8,
+            global_cond_dim=8, local_add_cond_dim=5, timestep_features_dim=8, ff_mult=2, num_memory_tokens=2,
+            use_differential_attention=True)  # fmt: skip
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    mask[:, -1] = False
+    return m, {"hidden_states": _r(1, 4, 8), "timestep": torch.tensor([0.5]), "encoder_hidden_states": _r(1, 4, 8),
+               "global_hidden_states": _r(1, 8), "encoder_attention_mask": mask}  # fmt: skip
+
+
 CASES: dict[str, Builder] = {
     "UNet2DConditionModel": tiny.sd15_unet,
     "SD3Transformer2DModel": tiny.sd3,
@@ -847,6 +925,13 @@ CASES: dict[str, Builder] = {
     "FluxMultiControlNetModel": flux_multi_controlnet,
     "QwenImageMultiControlNetModel": qwen_multi_controlnet,
     "HunyuanDiT2DMultiControlNetModel": hunyuan_multi_controlnet,
+    "HunyuanImageTransformer2DModel": hunyuan_image,
+    "LTX2VideoTransformer3DModel": ltx2,
+    "Kandinsky6Transformer3DModel": kandinsky6,
+    "Kandinsky5Transformer3DModel": kandinsky5,
+    "Ideogram4Transformer2DModel": ideogram4,
+    "QwenImage21Transformer2DModel": qwen_image21,
+    "StableAudio3DiTModel": stable_audio3,
 }
 
 #: Extra variants exercising adapters/processors on an already-covered class.
