@@ -856,6 +856,70 @@ def stable_audio3() -> tuple[torch.nn.Module, Inputs]:
                "global_hidden_states": _r(1, 8), "encoder_attention_mask": mask}  # fmt: skip
 
 
+def allegro_vae() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("AutoencoderKLAllegro", block_out_channels=(8, 16), down_block_types=("AllegroDownBlock3D",) * 2,
+            up_block_types=("AllegroUpBlock3D",) * 2, temporal_downsample_blocks=(False, False),
+            temporal_upsample_blocks=(False, False), latent_channels=4, layers_per_block=1, norm_num_groups=4,
+            temporal_compression_ratio=1, sample_size=8)  # fmt: skip
+    # Allegro encodes only through tiling; one tile covering the whole tiny video (its default overlaps assume 320px).
+    m.enable_tiling()
+    m.kernel = m.stride = (4, 8, 8)
+    return m, {"sample": _r(1, 3, 4, 8, 8)}
+
+
+def cosmos_vae() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("AutoencoderKLCosmos", latent_channels=4, encoder_block_out_channels=(8, 8, 8, 8),
+            decode_block_out_channels=(8, 8, 8, 8), attention_resolutions=(8,), resolution=64, num_layers=1, patch_size=4,
+            spatial_compression_ratio=4, temporal_compression_ratio=4, latents_mean=None, latents_std=None)  # fmt: skip
+    return m, {"sample": _r(1, 3, 9, 32, 32)}
+
+
+def hunyuan_video_vae() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("AutoencoderKLHunyuanVideo", latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+            down_block_types=("HunyuanVideoDownBlock3D",) * 4, up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+            norm_num_groups=4, spatial_compression_ratio=8, temporal_compression_ratio=4)  # fmt: skip
+    return m, {"sample": _r(1, 3, 5, 16, 16)}
+
+
+def mochi_vae() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("AutoencoderKLMochi", in_channels=15, out_channels=3, latent_channels=4, encoder_block_out_channels=(32,) * 4,
+            decoder_block_out_channels=(32,) * 4, layers_per_block=(1, 1, 1, 1, 1), latents_mean=(0.0,) * 4,
+            latents_std=(1.0,) * 4)  # fmt: skip
+    return m, {"sample": _r(1, 3, 7, 16, 16)}
+
+
+def consistency_vae() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("ConsistencyDecoderVAE", encoder_block_out_channels=(8, 16), encoder_down_block_types=("DownEncoderBlock2D",) * 2,
+            encoder_layers_per_block=1, encoder_norm_num_groups=4, decoder_block_out_channels=(8, 16),
+            decoder_down_block_types=("ResnetDownsampleBlock2D",) * 2, decoder_up_block_types=("ResnetUpsampleBlock2D",) * 2,
+            decoder_layers_per_block=1, decoder_norm_num_groups=4, decoder_add_attention=False, sample_size=16)  # fmt: skip
+    # The consistency decoder samples noise: `run` seeds the global generator before each forward.
+    return m, {"sample": _r(1, 3, 16, 16)}
+
+
+def same_vae() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("AutoencoderSAME", audio_channels=2, patch_size=4, encoder_channels=16, encoder_c_mults=[1, 2],
+            encoder_strides=[2, 2], encoder_transformer_depths=[1, 1], latent_dim=8, use_differential_attention=True,
+            dim_heads=8, ff_mult=2)  # fmt: skip
+    return m, {"sample": _r(1, 2, 128)}
+
+
+def minimax_h3_vae() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("AutoencoderKLMiniMaxH3", latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+            spatial_downsample_factors=(2, 2), temporal_downsample_factors=(2, 2), norm_num_groups=8, decoder_num_layers=1,
+            decoder_num_attention_heads=2, decoder_attention_head_dim=8, decoder_num_register_tokens=2, decoder_ffn_mult=2,
+            latents_mean=(0.0,) * 4, latents_std=(1.0,) * 4)  # fmt: skip
+    return m, {"sample": _r(1, 3, 22, 8, 8)}
+
+
+def rae() -> tuple[torch.nn.Module, Inputs]:
+    # The dinov2 encoder (a transformers model) is built from a config with 64-dim heads: hidden size 64 = one head.
+    m = _mk("AutoencoderRAE", encoder_type="dinov2", encoder_hidden_size=64, encoder_patch_size=8,
+            encoder_num_hidden_layers=1, decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+            decoder_intermediate_size=32, patch_size=4, encoder_input_size=16, image_size=8)  # fmt: skip
+    return m, {"sample": _r(1, 3, 16, 16)}
+
+
 CASES: dict[str, Builder] = {
     "UNet2DConditionModel": tiny.sd15_unet,
     "SD3Transformer2DModel": tiny.sd3,
@@ -932,6 +996,14 @@ CASES: dict[str, Builder] = {
     "Ideogram4Transformer2DModel": ideogram4,
     "QwenImage21Transformer2DModel": qwen_image21,
     "StableAudio3DiTModel": stable_audio3,
+    "AutoencoderKLAllegro": allegro_vae,
+    "AutoencoderKLCosmos": cosmos_vae,
+    "AutoencoderKLHunyuanVideo": hunyuan_video_vae,
+    "AutoencoderKLMochi": mochi_vae,
+    "ConsistencyDecoderVAE": consistency_vae,
+    "AutoencoderSAME": same_vae,
+    "AutoencoderKLMiniMaxH3": minimax_h3_vae,
+    "AutoencoderRAE": rae,
 }
 
 #: Extra variants exercising adapters/processors on an already-covered class.
@@ -947,6 +1019,7 @@ def run(model: torch.nn.Module, inputs: Inputs) -> torch.Tensor:
     # A few classes (UVit2DModel, T5FilmDecoder) return a tensor and take no `return_dict`.
     extra = {"return_dict": False} if "return_dict" in inspect.signature(model.forward).parameters else {}
     with torch.no_grad():
+        torch.manual_seed(0)  # models that sample noise in forward (ConsistencyDecoderVAE) then repeat exactly
         out = model(**inputs, **extra)
     while isinstance(out, (tuple, list, dict)):  # ZImageControlNetModel returns {layer index: hints}
         out = out[0] if not isinstance(out, dict) else next(iter(out.values()))
