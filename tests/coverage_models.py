@@ -920,6 +920,45 @@ def rae() -> tuple[torch.nn.Module, Inputs]:
     return m, {"sample": _r(1, 3, 16, 16)}
 
 
+def audioldm2_unet() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("AudioLDM2UNet2DConditionModel", block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+            sample_size=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=(8, 16), attention_head_dim=8)  # fmt: skip
+    return m, {"sample": _r(1, 4, 8, 8), "timestep": torch.tensor(3), "encoder_hidden_states": _r(1, 5, 16),
+               "encoder_hidden_states_1": _r(1, 6, 8)}  # fmt: skip
+
+
+def dreamlite_unet() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("DreamLiteUNetModel", block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=8,
+            cross_attention_dim=16, attention_head_dim=8)  # fmt: skip
+    return m, {"sample": _r(1, 4, 8, 8), "timestep": torch.tensor(3), "encoder_hidden_states": _r(1, 5, 16)}
+
+
+def dreamlite_transformer() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("DreamLiteTransformer2DModel", num_attention_heads=2, attention_head_dim=8, in_channels=16, num_layers=1,
+            cross_attention_dim=16, norm_num_groups=8)  # fmt: skip
+    return m, {"hidden_states": _r(1, 16, 4, 4), "encoder_hidden_states": _r(1, 5, 16)}
+
+
+def controlnet_union() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("ControlNetUnionModel", block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+            attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), norm_num_groups=8,
+            conditioning_embedding_out_channels=(8, 16), addition_embed_type="text_time", addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=16 + 6 * 8, num_control_type=2, num_trans_channel=32, num_trans_head=2,
+            num_proj_channel=32)  # fmt: skip
+    return m, {"sample": _r(1, 4, 16, 16), "timestep": torch.tensor(10), "encoder_hidden_states": _r(1, 7, 32),
+               "controlnet_cond": [_r(1, 3, 32, 32)], "control_type": torch.tensor([[1, 0]]), "control_type_idx": [0],
+               "added_cond_kwargs": {"text_embeds": _r(1, 16), "time_ids": _r(1, 6)}}  # fmt: skip
+
+
+def unidiffuser() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("UniDiffuserModel", text_dim=8, clip_img_dim=8, num_text_tokens=4, num_attention_heads=2, attention_head_dim=8,
+            in_channels=4, out_channels=4, num_layers=2, norm_num_groups=8, sample_size=8, patch_size=2,
+            block_type="unidiffuser", use_timestep_embedding=False, use_patch_pos_embed=False)  # fmt: skip
+    return m, {"latent_image_embeds": _r(1, 4, 8, 8), "image_embeds": _r(1, 1, 8), "prompt_embeds": _r(1, 4, 8),
+               "timestep_img": torch.tensor([3]), "timestep_text": torch.tensor([5])}  # fmt: skip
+
+
 CASES: dict[str, Builder] = {
     "UNet2DConditionModel": tiny.sd15_unet,
     "SD3Transformer2DModel": tiny.sd3,
@@ -1004,6 +1043,11 @@ CASES: dict[str, Builder] = {
     "AutoencoderSAME": same_vae,
     "AutoencoderKLMiniMaxH3": minimax_h3_vae,
     "AutoencoderRAE": rae,
+    "AudioLDM2UNet2DConditionModel": audioldm2_unet,
+    "DreamLiteUNetModel": dreamlite_unet,
+    "DreamLiteTransformer2DModel": dreamlite_transformer,
+    "ControlNetUnionModel": controlnet_union,
+    "UniDiffuserModel": unidiffuser,
 }
 
 #: Extra variants exercising adapters/processors on an already-covered class.
