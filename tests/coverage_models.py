@@ -959,6 +959,73 @@ def unidiffuser() -> tuple[torch.nn.Module, Inputs]:
                "timestep_img": torch.tensor([3]), "timestep_text": torch.tensor([5])}  # fmt: skip
 
 
+def bria_fibo() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("BriaFiboTransformer2DModel", patch_size=1, in_channels=8, num_layers=1, num_single_layers=1,
+            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16, text_encoder_dim=8,
+            pooled_projection_dim=None, axes_dims_rope=[0, 4, 4])  # fmt: skip
+    ctx = _r(1, 6, 16)
+    return m, {"hidden_states": _r(1, 16, 8), "encoder_hidden_states": ctx, "img_ids": _img_ids(4, 4),
+               "txt_ids": torch.zeros(6, 3), "timestep": torch.tensor([1.0]),
+               "text_encoder_layers": [ctx[:, :, :8], ctx[:, :, :8]]}  # fmt: skip
+
+
+def ernie_image() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("ErnieImageTransformer2DModel", hidden_size=16, num_attention_heads=2, num_layers=1, ffn_hidden_size=16,
+            in_channels=4, out_channels=4, patch_size=1, text_in_dim=16, rope_theta=256, rope_axes_dim=(4, 2, 2),
+            qk_layernorm=True)  # fmt: skip
+    return m, {"hidden_states": _r(1, 4, 4, 4), "timestep": torch.tensor([1.0]), "text_bth": _r(1, 5, 16),
+               "text_lens": torch.tensor([4])}  # fmt: skip
+
+
+def glm_image() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("GlmImageTransformer2DModel", patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
+            num_attention_heads=2, text_embed_dim=16, time_embed_dim=16, condition_dim=8,
+            prior_vq_quantizer_codebook_size=16)  # fmt: skip
+    return m, {"hidden_states": _r(1, 4, 8, 8), "encoder_hidden_states": _r(1, 5, 16), "prior_token_id": torch.tensor([3]),
+               "prior_token_drop": torch.zeros(1, dtype=torch.bool), "timestep": torch.tensor([3]),
+               "target_size": torch.tensor([[8.0, 8.0]]), "crop_coords": torch.tensor([[0.0, 0.0]])}  # fmt: skip
+
+
+def hunyuan_video15() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("HunyuanVideo15Transformer3DModel", in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+            num_layers=1, num_refiner_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=16,
+            text_embed_2_dim=8, image_embed_dim=12, rope_axes_dim=(2, 2, 4), target_size=16, task_type="t2v")  # fmt: skip
+    mask = torch.ones(1, 6)
+    mask[:, -1] = 0
+    return m, {"hidden_states": _r(1, 4, 1, 4, 4), "timestep": torch.tensor([1.0]), "encoder_hidden_states": _r(1, 6, 16),
+               "encoder_hidden_states_2": _r(1, 4, 8), "encoder_attention_mask": mask,
+               "encoder_attention_mask_2": torch.ones(1, 4), "image_embeds": torch.zeros(1, 3, 12)}  # fmt: skip
+
+
+def framepack() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("HunyuanVideoFramepackTransformer3DModel", in_channels=4, out_channels=4, num_attention_heads=2,
+            attention_head_dim=10, num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1,
+            guidance_embeds=True, text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4),
+            image_condition_type=None, has_image_proj=True, image_proj_dim=16, has_clean_x_embedder=True)  # fmt: skip
+    f = 3
+    return m, {"hidden_states": _r(1, 4, f, 4, 4), "timestep": torch.tensor([3]), "encoder_hidden_states": _r(1, 5, 16),
+               "pooled_projections": _r(1, 8), "encoder_attention_mask": torch.ones(1, 5), "guidance": torch.tensor([3]),
+               "image_embeds": _r(1, 5, 16), "indices_latents": torch.ones(f), "latents_clean": _r(1, 4, f - 1, 4, 4),
+               "indices_latents_clean": torch.ones(f - 1), "latents_history_2x": _r(1, 4, f - 1, 4, 4),
+               "indices_latents_history_2x": torch.ones(f - 1), "latents_history_4x": _r(1, 4, (f - 1) * 4, 4, 4),
+               "indices_latents_history_4x": torch.ones((f - 1) * 4)}  # fmt: skip
+
+
+def krea2() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("Krea2Transformer2DModel", in_channels=8, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+            num_key_value_heads=1, intermediate_size=16, timestep_embed_dim=8, text_hidden_dim=8, num_text_layers=2,
+            text_num_attention_heads=2, text_num_key_value_heads=1, text_intermediate_size=16, num_layerwise_text_blocks=1,
+            num_refiner_text_blocks=1, axes_dims_rope=(4, 2, 2), rope_theta=1000.0)  # fmt: skip
+    text, h, w = 4, 2, 2
+    pos = torch.zeros(text + h * w, 3)
+    pos[text:, 1] = torch.arange(h).repeat_interleave(w)
+    pos[text:, 2] = torch.arange(w).repeat(h)
+    mask = torch.ones(1, text, dtype=torch.bool)
+    mask[:, -1] = False
+    return m, {"hidden_states": _r(1, h * w, 8), "encoder_hidden_states": _r(1, text, 2, 8), "timestep": torch.tensor([0.5]),
+               "position_ids": pos, "encoder_attention_mask": mask}  # fmt: skip
+
+
 CASES: dict[str, Builder] = {
     "UNet2DConditionModel": tiny.sd15_unet,
     "SD3Transformer2DModel": tiny.sd3,
@@ -1048,6 +1115,12 @@ CASES: dict[str, Builder] = {
     "DreamLiteTransformer2DModel": dreamlite_transformer,
     "ControlNetUnionModel": controlnet_union,
     "UniDiffuserModel": unidiffuser,
+    "BriaFiboTransformer2DModel": bria_fibo,
+    "ErnieImageTransformer2DModel": ernie_image,
+    "GlmImageTransformer2DModel": glm_image,
+    "HunyuanVideo15Transformer3DModel": hunyuan_video15,
+    "HunyuanVideoFramepackTransformer3DModel": framepack,
+    "Krea2Transformer2DModel": krea2,
 }
 
 #: Extra variants exercising adapters/processors on an already-covered class.
