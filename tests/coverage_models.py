@@ -1026,6 +1026,71 @@ def krea2() -> tuple[torch.nn.Module, Inputs]:
                "position_ids": pos, "encoder_attention_mask": mask}  # fmt: skip
 
 
+def anyflow(cls_name: str = "AnyFlowTransformer3DModel") -> tuple[torch.nn.Module, Inputs]:
+    m = _mk(cls_name, patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+            text_dim=16, freq_dim=16, ffn_dim=32, num_layers=1, cross_attn_norm=True, rope_max_seq_len=32, gate_value=0.25,
+            deltatime_type="r")  # fmt: skip
+    return m, {"hidden_states": _r(1, 2, 4, 8, 8), "timestep": torch.full((1, 2), 500.0),
+               "r_timestep": torch.full((1, 2), 250.0), "encoder_hidden_states": _r(1, 5, 16)}  # fmt: skip
+
+
+def helios() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("HeliosTransformer3DModel", patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
+            out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=1, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", rope_dim=(4, 4, 4), has_multi_term_memory_patch=True, guidance_cross_attn=True,
+            zero_history_timestep=True, is_amplify_history=False)  # fmt: skip
+    f = 2
+    return m, {"hidden_states": _r(1, 4, f, 8, 8), "timestep": torch.tensor([3]), "encoder_hidden_states": _r(1, 5, 16),
+               "indices_hidden_states": torch.ones(1, f), "indices_latents_history_short": torch.ones(1, f - 1),
+               "indices_latents_history_mid": torch.ones(1, f - 1), "indices_latents_history_long": torch.ones(1, (f - 1) * 4),
+               "latents_history_short": _r(1, 4, f - 1, 8, 8), "latents_history_mid": _r(1, 4, f - 1, 8, 8),
+               "latents_history_long": _r(1, 4, (f - 1) * 4, 8, 8)}  # fmt: skip
+
+
+def motif_video() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("MotifVideoTransformer3DModel", in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=12,
+            num_layers=1, num_single_layers=1, num_decoder_layers=1, mlp_ratio=2.0, patch_size=1, patch_size_t=1,
+            qk_norm="rms_norm", norm_type="layer_norm", text_embed_dim=16, image_embed_dim=4, rope_theta=256.0,
+            rope_axes_dim=(4, 4, 4), enable_text_cross_attention_dual=True, enable_text_cross_attention_single=True)  # fmt: skip
+    return m, {"hidden_states": _r(1, 9, 1, 4, 4), "encoder_hidden_states": _r(1, 5, 16), "timestep": torch.tensor([3])}
+
+
+def nucleus_moe() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("NucleusMoEImageTransformer2DModel", patch_size=2, in_channels=16, out_channels=4, num_layers=1,
+            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(8, 4, 4),
+            moe_enabled=False, capacity_factors=[8.0])  # fmt: skip
+    mask = torch.ones(1, 6, dtype=torch.long)
+    mask[:, -1] = 0
+    return m, {"hidden_states": _r(1, 16, 16), "encoder_hidden_states": _r(1, 6, 16), "encoder_hidden_states_mask": mask,
+               "timestep": torch.tensor([1.0]), "img_shapes": [(1, 4, 4)]}  # fmt: skip
+
+
+def prx() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("PRXTransformer2DModel", in_channels=4, patch_size=2, context_in_dim=16, hidden_size=16, mlp_ratio=2.0,
+            num_heads=2, depth=1, axes_dim=[4, 4], theta=10_000)  # fmt: skip
+    return m, {"hidden_states": _r(1, 4, 8, 8), "encoder_hidden_states": _r(1, 5, 16), "timestep": torch.tensor([1.0])}
+
+
+def minimax_h3() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("MiniMaxH3Transformer3DModel", num_attention_heads=2, attention_head_dim=16, hidden_size=24, num_layers=1,
+            num_refiner_layers=1, ffn_dim=32, in_channels=4, audio_in_channels=6, patch_size=(1, 2, 2), text_dim=8,
+            freq_dim=8, time_embed_hidden_dim=24, time_embed_dim=16, rope_freq_dim=2)  # fmt: skip
+    text, audio, video = 4, 6, 8
+    n = text + audio + video
+    ti, ai, vi = torch.arange(text), torch.arange(text, text + audio), torch.arange(text + audio, n)
+    tags = torch.zeros(n, dtype=torch.long)
+    tags[ti], tags[ai] = 1, 2  # 0 video, 1 text, 2 audio
+    t_idx = torch.zeros(n, dtype=torch.long)
+    t_idx[ai] = 1
+    pos = torch.zeros(n, 3)
+    pos[:, 0] = torch.arange(n, dtype=torch.float32)
+    pos[vi, 1] = torch.arange(video, dtype=torch.float32) % 4
+    pos[vi, 2] = torch.arange(video, dtype=torch.float32) % 2
+    return m, {"hidden_states": _r(1, video, 16), "audio_hidden_states": _r(1, audio, 6), "encoder_hidden_states": _r(1, text, 8),
+               "timestep": torch.tensor([0.7, 0.3]), "timestep_indices": t_idx, "token_tags": tags, "position_ids": pos,
+               "video_indices": vi, "audio_indices": ai, "text_indices": ti}  # fmt: skip
+
+
 CASES: dict[str, Builder] = {
     "UNet2DConditionModel": tiny.sd15_unet,
     "SD3Transformer2DModel": tiny.sd3,
@@ -1121,6 +1186,12 @@ CASES: dict[str, Builder] = {
     "HunyuanVideo15Transformer3DModel": hunyuan_video15,
     "HunyuanVideoFramepackTransformer3DModel": framepack,
     "Krea2Transformer2DModel": krea2,
+    "AnyFlowTransformer3DModel": anyflow,
+    "HeliosTransformer3DModel": helios,
+    "MotifVideoTransformer3DModel": motif_video,
+    "NucleusMoEImageTransformer2DModel": nucleus_moe,
+    "PRXTransformer2DModel": prx,
+    "MiniMaxH3Transformer3DModel": minimax_h3,
 }
 
 #: Extra variants exercising adapters/processors on an already-covered class.
