@@ -1091,6 +1091,56 @@ def minimax_h3() -> tuple[torch.nn.Module, Inputs]:
                "video_indices": vi, "audio_indices": ai, "text_indices": ti}  # fmt: skip
 
 
+def anyflow_far() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("AnyFlowFARTransformer3DModel", patch_size=(1, 2, 2), compressed_patch_size=(1, 4, 4), full_chunk_limit=3,
+            num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4, text_dim=16, freq_dim=16,
+            ffn_dim=32, num_layers=1, cross_attn_norm=True, rope_max_seq_len=32, gate_value=0.25, deltatime_type="r")  # fmt: skip
+    # Causal self-attention through the dispatcher's flex backend (a BlockMask); two chunks of two frames.
+    return m, {"hidden_states": _r(1, 4, 4, 8, 8), "timestep": torch.full((1, 4), 500.0),
+               "r_timestep": torch.full((1, 4), 250.0), "encoder_hidden_states": _r(1, 5, 16), "chunk_partition": [2, 2]}  # fmt: skip
+
+
+def joyimage_edit() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("JoyImageEditTransformer3DModel", patch_size=[1, 2, 2], in_channels=4, hidden_size=32, num_attention_heads=2,
+            text_dim=16, num_layers=1, rope_dim_list=[4, 6, 6], theta=256)  # fmt: skip
+    return m, {"hidden_states": _r(1, 4, 1, 4, 4), "timestep": torch.tensor([1.0]), "encoder_hidden_states": _r(1, 5, 16)}
+
+
+def joyimage_edit_plus() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("JoyImageEditPlusTransformer3DModel", patch_size=[1, 2, 2], in_channels=4, hidden_size=32, num_attention_heads=2,
+            text_dim=16, num_layers=1, rope_dim_list=[4, 6, 6], theta=256)  # fmt: skip
+    return m, {"hidden_states": _r(1, 2, 4, 1, 2, 2), "encoder_hidden_states": _r(1, 5, 16), "timestep": torch.tensor([1.0]),
+               "shape_list": [[(1, 1, 1), (1, 1, 1)]]}  # fmt: skip
+
+
+def kandinsky6_sr() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("Kandinsky6SRTransformer3DModel", in_visual_dim=4, out_visual_dim=8, time_dim=16, patch_size=(1, 2, 2),
+            model_dim=24, ff_dim=32, num_visual_blocks=1, axes_dims=(4, 4, 4))  # fmt: skip
+    return m, {"hidden_states": _r(1, 1, 16, 16, 9), "timestep": torch.tensor([300.0])}
+
+
+def longcat_audio() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("LongCatAudioDiTTransformer", dit_dim=32, dit_depth=1, dit_heads=2, dit_text_dim=16, latent_dim=8,
+            text_conv=False)  # fmt: skip
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    mask[:, -1] = False
+    return m, {"hidden_states": _r(1, 8, 8), "encoder_hidden_states": _r(1, 6, 16), "encoder_attention_mask": mask,
+               "attention_mask": torch.ones(1, 8, dtype=torch.bool), "timestep": torch.ones(1)}  # fmt: skip
+
+
+def sana_wm() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("SanaWMTransformer3DModel", in_channels=4, num_layers=2, hidden_size=32, num_attention_heads=2, patch_size=(1, 1, 1),
+            softmax_every_n=2, linear_head_dim=16, t_kernel_size=3, conv_kernel_size=4, caption_channels=8,
+            mlp_ratio=2.0, chunk_plucker_channels=4, chunk_plucker_post_attn_blocks=2, mixed_precision="fp32")  # fmt: skip
+    f, h, w = 2, 4, 4
+    c2w = torch.eye(4).repeat(1, f, 1, 1)
+    c2w[..., 2, 3] = torch.arange(f, dtype=torch.float32) * 0.1
+    intr = torch.tensor([float(w), float(h), w / 2, h / 2]).expand(1, f, 4)
+    return m, {"hidden_states": _r(1, 4, f, h, w), "timestep": torch.full((1, 1, f), 300.0),
+               "encoder_hidden_states": _r(1, 1, 6, 8), "encoder_attention_mask": torch.ones(1, 6, dtype=torch.long),
+               "camera_conditions": torch.cat([c2w.flatten(-2), intr], -1), "chunk_plucker": _r(1, 4, f, h, w)}  # fmt: skip
+
+
 CASES: dict[str, Builder] = {
     "UNet2DConditionModel": tiny.sd15_unet,
     "SD3Transformer2DModel": tiny.sd3,
@@ -1192,6 +1242,12 @@ CASES: dict[str, Builder] = {
     "NucleusMoEImageTransformer2DModel": nucleus_moe,
     "PRXTransformer2DModel": prx,
     "MiniMaxH3Transformer3DModel": minimax_h3,
+    "AnyFlowFARTransformer3DModel": anyflow_far,
+    "JoyImageEditTransformer3DModel": joyimage_edit,
+    "JoyImageEditPlusTransformer3DModel": joyimage_edit_plus,
+    "Kandinsky6SRTransformer3DModel": kandinsky6_sr,
+    "LongCatAudioDiTTransformer": longcat_audio,
+    "SanaWMTransformer3DModel": sana_wm,
 }
 
 #: Extra variants exercising adapters/processors on an already-covered class.
