@@ -1141,6 +1141,117 @@ def sana_wm() -> tuple[torch.nn.Module, Inputs]:
                "camera_conditions": torch.cat([c2w.flatten(-2), intr], -1), "chunk_plucker": _r(1, 4, f, h, w)}  # fmt: skip
 
 
+_ACE = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+            sliding_window=4)  # fmt: skip
+
+
+def ace_step() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("AceStepTransformer1DModel", hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=8, in_channels=12, audio_acoustic_hidden_dim=4, patch_size=2,
+            sliding_window=4)  # fmt: skip
+    return m, {"hidden_states": _r(1, 8, 4), "timestep": torch.tensor([0.5]), "timestep_r": torch.tensor([0.2]),
+               "encoder_hidden_states": _r(1, 6, 16), "context_latents": _r(1, 8, 8)}  # fmt: skip
+
+
+def ace_detokenizer() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("AceStepAudioTokenDetokenizer", audio_acoustic_hidden_dim=4, pool_window_size=2,
+            num_attention_pooler_hidden_layers=2, **_ACE)  # fmt: skip
+    return m, {"hidden_states": _r(1, 3, 16)}
+
+
+def ace_tokenizer() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("AceStepAudioTokenizer", audio_acoustic_hidden_dim=4, pool_window_size=2, fsq_dim=16,
+            fsq_input_levels=[3, 3, 3], num_attention_pooler_hidden_layers=2, **_ACE)  # fmt: skip
+    return m, {"hidden_states": _r(1, 3, 2, 4)}  # (batch, patches, pool window, acoustic dim)
+
+
+def anima() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("AnimaTextConditioner", source_dim=16, target_dim=16, model_dim=16, num_layers=1, num_attention_heads=2,
+            mlp_ratio=2.0, target_vocab_size=32, min_sequence_length=8)  # fmt: skip
+    return m, {"source_hidden_states": _r(1, 5, 16), "target_input_ids": torch.randint(0, 32, (1, 6))}
+
+
+def minimax_music3() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("MiniMaxMusic3Transformer1DModel", in_channels=4, condition_dim=8, num_layers=1, num_attention_heads=2,
+            attention_head_dim=8, ff_inner_dim=16, rotary_dim=4, fourier_embedding_dim=8)  # fmt: skip
+    return m, {"hidden_states": _r(1, 4, 8), "encoder_hidden_states": _r(1, 8, 8), "timestep": torch.tensor([0.5])}
+
+
+def minimax_rvq_depth() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("MiniMaxMusic3RVQDepthDecoder", hidden_size=16, num_layers=1, num_attention_heads=2, intermediate_size=32,
+            audio_vocab_size=16, num_codebooks=4, max_position_embeddings=8)  # fmt: skip
+    return m, {"inputs_embeds": _r(1, 4, 16)}
+
+
+def bria_fibo2() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("BriaFibo2Transformer2DModel", in_channels=4, patch_size=2, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2,
+            cap_feat_dim=24, injection_layer_ids=(1,), perceiver_num_layers=1, min_num_gist_tokens=4, max_num_gist_tokens=8,
+            gist_step=4, gist_min_text_len=4, gist_max_text_len=16, axes_dims=(4, 6, 6), axes_lens=(16, 16, 16))  # fmt: skip
+    return m, {"hidden_states": _r(1, 4, 8, 8), "timestep": torch.tensor([0.5]), "encoder_hidden_states": _r(1, 2, 6, 24)}
+
+
+def sana_wm_refiner() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers.models.transformers.transformer_sana_wm_refiner import SanaWMLTX2AudioVideoRotaryPosEmbed
+
+    m = _mk("SanaWMLTX2RefinerTransformer3DModel", in_channels=4, out_channels=4, patch_size=1, patch_size_t=1,
+            num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16, audio_in_channels=4, audio_out_channels=4,
+            audio_num_attention_heads=2, audio_attention_head_dim=4, audio_cross_attention_dim=8, num_layers=1,
+            qk_norm="rms_norm_across_heads", caption_channels=16, rope_double_precision=False)  # fmt: skip
+    rope = SanaWMLTX2AudioVideoRotaryPosEmbed(dim=16, patch_size=1, patch_size_t=1, base_num_frames=20, base_height=2048,
+                                              base_width=2048, scale_factors=(8, 32, 32), modality="video",
+                                              double_precision=False, num_attention_heads=2)  # fmt: skip
+    coords = rope.prepare_video_coords(1, 2, 4, 4, device=torch.device("cpu"), fps=24.0)
+    return m, {"hidden_states": _r(1, 32, 4), "encoder_hidden_states": _r(1, 6, 16), "timestep": torch.full((1, 32), 300.0),
+               "video_rotary_emb": rope(coords, device=torch.device("cpu")), "encoder_attention_mask": torch.ones(1, 6)}  # fmt: skip
+
+
+def _wan_like_vae(cls_name: str, **extra: Any) -> tuple[torch.nn.Module, Inputs]:
+    # attn_scales=[] still leaves the mid-block attention (F.sdpa outside any processor).
+    m = _mk(cls_name, base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, attn_scales=[], temperal_downsample=[False],
+            latents_mean=[0.0] * 4, latents_std=[1.0] * 4, **extra)  # fmt: skip
+    return m, {"sample": _r(1, 3, 1, 8, 8)}
+
+
+def wan_vae() -> tuple[torch.nn.Module, Inputs]:
+    return _wan_like_vae("AutoencoderKLWan")
+
+
+def qwen_vae() -> tuple[torch.nn.Module, Inputs]:
+    return _wan_like_vae("AutoencoderKLQwenImage")
+
+
+def qwen21_vae() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("AutoencoderKLQwenImage21", base_dim=16, decoder_base_dim=16, z_dim=4, dim_mult=[1, 1], num_res_blocks=1,
+            attn_scales=[], temperal_downsample=[False], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)  # fmt: skip
+    return m, {"sample": _r(1, 4, 1, 8, 8)}  # four input channels in this release
+
+
+def _hunyuan15_like_vae(cls_name: str) -> tuple[torch.nn.Module, Inputs]:
+    m = _mk(cls_name, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1, spatial_compression_ratio=2,
+            temporal_compression_ratio=1)  # fmt: skip
+    return m, {"sample": _r(1, 3, 1, 8, 8)}
+
+
+def hunyuan_video15_vae() -> tuple[torch.nn.Module, Inputs]:
+    return _hunyuan15_like_vae("AutoencoderKLHunyuanVideo15")
+
+
+def hunyuan_image_refiner_vae() -> tuple[torch.nn.Module, Inputs]:
+    return _hunyuan15_like_vae("AutoencoderKLHunyuanImageRefiner")
+
+
+def hunyuan_image_vae() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("AutoencoderKLHunyuanImage", in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+            layers_per_block=1, spatial_compression_ratio=2, sample_size=8)  # fmt: skip
+    return m, {"sample": _r(1, 3, 8, 8)}
+
+
+def vidtok() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("AutoencoderVidTok", ch=8, ch_mult=[1, 2], z_channels=4, num_res_blocks=1, spatial_ds=[1], spatial_us=[1],
+            tempo_ds=[], tempo_us=[])  # fmt: skip
+    return m, {"sample": _r(1, 3, 1, 8, 8), "sample_posterior": False}
+
+
 CASES: dict[str, Builder] = {
     "UNet2DConditionModel": tiny.sd15_unet,
     "SD3Transformer2DModel": tiny.sd3,
@@ -1248,6 +1359,21 @@ CASES: dict[str, Builder] = {
     "Kandinsky6SRTransformer3DModel": kandinsky6_sr,
     "LongCatAudioDiTTransformer": longcat_audio,
     "SanaWMTransformer3DModel": sana_wm,
+    "AceStepTransformer1DModel": ace_step,
+    "AceStepAudioTokenDetokenizer": ace_detokenizer,
+    "AceStepAudioTokenizer": ace_tokenizer,
+    "AnimaTextConditioner": anima,
+    "MiniMaxMusic3Transformer1DModel": minimax_music3,
+    "MiniMaxMusic3RVQDepthDecoder": minimax_rvq_depth,
+    "BriaFibo2Transformer2DModel": bria_fibo2,
+    "SanaWMLTX2RefinerTransformer3DModel": sana_wm_refiner,
+    "AutoencoderKLWan": wan_vae,
+    "AutoencoderKLQwenImage": qwen_vae,
+    "AutoencoderKLQwenImage21": qwen21_vae,
+    "AutoencoderKLHunyuanVideo15": hunyuan_video15_vae,
+    "AutoencoderKLHunyuanImageRefiner": hunyuan_image_refiner_vae,
+    "AutoencoderKLHunyuanImage": hunyuan_image_vae,
+    "AutoencoderVidTok": vidtok,
 }
 
 #: Extra variants exercising adapters/processors on an already-covered class.
