@@ -1252,6 +1252,32 @@ def vidtok() -> tuple[torch.nn.Module, Inputs]:
     return m, {"sample": _r(1, 3, 1, 8, 8), "sample_posterior": False}
 
 
+def unidiffuser_text_decoder() -> tuple[torch.nn.Module, Inputs]:
+    # A GPT-2 (transformers) inside: its attention is traced by the transformers adapter.
+    m = _mk("UniDiffuserTextDecoder", prefix_length=2, prefix_inner_dim=8, prefix_hidden_dim=8, vocab_size=32,
+            n_positions=16, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+    return m, {"input_ids": torch.randint(0, 32, (1, 5)), "prefix_embeds": _r(1, 2, 8)}
+
+
+def kvae_audio() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("AutoencoderKLKVAEAudio", encoder_dim=8, encoder_rates=[2, 2], latent_dim=16, codebook_dim=8, decoder_dim=16,
+            decoder_rates=[2, 2], attn_num_heads=2)  # fmt: skip
+    return m, {"sample": _r(1, 1, 64)}
+
+
+def minimax_h3_audio() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("AutoencoderKLMiniMaxH3Audio", encoder_dim=8, encoder_rates=(2, 2), latent_dim=16, latent_channels=4,
+            num_attention_heads=2, decoder_dim=16, decoder_rates=(2, 2), decoder_kernel_sizes=(4, 4),
+            resblock_kernel_sizes=(3,), resblock_dilation_sizes=((1,),))  # fmt: skip
+    return m, {"sample": _r(1, 1, 64)}
+
+
+def mmaudio_vae() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("MMAudioVAE", mel_bins=16, latent_channels=4, hidden_channels=16, channel_multipliers=(1, 2), layers_per_block=1,
+            n_fft=64, hop_length=16)  # fmt: skip
+    return m, {"sample": _r(1, 256).clamp(-1, 1)}  # a waveform; the encoder computes its log-mel spectrogram
+
+
 CASES: dict[str, Builder] = {
     "UNet2DConditionModel": tiny.sd15_unet,
     "SD3Transformer2DModel": tiny.sd3,
@@ -1374,6 +1400,10 @@ CASES: dict[str, Builder] = {
     "AutoencoderKLHunyuanImageRefiner": hunyuan_image_refiner_vae,
     "AutoencoderKLHunyuanImage": hunyuan_image_vae,
     "AutoencoderVidTok": vidtok,
+    "UniDiffuserTextDecoder": unidiffuser_text_decoder,
+    "AutoencoderKLKVAEAudio": kvae_audio,
+    "AutoencoderKLMiniMaxH3Audio": minimax_h3_audio,
+    "MMAudioVAE": mmaudio_vae,
 }
 
 #: Extra variants exercising adapters/processors on an already-covered class.

@@ -133,9 +133,11 @@ def transparency(name: str, builder: Any) -> dict[str, Any]:
     for s in sites:
         assert _restore_token(s) is originals[s.name], f"{name}: {s.name} not restored"
     notes = []
-    if outside:
-        classes = sorted({type(s.module).__name__ for s in outside})
-        notes.append(f"{len(outside)} site(s) outside processors ({', '.join(classes)}): plain-PyTorch adapter")
+    for adapter in sorted({s.adapter for s in outside}):
+        mine = [s for s in outside if s.adapter == adapter]
+        classes = ", ".join(sorted({type(s.module).__name__ for s in mine}))
+        how = "plain-PyTorch adapter" if adapter == "torch" else f"{adapter} adapter"
+        notes.append(f"{len(mine)} site(s) outside processors ({classes}): {how}")
     if rec is not None:
         seen = set(rec.calls)
         ran_softmax = ran & set(softmax_sites)
