@@ -1278,6 +1278,29 @@ def mmaudio_vae() -> tuple[torch.nn.Module, Inputs]:
     return m, {"sample": _r(1, 256).clamp(-1, 1)}  # a waveform; the encoder computes its log-mel spectrogram
 
 
+def wan_animate2() -> tuple[torch.nn.Module, Inputs]:
+    from diffusers.models.transformers.transformer_wan_animate_2 import WanAnimate2KVCache
+
+    m = _mk("WanAnimate2Transformer3DModel", patch_size=(1, 2, 2), text_len=8, in_dim=4 + 8, dim=16, ffn_dim=32, freq_dim=16,
+            text_dim=16, out_dim=4, num_heads=2, num_layers=1, cross_attn_norm=True, use_img_emb=True)  # fmt: skip
+    # The reference pass (`kv_cache_mode="extract"`): it only writes the cache, so repeating it is deterministic.
+    return m, {"hidden_states": [_r(4, 2, 4, 4)], "timestep": torch.tensor([1.0]), "encoder_hidden_states": [_r(6, 16)],
+               "condition_latents": [_r(8, 2, 4, 4)], "encoder_hidden_states_image": _r(1, 3, 1280),  # CLIP width is fixed
+               "kv_cache": WanAnimate2KVCache(1), "kv_cache_mode": "extract", "seq_len": 2 * 2 * 2,
+               "offset_grid_sizes": torch.tensor([[2, 2, 2]])}  # fmt: skip
+
+
+def ltx2_diffusion_decoder() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("LTX2VideoDiffusionDecoderModel", out_channels=3, latent_channels=8, patch_size=2, decoder_head_dim=16,
+            decoder_stage_channels=(32, 16, 16, 16, 16), decoder_stage_depths=(1, 1, 1, 1, 1),
+            decoder_stage_kernels=((1, 3, 3),) * 4, decoder_upsample_strides=((1, 2, 2), (2, 1, 1), (2, 2, 2), (2, 2, 2)),
+            decoder_upsample_channel_reductions=(2, 1, 1, 1), decoder_stage5_kernel=(1, 3, 3), decoder_t_emb_dim=16,
+            spatial_compression_ratio=16, temporal_compression_ratio=8)  # fmt: skip
+    # Neighbourhood attention needs every stage >= its kernel: (1, 3, 3) kernels and one 3x3 latent frame keep the
+    # last stage at 48x48 tokens. The decoder denoises: its noise comes from `run`'s seed.
+    return m, {"z": _r(1, 8, 1, 3, 3)}
+
+
 CASES: dict[str, Builder] = {
     "UNet2DConditionModel": tiny.sd15_unet,
     "SD3Transformer2DModel": tiny.sd3,
@@ -1404,6 +1427,8 @@ CASES: dict[str, Builder] = {
     "AutoencoderKLKVAEAudio": kvae_audio,
     "AutoencoderKLMiniMaxH3Audio": minimax_h3_audio,
     "MMAudioVAE": mmaudio_vae,
+    "WanAnimate2Transformer3DModel": wan_animate2,
+    "LTX2VideoDiffusionDecoderModel": ltx2_diffusion_decoder,
 }
 
 #: Extra variants exercising adapters/processors on an already-covered class.
