@@ -1301,6 +1301,35 @@ def ltx2_diffusion_decoder() -> tuple[torch.nn.Module, Inputs]:
     return m, {"z": _r(1, 8, 1, 3, 3)}
 
 
+def flux3() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("Flux3Transformer2DModel", in_channels=8, cond_in_channels=8, num_layers=1, num_single_layers=1,
+            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16, timestep_channels=16, mlp_ratio=2.0,
+            axes_dims_rope=(2, 2, 2, 2))  # fmt: skip
+    img_ids = torch.zeros(16, 4)
+    img_ids[:, 1] = torch.arange(4).repeat_interleave(4)
+    img_ids[:, 2] = torch.arange(4).repeat(4)
+    cond_ids = img_ids.clone()
+    cond_ids[:, 0] = 1  # the reference image sits at another "time" index
+    return m, {"hidden_states": _r(1, 16, 8), "encoder_hidden_states": _r(1, 6, 16), "timestep": torch.tensor([0.5]),
+               "img_ids": img_ids, "txt_ids": torch.zeros(6, 4), "image_cond_hidden_states": _r(1, 16, 8),
+               "image_cond_ids": cond_ids}  # fmt: skip
+
+
+def cosmos3() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("Cosmos3OmniTransformer", head_dim=6, hidden_act="relu2", hidden_size=12, intermediate_size=24, latent_channel=2,
+            latent_patch_size=1, num_attention_heads=2, num_hidden_layers=1, num_key_value_heads=1, patch_latent_dim=2,
+            qk_norm_for_text=False, rope_axes_dim=[1, 1, 1], rope_theta=1e8, vocab_size=32)  # fmt: skip
+    h = w = 2
+    n = h * w
+    seq = 3 + n
+    vision = torch.arange(3, seq)
+    return m, {"input_ids": torch.tensor([1, 2, 3]), "text_indexes": torch.tensor([0, 1, 2]),
+               "position_ids": torch.zeros(3, seq, dtype=torch.long), "und_len": 3, "sequence_length": seq,
+               "vision_tokens": [_r(1, 2, 1, h, w)], "vision_token_shapes": [(1, h, w)], "vision_sequence_indexes": vision,
+               "vision_mse_loss_indexes": vision, "vision_timesteps": torch.ones(n),
+               "vision_noisy_frame_indexes": [torch.tensor([0])]}  # fmt: skip
+
+
 CASES: dict[str, Builder] = {
     "UNet2DConditionModel": tiny.sd15_unet,
     "SD3Transformer2DModel": tiny.sd3,
@@ -1429,6 +1458,8 @@ CASES: dict[str, Builder] = {
     "MMAudioVAE": mmaudio_vae,
     "WanAnimate2Transformer3DModel": wan_animate2,
     "LTX2VideoDiffusionDecoderModel": ltx2_diffusion_decoder,
+    "Flux3Transformer2DModel": flux3,
+    "Cosmos3OmniTransformer": cosmos3,
 }
 
 #: Extra variants exercising adapters/processors on an already-covered class.
