@@ -1330,6 +1330,16 @@ def cosmos3() -> tuple[torch.nn.Module, Inputs]:
                "vision_noisy_frame_indexes": [torch.tensor([0])]}  # fmt: skip
 
 
+def ace_condition_encoder() -> tuple[torch.nn.Module, Inputs]:
+    m = _mk("AceStepConditionEncoder", text_hidden_dim=8, timbre_hidden_dim=4, num_lyric_encoder_hidden_layers=2,
+            num_timbre_encoder_hidden_layers=1, **_ACE)  # fmt: skip
+    lyric_mask = torch.ones(1, 6, dtype=torch.long)
+    lyric_mask[:, -1] = 0
+    return m, {"text_hidden_states": _r(1, 5, 8), "text_attention_mask": torch.ones(1, 5, dtype=torch.long),
+               "lyric_hidden_states": _r(1, 6, 8), "lyric_attention_mask": lyric_mask,
+               "refer_audio_acoustic_hidden_states_packed": _r(1, 4, 4), "refer_audio_order_mask": torch.tensor([0])}  # fmt: skip
+
+
 CASES: dict[str, Builder] = {
     "UNet2DConditionModel": tiny.sd15_unet,
     "SD3Transformer2DModel": tiny.sd3,
@@ -1460,6 +1470,7 @@ CASES: dict[str, Builder] = {
     "LTX2VideoDiffusionDecoderModel": ltx2_diffusion_decoder,
     "Flux3Transformer2DModel": flux3,
     "Cosmos3OmniTransformer": cosmos3,
+    "AceStepConditionEncoder": ace_condition_encoder,
 }
 
 #: Extra variants exercising adapters/processors on an already-covered class.
