@@ -1340,6 +1340,19 @@ def ace_condition_encoder() -> tuple[torch.nn.Module, Inputs]:
                "refer_audio_acoustic_hidden_states_packed": _r(1, 4, 4), "refer_audio_order_mask": torch.tensor([0])}  # fmt: skip
 
 
+def rfd4_proteina() -> tuple[torch.nn.Module, Inputs]:
+    # Only the backbone/latent features (the default feature lists need full structure annotations).
+    m = _mk("RFD4ProteinaTransformer", nlayers=2, token_dim=16, nheads=2, dim_cond=8, pair_repr_dim=8, latent_dim=4,
+            token_type_emb_dim=4, cath_emb_dim=4, t_emb_dim=8, seq_sep_dim=4, xt_pair_dist_dim=4, tri_mult_c=8,
+            feats_seq=("xt_bb_ca", "xt_local_latents"), feats_cond_seq=("time_emb_bb_ca", "time_emb_local_latents"),
+            feats_pair_repr=("xt_bb_ca_pair_dists",), feats_pair_cond=("time_emb_bb_ca",))  # fmt: skip
+    n = 5
+    return m, {"bb_ca": _r(1, n, 3), "local_latents": _r(1, n, 4), "bb_ca_time": torch.tensor([0.5]),
+               "local_latents_time": torch.tensor([0.5]), "padding_mask": torch.ones(1, n, dtype=torch.bool),
+               "conditioning": {"is_in_context_conditioning": torch.zeros(1, n, dtype=torch.bool),
+                                "supports_local_latent": torch.ones(1, n, dtype=torch.bool)}}  # fmt: skip
+
+
 CASES: dict[str, Builder] = {
     "UNet2DConditionModel": tiny.sd15_unet,
     "SD3Transformer2DModel": tiny.sd3,
@@ -1471,6 +1484,7 @@ CASES: dict[str, Builder] = {
     "Flux3Transformer2DModel": flux3,
     "Cosmos3OmniTransformer": cosmos3,
     "AceStepConditionEncoder": ace_condition_encoder,
+    "RFD4ProteinaTransformer": rfd4_proteina,
 }
 
 #: Extra variants exercising adapters/processors on an already-covered class.
