@@ -1353,6 +1353,15 @@ def rfd4_proteina() -> tuple[torch.nn.Module, Inputs]:
                                 "supports_local_latent": torch.ones(1, n, dtype=torch.bool)}}  # fmt: skip
 
 
+def autoencoder_dc() -> tuple[torch.nn.Module, Inputs]:
+    # EfficientViT blocks (the DC-AE release configs): multiscale linear attention, no probability matrix.
+    m = _mk("AutoencoderDC", latent_channels=4, attention_head_dim=8, encoder_block_types=("ResBlock", "EfficientViTBlock"),
+            decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 16),
+            decoder_block_out_channels=(8, 16), encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
+            encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)), decoder_norm_types="rms_norm")  # fmt: skip
+    return m, {"sample": _r(1, 3, 8, 8)}
+
+
 CASES: dict[str, Builder] = {
     "UNet2DConditionModel": tiny.sd15_unet,
     "SD3Transformer2DModel": tiny.sd3,
@@ -1485,6 +1494,7 @@ CASES: dict[str, Builder] = {
     "Cosmos3OmniTransformer": cosmos3,
     "AceStepConditionEncoder": ace_condition_encoder,
     "RFD4ProteinaTransformer": rfd4_proteina,
+    "AutoencoderDC": autoencoder_dc,
 }
 
 #: Extra variants exercising adapters/processors on an already-covered class.
@@ -1508,8 +1518,9 @@ def run(model: torch.nn.Module, inputs: Inputs) -> torch.Tensor:
         out = getattr(out, "sample", out)
     return out
 
-#: Classes whose attention (or part of it) runs outside any processor (F.sdpa in a plain module),
-#: found by scanning diffusers 0.42.1's sources; reachable only through the plain-PyTorch adapter.
+#: Classes whose attention (or part of it) runs outside any processor, found by scanning diffusers
+#: 0.42.1's sources; traced through the plain-PyTorch adapter (F.sdpa in a plain module,
+#: nn.MultiheadAttention) or the transformers adapter (a transformers model inside). All are in CASES.
 OUTSIDE_PROCESSOR: dict[str, str] = {
     "AutoencoderKLWan": "WanAttentionBlock calls F.sdpa",
     "AutoencoderKLQwenImage": "QwenImageAttentionBlock calls F.sdpa",
@@ -1517,7 +1528,39 @@ OUTSIDE_PROCESSOR: dict[str, str] = {
     "AutoencoderKLHunyuanImage": "HunyuanImageAttentionBlock calls F.sdpa",
     "AutoencoderKLHunyuanImageRefiner": "HunyuanImageRefinerAttnBlock calls F.sdpa",
     "AutoencoderKLHunyuanVideo15": "HunyuanVideo15AttnBlock calls F.sdpa",
-    "AutoencoderVidTok": "VidTokAttnBlock calls F.sdpa",
-    "SanaWMTransformer3DModel": "SanaWMSoftmaxAttention / SanaWMSoftmaxCamAttention call F.sdpa",
+    "AutoencoderVidTok": "VidTokAttnBlock calls F.sdpa in its `attention` helper method",
+    "SanaWMTransformer3DModel": "SanaWMSoftmaxAttention / SanaWMSoftmaxCamAttention call F.sdpa (in bfloat16)",
     "MochiTransformer3DModel": "MochiAttentionPool (embeddings) calls F.sdpa",
+    "ControlNetUnionModel": "ResidualAttentionBlock uses nn.MultiheadAttention",
+    "UniDiffuserTextDecoder": "a transformers GPT-2 inside (transformers adapter)",
+    "AutoencoderRAE": "a transformers DINOv2 encoder inside (transformers adapter)",
 }
+
+#: Classes with attention that have no case, and why.
+NOT_BUILT: dict[str, str] = {
+    "ControlNetXSAdapter": "weights only (its forward raises): the attention runs inside UNetControlNetXSModel, "
+    "which is covered (built from a UNet and this adapter's config)",
+    "MotionAdapter": "weights only (no forward of its own): its motion modules run inside UNetMotionModel, "
+    "which is covered",
+    "CosmosControlNetModel": "its forward always resizes the padding mask with torchvision, which is not a "
+    "test dependency; its blocks are CosmosTransformer3DModel's (covered)",
+    "RFD4ProteinaAutoencoder": "needs residue/atom37 topology tables as config; its attention processor "
+    "(RFD4ProteinaPairAttnProcessor) is covered through RFD4ProteinaTransformer",
+}
+
+
+def _no_attention() -> dict[str, Callable[[], torch.nn.Module]]:
+    """Classes whose default config does not build, built tiny here to show they hold no attention at all."""
+    import diffusers
+
+    def multi_adapter() -> torch.nn.Module:
+        return diffusers.MultiAdapter([diffusers.T2IAdapter(channels=[8, 16], num_res_blocks=1, downscale_factor=4)] * 2)
+
+    return {
+        "AudioLDM2ProjectionModel": lambda: diffusers.AudioLDM2ProjectionModel(8, 8, 8),
+        "StableAudioProjectionModel": lambda: diffusers.StableAudioProjectionModel(8, 8, 0.0, 10.0),
+        "MultiAdapter": multi_adapter,
+    }
+
+
+NO_ATTENTION = _no_attention

@@ -28,7 +28,7 @@ from attntrace import Observer, Tracer, find_sites
 from attntrace.adapters.diffusers import DiffusersAdapter
 from attntrace.call import AttentionCall
 from attntrace.site import Site
-from tests.coverage_models import CASES, VARIANTS, discover, run
+from tests.coverage_models import CASES, NO_ATTENTION, NOT_BUILT, OUTSIDE_PROCESSOR, VARIANTS, discover, run
 
 _RECORDS: dict[str, dict[str, Any]] = {}
 
@@ -180,11 +180,25 @@ def test_transparency(name: str) -> None:
     _RECORDS[name] = record
 
 
+@pytest.mark.parametrize("name", list(NO_ATTENTION()))
+def test_no_attention(name: str) -> None:
+    """Classes whose default config does not build hold no attention at all (built tiny here)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = NO_ATTENTION()[name]()
+    assert type(model).__name__ == name
+    assert find_sites(model) == []
+    assert not any(getattr(m, "processor", None) is not None for m in model.modules())
+
+
 def test_discovery_lists_unbuilt_classes() -> None:
     """Every ModelMixin subclass with attention is either in CASES or reported as not built."""
     found = discover()
     with_attention = {n for n, v in found.items() if not isinstance(v, int) or v > 0}
     assert set(CASES) <= set(found), sorted(set(CASES) - set(found))
+    assert set(NOT_BUILT) <= with_attention, sorted(set(NOT_BUILT) - with_attention)
+    assert not set(NOT_BUILT) & set(CASES)
+    assert set(OUTSIDE_PROCESSOR) <= set(CASES), sorted(set(OUTSIDE_PROCESSOR) - set(CASES))
     unbuilt = sorted(with_attention - set(CASES))
     _RECORDS["__discovery__"] = {"found": found, "unbuilt": unbuilt}
     # The known attention-bearing families are all discovered.
