@@ -1549,6 +1549,23 @@ NOT_BUILT: dict[str, str] = {
 }
 
 
+#: Attention written by hand (softmax(QK^T)V inline: no processor, no F.sdpa, no nn.MultiheadAttention),
+#: found by scanning diffusers 0.42.1's sources. No adapter traces it; `attntrace sites` names the model
+#: class and says so (tests/test_cli_sites.py, on UNet1DModel). Class -> where (and in which config).
+HAND_WRITTEN: dict[str, str] = {
+    "UNet1DModel": "SelfAttention1d in AttnDownBlock1D / AttnUpBlock1D / UNetMidBlock1D (default config)",
+    "AutoencoderKLLTX2Audio": "LTX2AudioAttnBlock, only with attn_resolutions or mid_block_add_attention "
+    "(none at the default config)",
+    "ConsisIDTransformer3DModel": "PerceiverAttention of the face extractor (is_train_face=True); the "
+    "transformer's own attention is covered",
+    "UNet2DConditionModel": "AttentionPooling of TextTimeEmbedding (addition_embed_type='text' only); the "
+    "rest is covered",
+    "ControlNetModel": "AttentionPooling of TextTimeEmbedding (addition_embed_type='text' only); the rest is "
+    "covered",
+    "SD3Transformer2DModel": "IPAdapterTimeImageProjectionBlock when an IP-Adapter is loaded; the rest is covered",
+}
+
+
 def _no_attention() -> dict[str, Callable[[], torch.nn.Module]]:
     """Classes whose default config does not build, built tiny here to show they hold no attention at all."""
     import diffusers

@@ -32,7 +32,7 @@ def render(records: dict) -> str:
     import diffusers
 
     sys.path.insert(0, str(ROOT))
-    from tests.coverage_models import CASES, NO_ATTENTION, NOT_BUILT, OUTSIDE_PROCESSOR
+    from tests.coverage_models import CASES, HAND_WRITTEN, NO_ATTENTION, NOT_BUILT, OUTSIDE_PROCESSOR
 
     disc = records.pop("__discovery__", None)
     rows = [r for r in records.values() if isinstance(r, dict) and "class" in r]
@@ -62,33 +62,56 @@ def render(records: dict) -> str:
         found = disc["found"]
         no_attention = set(NO_ATTENTION())
         with_proc = {n for n, v in found.items() if isinstance(v, int) and v > 0}
-        unknown = {n: v for n, v in found.items() if not isinstance(v, int) and n not in no_attention}
-        with_attn = with_proc | set(OUTSIDE_PROCESSOR) | (covered & set(unknown))
-        none = sorted(n for n, v in found.items() if n not in with_attn and (v == 0 or n in no_attention))
-        left = sorted((with_attn | set(unknown)) - covered)
+        unknown = {n for n, v in found.items() if not isinstance(v, int)} - no_attention
+        zero = {n for n, v in found.items() if v == 0}
+        # A covered class has attention (its test asserts sites); so do the outside-processor and NOT_BUILT ones.
+        hand_only = {n for n in HAND_WRITTEN if n in found and n not in covered}
+        with_attn = with_proc | set(OUTSIDE_PROCESSOR) | set(NOT_BUILT) | (covered & set(found)) | hand_only
+        none = sorted(set(found) - with_attn - (unknown - with_attn - no_attention))
+        left = sorted((with_attn | unknown) - covered)
+        outside_only = (set(OUTSIDE_PROCESSOR) & zero) - no_attention
+        config_only = (with_attn & zero) - outside_only - hand_only
         lines += [
             "",
             "## Counts",
             "",
             f"- `ModelMixin` subclasses exported by diffusers {diffusers.__version__}: {len(found)}",
-            f"- with attention: {len(with_attn)} ({len(with_proc)} with processor attention at their default "
-            f"config, {len(set(OUTSIDE_PROCESSOR) - with_proc)} only outside processors, "
-            f"{len(covered & set(unknown))} whose default config does not build)",
-            f"- **covered by the transparency test: {len(covered & with_attn)} / {len(with_attn)}**",
+            f"- with attention: {len(with_attn)}: {len(with_proc)} with processor attention at their default config, "
+            f"{len(outside_only)} with attention only outside processors, {len(config_only)} with attention only "
+            f"in non-default configs ({', '.join(sorted(config_only)) or 'none'}), {len(hand_only)} with attention "
+            f"written by hand only ({', '.join(sorted(hand_only)) or 'none'}), {len(with_attn & unknown)} whose "
+            "default config does not build",
+            f"- **covered by the transparency test: {len(covered & with_attn)} / {len(with_attn)}** "
+            f"({len(covered & with_proc)} / {len(with_proc)} of those with processor attention at their default "
+            "config)",
             f"- with attention outside any processor (plain-PyTorch or transformers adapter): {len(OUTSIDE_PROCESSOR)}",
             f"- without attention: {len(none)} (of which {len(no_attention)} built tiny here to check, their "
             "default config not building)",
             "",
             "## Not covered",
             "",
-            "No class was refused by attntrace. The classes below have no case in `tests/coverage_models.py`:",
+            "attntrace refused none of the covered classes. The classes below have no case in "
+            "`tests/coverage_models.py`:",
             "",
             "| class | sites at default config | why |",
             "|---|---|---|",
         ]
         for n in left:
             sites = found[n] if isinstance(found[n], int) else "?"
-            lines.append(f"| {n} | {sites} | {NOT_BUILT.get(n, 'no tiny config written yet')} |")
+            why = NOT_BUILT.get(n) or (f"attention written by hand: {HAND_WRITTEN[n]}" if n in HAND_WRITTEN else "")
+            lines.append(f"| {n} | {sites} | {why or 'no tiny config written yet'} |")
+        lines += [
+            "",
+            "## Attention written by hand (not traceable)",
+            "",
+            "softmax(QK^T)V computed inline, with no processor, no `F.scaled_dot_product_attention` and no "
+            "`nn.MultiheadAttention`: no adapter sees it. `attntrace sites` names the model class and says that "
+            "it found no traceable attention there.",
+            "",
+            "| class | where |",
+            "|---|---|",
+        ]
+        lines += [f"| {n} | {w} |" for n, w in sorted(HAND_WRITTEN.items())]
         lines += ["", "## Attention outside any processor", "", "| class | where |", "|---|---|"]
         lines += [f"| {n} | {w} |" for n, w in sorted(OUTSIDE_PROCESSOR.items())]
         lines += ["", "## No attention", "", ", ".join(none)]
