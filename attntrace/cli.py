@@ -188,8 +188,10 @@ def cmd_sites(args: argparse.Namespace) -> int:
 
 
 def _untraceable(model: Any, sites: list[Any], *, filtered: bool) -> list[str]:
-    """Why attention cannot be traced (fully or in part), naming the model class."""
-    cls = type(model).__name__
+    """Why attention cannot be traced (fully or in part), naming the model class (a pipeline's denoiser)."""
+    from .tracer import resolve_model
+
+    cls = type(resolve_model(model)).__name__
     if not sites and not filtered:
         return [
             f"{cls}: no attention attntrace can trace: no diffusers attention module holding a processor, no "

@@ -836,9 +836,13 @@ def ideogram4() -> tuple[torch.nn.Module, Inputs]:
                "position_ids": pos, "segment_ids": torch.ones(1, text + img, dtype=torch.long), "indicator": indicator}  # fmt: skip
 
 
-def qwen_image21() -> tuple[torch.nn.Module, Inputs]:
+def qwen_image21(flex: bool = False) -> tuple[torch.nn.Module, Inputs]:
     m = _mk("QwenImage21Transformer2DModel", patch_size=1, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=16,
             num_attention_heads=2, context_in_dim=8, mlp_ratio=2, axes_dims_rope=(4, 6, 6))  # fmt: skip
+    if flex:  # the block-causal BlockMask through the dispatcher's flex backend (the release's other processor)
+        from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21FlexAttnProcessor
+
+        m.set_attn_processor(QwenImage21FlexAttnProcessor())
     img_mask = torch.zeros(1, 4 + 1, dtype=torch.bool)
     img_mask[:, 4:] = True  # one vision slot per 2x2 group of target latents, after the text
     return m, {"hidden_states": _r(1, 4, 4), "encoder_hidden_states": _r(1, 4, 8),
@@ -1502,6 +1506,7 @@ VARIANTS: dict[str, Builder] = {
     "UNet2DConditionModel[sdxl]": tiny.sdxl_unet,
     "UNet2DConditionModel[classic]": tiny.classic_unet,
     "WanTransformer3DModel[i2v]": lambda: tiny.wan(i2v=True),
+    "QwenImage21Transformer2DModel[flex]": lambda: qwen_image21(flex=True),
 }
 
 
