@@ -163,6 +163,7 @@ def cmd_sites(args: argparse.Namespace) -> int:
             for s in sites:
                 if e.matches(s):
                     matches.setdefault(s.name, []).append(e.label)
+    with_notes = any(s.note for s in sites)  # the column only when some site has a limitation to state
     rows = [
         [
             s.name,
@@ -171,16 +172,44 @@ def cmd_sites(args: argparse.Namespace) -> int:
             s.processor_class or "",
             str(s.heads or ""),
             ", ".join(matches.get(s.name, [])),
-            s.note,
+            *([s.note] if with_notes else []),
         ]
         for s in sites
     ]
     if args.json:
         print(json.dumps([{**s.as_row(), "rules": matches.get(s.name, [])} for s in sites], indent=1))
         return 0
-    print(_table(rows, ["site", "kind", "module", "processor", "heads", "rules", "note"]))
+    header = ["site", "kind", "module", "processor", "heads", "rules", *(["note"] if with_notes else [])]
+    print(_table(rows, header))
     print(f"{len(sites)} site(s)" + (f" matching {args.match!r}" if args.match else ""))
+    for line in _untraceable(model, sites, filtered=bool(args.match)):
+        print(line)
     return 0
+
+
+def _untraceable(model: Any, sites: list[Any], *, filtered: bool) -> list[str]:
+    """Why attention cannot be traced (fully or in part), naming the model class (a pipeline's denoiser)."""
+    from .tracer import resolve_model
+
+    cls = type(resolve_model(model)).__name__
+    if not sites and not filtered:
+        return [
+            f"{cls}: no attention attntrace can trace: no diffusers attention module holding a processor, no "
+            "transformers module calling the attention-function interface, no nn.MultiheadAttention and no "
+            "module calling F.scaled_dot_product_attention"
+        ]
+    lines = []
+    no_probs: dict[str, int] = {}
+    for s in sites:
+        if not s.probs:
+            key = f"{s.module_class} with {s.processor_class}" if s.processor_class else s.module_class
+            no_probs[key] = no_probs.get(key, 0) + 1
+    for key, n in sorted(no_probs.items()):
+        lines.append(
+            f"{cls}: {n} site(s) ({key}) compute linear attention: there is no probability matrix, so "
+            "observers that need probs, and editors, are refused at attach there (q/k/v/output observers work)"
+        )
+    return lines
 
 
 def cmd_observers(args: argparse.Namespace) -> int:

@@ -5,8 +5,9 @@ processor, so the diffusers adapter cannot see them: AutoencoderKLWan (WanAttent
 AutoencoderKLQwenImage (QwenImageAttentionBlock), AutoencoderKLQwenImage21, AutoencoderKLHunyuanImage,
 AutoencoderKLHunyuanImageRefiner, AutoencoderKLHunyuanVideo15, AutoencoderVidTok, SanaWM
 (SanaWMSoftmaxAttention), and MochiAttentionPool inside Mochi's embeddings. The plain-PyTorch adapter
-(`attntrace.adapters.torch`, another branch) makes them sites by module name; until it is present
-these tests skip.
+(`attntrace.adapters.torch`) makes them sites by module name. Every class of
+`tests.coverage_models.OUTSIDE_PROCESSOR` also has a case in the transparency test
+(tests/test_coverage_diffusers.py), which checks these sites like processor sites.
 """
 
 from __future__ import annotations

@@ -232,3 +232,41 @@ def test_transformer_encoder_layer_edit() -> None:
     with torch.no_grad(), tracer.attach(layer):
         got = layer(x)
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+class HelperAttention(nn.Module):
+    """F.sdpa in a helper method forward calls (as diffusers' `VidTokAttnBlock.attention` does)."""
+
+    def __init__(self, dim: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.attention(x)
+
+
+def test_sdpa_in_helper_method_is_a_site() -> None:
+    # Regression: only `forward`'s own source was scanned, so attention in a helper method was invisible.
+    from attntrace import find_sites
+
+    torch.manual_seed(0)
+    model = nn.Sequential(HelperAttention(), nn.Linear(16, 16)).eval()
+    x = torch.randn(2, 5, 16)
+    assert [(s.name, s.adapter) for s in find_sites(model)] == [("0", "torch")]
+    with torch.no_grad():
+        expected = model(x)
+        tracer = Tracer()
+        rec = tracer.add(Record())
+        with tracer.attach(model):
+            got = model(x)
+    assert torch.equal(got, expected)
+    assert len(rec.calls) == 1
+    _, _, probs, out, v = rec.calls[0]
+    torch.testing.assert_close(probs @ v, out, atol=1e-6, rtol=0)
+    assert "forward" not in vars(model[0])  # restored

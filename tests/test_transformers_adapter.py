@@ -413,3 +413,37 @@ def test_gpt2_upcast_eager_refused_and_unsupported_impl() -> None:
     model = transformers.BertModel(_bert_cfg(attn_implementation="flex_attention"))
     with pytest.raises(AttachError, match="'sdpa' or 'eager'"):
         tracer.attach(model)
+
+
+def test_nested_in_a_plain_module() -> None:
+    # Regression: the adapter applied only when the root model was a PreTrainedModel, so a transformers
+    # model inside another framework's model (diffusers' UniDiffuserTextDecoder holds a GPT-2) had no sites.
+    from attntrace import find_sites
+
+    model, oracle = _pair(transformers.GPT2LMHeadModel, _gpt2_cfg, "sdpa")
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            return self.inner(input_ids=input_ids).logits
+
+    wrapped = Wrapper(model)
+    ids, _ = _padded_ids()
+    sites = find_sites(wrapped)
+    assert [s.adapter for s in sites] == ["transformers", "transformers"]
+    assert [s.name for s in sites] == ["inner.transformer.h.0.attn", "inner.transformer.h.1.attn"]
+    with torch.no_grad():
+        base = wrapped(ids)
+        expected = oracle(input_ids=ids, output_attentions=True).attentions
+        tracer = Tracer()
+        rec = tracer.add(Record())
+        with tracer.attach(wrapped):
+            out = wrapped(ids)
+    assert torch.equal(out, base)
+    assert len(rec.calls) == 2
+    for call, ref in zip(rec.calls, expected):
+        assert (call["probs"] - ref).abs().max() <= 1e-6
+    assert model.config._attn_implementation == "sdpa"

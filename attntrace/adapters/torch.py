@@ -1,8 +1,9 @@
 """Plain PyTorch adapter: `nn.MultiheadAttention`, and modules that call `F.scaled_dot_product_attention`.
 
 Sites are every `nn.MultiheadAttention` and every module whose class's `forward` source calls
-`scaled_dot_product_attention` itself (checked once per class); a module is not a site when one of its
-descendants is (the innermost module that computes attention is the site). Modules another adapter
+`scaled_dot_product_attention` itself or through a helper method of the class (checked once per
+class); a module is not a site when one of its descendants is (the innermost module that computes
+attention is the site). Modules another adapter
 claimed first (diffusers processors, transformers attention modules) stay theirs.
 
 SDPA modules: `forward` is shadowed by an instance attribute that runs the original forward under the
@@ -14,6 +15,8 @@ the output goes through `out_proj` as the module would.
 
 from __future__ import annotations
 
+import inspect
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -34,9 +37,39 @@ __all__ = ["TorchAdapter"]
 
 
 
+_SDPA = "scaled_dot_product_attention("
+_helper_cache: dict[type, bool] = {}
+
+
 def _calls_sdpa(cls: type) -> bool:
-    """Whether `cls.forward` calls `scaled_dot_product_attention` directly (cached per class)."""
-    return forward_mentions(cls, "scaled_dot_product_attention(")
+    """Whether `cls.forward` calls `scaled_dot_product_attention`, directly or through a helper method of
+    the class it calls as `self.<name>(...)` (e.g. diffusers' `VidTokAttnBlock.attention`); cached per class."""
+    if forward_mentions(cls, _SDPA):
+        return True
+    cached = _helper_cache.get(cls)
+    if cached is None:
+        cached = _helper_cache[cls] = _helper_calls_sdpa(cls)
+    return cached
+
+
+def _helper_calls_sdpa(cls: type) -> bool:
+    try:
+        source = inspect.getsource(cls.forward)  # type: ignore[attr-defined]
+    except (OSError, TypeError):
+        return False
+    for name in set(re.findall(r"self\.(\w+)\(", source)):
+        # Only methods of the class itself: a submodule attribute lives on the instance and is a site of its own.
+        helper = inspect.getattr_static(cls, name, None)
+        if isinstance(helper, (staticmethod, classmethod)):
+            helper = helper.__func__
+        if not inspect.isfunction(helper) or helper.__name__ == "forward":
+            continue
+        try:
+            if _SDPA in inspect.getsource(helper):
+                return True
+        except (OSError, TypeError):
+            continue
+    return False
 
 
 def _is_candidate(module: torch.nn.Module) -> bool:

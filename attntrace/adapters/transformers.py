@@ -241,7 +241,9 @@ class TransformersAdapter(Adapter):
             from transformers import PreTrainedModel
         except ImportError:
             return False
-        return isinstance(model, PreTrainedModel)
+        # Also a transformers model nested in another framework's model (diffusers' UniDiffuserTextDecoder
+        # holds a GPT-2, AutoencoderRAE a DINOv2 encoder): its attention modules read the registry all the same.
+        return any(isinstance(m, PreTrainedModel) for m in model.modules())
 
     def find_sites(self, model: torch.nn.Module) -> list[Site]:
         sites = []

@@ -1,0 +1,45 @@
+"""`attntrace sites` says why attention cannot be traced, naming the model class (in-process CLI calls)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from attntrace.cli import main
+from tests.coverage_models import sana
+
+
+def _sites(folder: Path, capsys: pytest.CaptureFixture[str]) -> list[str]:
+    assert main(["sites", str(folder)]) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+def test_linear_sites_are_explained(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model, _ = sana()
+    model.save_pretrained(tmp_path / "sana")
+    out = _sites(tmp_path / "sana", capsys)
+    header = out[0].split()
+    assert header[-1] == "note"
+    linear = [ln for ln in out[2:-2] if " linear " in ln]
+    assert len(linear) == 2 and all(ln.endswith("linear attention: no probability matrix") for ln in linear)
+    assert out[-2] == "4 site(s)"
+    assert out[-1].startswith("SanaTransformer2DModel: 2 site(s) (Attention with SanaLinearAttnProcessor2_0)")
+    assert "refused at attach" in out[-1]
+
+
+def test_model_without_traceable_attention_is_explained(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from diffusers import UNet1DModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        UNet1DModel(block_out_channels=(8, 8, 16), in_channels=2, out_channels=2, extra_in_channels=16,
+                    down_block_types=("DownBlock1DNoSkip", "DownBlock1D", "AttnDownBlock1D"),
+                    up_block_types=("AttnUpBlock1D", "UpBlock1D", "UpBlock1DNoSkip"),
+                    mid_block_type="UNetMidBlock1D", out_block_type=None).save_pretrained(tmp_path / "u1")  # fmt: skip
+    out = _sites(tmp_path / "u1", capsys)
+    assert out[-2] == "0 site(s)"
+    assert out[-1].startswith("UNet1DModel: no attention attntrace can trace: no diffusers attention module")
