@@ -13,6 +13,7 @@ a note and refused at attach.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from typing import Any
 
@@ -66,7 +67,7 @@ class CausalSelfAttention(nn.Module):
         self.register_buffer("bias", torch.tril(torch.ones(block_size, block_size)).view(1, 1, block_size, block_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.size()  # noqa: N806 (nanoGPT's names)
+        B, T, C = x.size()  # nanoGPT's names
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
@@ -441,9 +442,9 @@ def test_3d_scores_without_head_count_seen_only_at_run_time_are_refused_at_the_c
     tracer = Tracer()
     tracer.add(ProbsOnly())
     # Not reported as one head of (B·H, Lq, Lk): refused when the scores are seen.
-    with pytest.raises(AttachError, match=r"3D \(B·H, Lq, Lk\).*head count is unknown"):
-        with tracer.attach(model), torch.no_grad():
-            model(x)
+    error = pytest.raises(AttachError, match=r"3D \(B·H, Lq, Lk\).*head count is unknown")
+    with error, tracer.attach(model), torch.no_grad():
+        model(x)
     _assert_restored(model)
 
 
@@ -451,7 +452,9 @@ def test_3d_scores_without_head_count_seen_only_at_run_time_are_refused_at_the_c
     ("attn_cls", "why", "kind"),
     [(LinearAttention, "no softmax over keys", "linear"), (GatedAttention, "no matrix product", "self")],
 )
-def test_model_with_no_traceable_attention_lists_why_and_refuses(attn_cls: type[nn.Module], why: str, kind: str) -> None:
+def test_model_with_no_traceable_attention_lists_why_and_refuses(
+    attn_cls: type[nn.Module], why: str, kind: str
+) -> None:
     model, x = build("untraceable", attn_cls)
     sites = find_sites(model)
     assert [(s.name, s.module_class, s.kind, s.traceable) for s in sites] == [
@@ -467,6 +470,24 @@ def test_model_with_no_traceable_attention_lists_why_and_refuses(attn_cls: type[
         assert why in str(err.value) and "blocks.0.attn" in str(err.value)
         _assert_restored(model)
         assert tracer.attachment is None
+
+
+def test_class_without_source_code_is_found_from_its_bytecode() -> None:
+    # A class defined in exec'd code or a REPL has no source for `inspect`: its bytecode is read instead.
+    namespace: dict[str, Any] = {"nn": nn, "torch": torch, "DIM": DIM, "HEADS": HEADS, "__name__": "no_source"}
+    code = inspect.getsource(TimmAttention).replace("TimmAttention", "ExecAttention")
+    exec(compile(code.replace('"""timm\'s', '"""exec\'d'), "<no file>", "exec"), namespace)
+    model, x = build("timm", namespace["ExecAttention"])
+    assert [s.adapter for s in find_sites(model)] == ["torch-manual", "torch-manual"]
+    reference_model, _ = build("timm")
+    rec = Record()
+    tracer = Tracer()
+    tracer.add(rec)
+    with torch.no_grad():
+        with tracer.attach(model):
+            out = model(x)
+        assert torch.equal(out, reference_model(x))
+    assert [c["site"] for c in rec.calls] == ["blocks.0.attn", "blocks.1.attn"]
 
 
 def test_model_without_attention_at_all_is_a_clear_attach_error() -> None:

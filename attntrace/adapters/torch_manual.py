@@ -23,7 +23,7 @@ and observers that need per-head tensors are refused at attach.
 
 from __future__ import annotations
 
-import contextlib
+import dis
 import inspect
 import re
 import sys
@@ -57,21 +57,39 @@ _NOTHING = (
 _source_cache: dict[type, str] = {}
 
 
+def _code_text(fn: object) -> str:
+    """Source-like text from a function's bytecode, for classes without source (exec'd code, a REPL):
+    the names it uses written as calls (`softmax(`, `einsum(`, `self.helper(`) and `a @ b` for `@`."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return ""
+    parts = []
+    for ins in dis.get_instructions(code):
+        if ins.opname in ("LOAD_ATTR", "LOAD_METHOD", "LOAD_GLOBAL", "LOAD_NAME") and isinstance(ins.argval, str):
+            parts.append(f"self.{ins.argval}(" if ins.opname != "LOAD_GLOBAL" else f"{ins.argval}(")
+        elif ins.opname in ("BINARY_OP", "BINARY_MATRIX_MULTIPLY") and "@" in (ins.argrepr or "@"):
+            parts.append("a @ b")
+    return " ".join(parts)
+
+
+def _getsource(fn: object) -> str:
+    try:
+        return inspect.getsource(fn)  # type: ignore[arg-type]
+    except (OSError, TypeError):
+        return _code_text(fn)
+
+
 def _source(cls: type) -> str:
     """`cls.forward`'s source plus that of the `self.method(...)` helpers it calls (one level)."""
     cached = _source_cache.get(cls)
     if cached is not None:
         return cached
-    try:
-        src = inspect.getsource(cls.forward)  # type: ignore[attr-defined]
-    except (OSError, TypeError):
-        src = ""
+    src = _getsource(cls.forward)  # type: ignore[attr-defined]
     parts = [src]
     for name in sorted(set(re.findall(r"self\.(\w+)\(", src))):
         fn = getattr(cls, name, None)
         if inspect.isfunction(fn) and not getattr(fn, "__module__", "").startswith(_FOREIGN):
-            with contextlib.suppress(OSError, TypeError):
-                parts.append(inspect.getsource(fn))
+            parts.append(_getsource(fn))
     out = _source_cache[cls] = "\n".join(parts)
     return out
 
