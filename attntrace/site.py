@@ -56,4 +56,5 @@ class Site:
             "note": self.note,
             "unavailable": sorted(self.unavailable),
             "inputs_editable": self.inputs_editable,
+            "traceable": self.traceable,
         }

@@ -415,6 +415,60 @@ def test_yaml_rules_through_the_python_api() -> None:
         assert checked
 
 
+class CrossAttention(nn.Module):
+    """DiT/SD-style cross-attention to a context of another length."""
+
+    def __init__(self, dim: int = DIM, ctx_dim: int = 12, num_heads: int = HEADS) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.to_q, self.to_kv, self.proj = nn.Linear(dim, dim), nn.Linear(ctx_dim, 2 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q = self.to_q(x).reshape(b, n, self.num_heads, -1).transpose(1, 2)
+        k, v = self.to_kv(context).reshape(b, -1, 2, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        attn = (q @ k.transpose(-2, -1) * (c // self.num_heads) ** -0.5).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class CrossNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.cross_attn = CrossAttention()
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return x + self.cross_attn(x, context)
+
+
+def test_cross_attention_probs_and_head_ablation() -> None:
+    torch.manual_seed(0)
+    model = CrossNet().eval()
+    x, ctx = torch.randn(2, SEQ, DIM), torch.randn(2, 3, 12)
+    (site,) = find_sites(model)
+    assert (site.name, site.kind, site.adapter) == ("cross_attn", "cross", "torch-manual")
+    m = model.cross_attn
+    with torch.no_grad():
+        plain = model(x, ctx)
+        q = m.to_q(x).view(2, SEQ, HEADS, D).transpose(1, 2)
+        k, v = m.to_kv(ctx).view(2, 3, 2, HEADS, D).permute(2, 0, 3, 1, 4)
+        probs = torch.einsum("bhid,bhjd->bhij", q, k).div(math.sqrt(D)).softmax(-1)
+        out = probs @ v
+        out[:, HEAD] = 0
+        expected = x + m.proj(out.transpose(1, 2).reshape(2, SEQ, DIM))
+    tracer = Tracer()
+    rec = tracer.add(Record())
+    with tracer.attach(model), torch.no_grad():
+        assert torch.equal(model(x, ctx), plain)
+    (call,) = rec.calls
+    assert call["probs"].shape == (2, HEADS, SEQ, 3)
+    assert torch.allclose(call["probs"], probs, atol=1e-6) and torch.allclose(call["value"], v)
+    tracer = Tracer()
+    tracer.add("ablate", match="*", kind="cross", heads=[HEAD])
+    with tracer.attach(model), torch.no_grad():
+        assert torch.allclose(model(x, ctx), expected, atol=1e-6)
+    _assert_restored(model)
+
+
 # -- refusals -------------------------------------------------------------------------------------
 def test_3d_scores_without_head_count_are_listed_and_refused() -> None:
     model, x = build("headless", HeadlessBmmAttention)

@@ -34,7 +34,7 @@ import torch
 from ..errors import AttachError
 from ..site import Kind, Site
 from .base import Adapter, Undo
-from .hf_manual import _PER_HEAD, HEADS_UNKNOWN, _looks_like_attention, heads_unknown, shadow_forward
+from .hf_manual import _PER_HEAD, HEADS_UNKNOWN, heads_unknown, shadow_forward
 
 if TYPE_CHECKING:
     from ..tracer import Attachment, SiteBinding
@@ -94,6 +94,18 @@ def _source(cls: type) -> str:
     return out
 
 
+def _named_attention(module: torch.nn.Module) -> bool:
+    name = type(module).__name__.lower()
+    return any(w in name for w in ("attention", "attn", "mhsa", "performer"))
+
+
+def _looks_like_attention(module: torch.nn.Module) -> bool:
+    """Named like attention or holding a head count (keeps pooling/routing softmaxes out)."""
+    return _named_attention(module) or any(
+        isinstance(vars(module).get(a), int) and not isinstance(vars(module).get(a), bool) for a in _HEAD_ATTRS
+    )
+
+
 def _own_forward(module: torch.nn.Module) -> bool:
     cls = type(module)
     return cls.forward is not torch.nn.Module.forward and not cls.__module__.startswith(_FOREIGN)
@@ -113,8 +125,7 @@ def hand_written(module: torch.nn.Module) -> bool:
 
 def untraceable_note(module: torch.nn.Module) -> str | None:
     """Why an attention-looking module (by its class name) cannot be traced, or None."""
-    name = type(module).__name__.lower()
-    if not _own_forward(module) or not ("attention" in name or "attn" in name):
+    if not _own_forward(module) or not _named_attention(module):
         return None
     src = _source(type(module))
     if _has_softmax(module, src):
