@@ -20,7 +20,8 @@ class Site:
     probability matrix exists there (False for linear attention). `unavailable` names call tensors
     (`query`, `key`, `value`, `output`) the site cannot provide, and `inputs_editable` is False where
     query/key/value/mask edits cannot be applied (hand-written attention): observers needing those
-    are refused at attach.
+    are refused at attach. `traceable` is False for attention-looking modules listed only to say why
+    they cannot be traced (`note`); attaching to them is refused.
     """
 
     name: str
@@ -34,6 +35,7 @@ class Site:
     note: str = ""
     unavailable: frozenset[str] = frozenset()
     inputs_editable: bool = True
+    traceable: bool = True
 
     @property
     def module_class(self) -> str:
@@ -54,4 +56,5 @@ class Site:
             "note": self.note,
             "unavailable": sorted(self.unavailable),
             "inputs_editable": self.inputs_editable,
+            "traceable": self.traceable,
         }

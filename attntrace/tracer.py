@@ -70,6 +70,13 @@ def _claimed_sites(module: torch.nn.Module, adapters: Sequence[Adapter]) -> list
             if id(site.module) not in seen:
                 seen.add(id(site.module))
                 claimed.append((site, adapter))
+    if not claimed:
+        # Nothing traceable: list attention-looking modules with the reason they cannot be traced.
+        for adapter in adapters:
+            for site in adapter.find_untraceable(module):
+                if id(site.module) not in seen:
+                    seen.add(id(site.module))
+                    claimed.append((site, adapter))
     return claimed
 
 
@@ -409,10 +416,13 @@ class Tracer:
         claimed = _claimed_sites(module, adapters)
         sites = [site for site, _ in claimed]
         owner = {site.name: adapter for site, adapter in claimed}
-        if not sites:
+        if not any(s.traceable for s in sites):
+            listed = "; ".join(f"{s.name} ({s.module_class}): {s.note}" for s in sites[:5])
             raise AttachError(
                 f"{type(module).__name__} has no attention sites attntrace can trace (no diffusers attention "
-                "processors, no transformers attention modules, no nn.MultiheadAttention)"
+                "processors, no transformers attention modules, no nn.MultiheadAttention, no F.sdpa call, no "
+                "hand-written softmax attention)" + (f"; attention-like modules that cannot be traced: {listed}"
+                                                     if listed else "")
             )
         plan = self._plan(sites)
         attachment = Attachment(self, module, sites)

@@ -361,3 +361,18 @@ def test_cli_sites_lists_refused_attention_with_its_note(tmp_path, capsys) -> No
     assert "LEDEncoderSelfAttention" in row and "sliding-window" in row
     decoder = next(line for line in table.splitlines() if "decoder.layers.0.encoder_attn" in line)
     assert "cross" in decoder and "hand-written attention" in decoder
+
+
+def test_3d_scores_with_unknown_head_count_are_listed_and_refused() -> None:
+    # DeBERTa-v2 multiplies (B·H, L, D) tensors with bmm; without a head count the (B·H, Lq, Lk) map
+    # cannot be split into heads: listed with a note, probs observers refused (not reported as 1 head).
+    model, _ = build("deberta_v2")
+    sites = _manual_sites(model)
+    assert sites and all(s.heads == 4 and not s.unavailable for s in sites)
+    for s in sites:
+        del s.module.num_attention_heads
+    sites = _manual_sites(model)
+    assert all(s.heads is None and "head count unknown" in s.note and "probs" in s.unavailable for s in sites)
+    with pytest.raises(SelectionError, match=r"\['probs'\].*cannot provide.*head count unknown"):
+        _attach(model, "stats")
+    _assert_restored(model)

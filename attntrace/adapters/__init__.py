@@ -1,7 +1,7 @@
 """Framework adapters: how to find sites and install interception, one module per framework.
 
 Adapters are tried in order (diffusers, transformers, hand-written transformers attention, plain
-PyTorch); a module found by an earlier
+PyTorch, hand-written plain PyTorch attention); a module found by an earlier
 adapter is not claimed by a later one. `register_adapter` adds a third-party adapter (a public,
 stable extension point).
 """
@@ -47,6 +47,10 @@ def _builtin() -> list[Adapter]:
         pass
     else:
         out.append(TorchAdapter())
+        # Hand-written softmax attention in plain PyTorch modules (not transformers models).
+        from .torch_manual import ManualTorchAdapter
+
+        out.append(ManualTorchAdapter())
     return out
 
 

@@ -52,6 +52,13 @@ class Adapter:
         """Every attention site of `model` this adapter can trace, in module order."""
         raise NotImplementedError
 
+    def find_untraceable(self, model: torch.nn.Module) -> list[Site]:
+        """Attention-looking modules this adapter cannot trace, each with a note saying why (optional).
+
+        Asked only when no adapter found a traceable site; listed by `attntrace sites`, refused at attach.
+        """
+        return []
+
     def prepare(self, model: torch.nn.Module, attachment: Attachment, bindings: list[SiteBinding]) -> Undo | None:
         """Model-wide installation before sites are installed (optional)."""
         return None

@@ -50,7 +50,7 @@ from .base import Adapter, Undo
 if TYPE_CHECKING:
     from ..tracer import Attachment, SiteBinding
 
-__all__ = ["HFManualAdapter", "refusal_reason"]
+__all__ = ["HEADS_UNKNOWN", "HFManualAdapter", "heads_unknown", "refusal_reason", "shadow_forward"]
 
 _SOFTMAX = (torch.softmax, F.softmax, torch.Tensor.softmax, torch.special.softmax)
 _MATMUL = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm)
@@ -264,9 +264,13 @@ def _bhld(t: torch.Tensor | None, lead: torch.Size, b: int, h: int, length: int)
 class _ManualInterceptor(KernelInterceptor):
     """Per-site mode: catches the softmax, the scores' product and the probabilities' consumer."""
 
-    def __init__(self, binding: SiteBinding, heads: int | None) -> None:
+    def __init__(self, binding: SiteBinding, heads: int | None, *, plain: bool = False) -> None:
         super().__init__(binding)
         self.heads = heads
+        # Plain PyTorch modules (no `output_attentions` contract): einsum scores count as q·kᵀ products,
+        # and a softmax is attention only when its input has the shape of such a product (efficient
+        # attention's `q.softmax(-1)` over features is not).
+        self.plain = plain
         self.pending: dict[int, _Pending] = {}
         self.products: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
@@ -301,7 +305,12 @@ class _ManualInterceptor(KernelInterceptor):
             if hit is not None:
                 return self._on_use(layer, func, args, kwargs, operands, hit)
         out = func(*args, **kwargs)
-        if func in _MATMUL or func in _BADDBMM:
+        if self.plain and func in _EINSUM and isinstance(out, torch.Tensor):
+            qk = _einsum_qk(args)
+            if qk is not None:
+                self.products.append((*qk, out))
+                del self.products[:-_KEEP_PRODUCTS]
+        elif func in _MATMUL or func in _BADDBMM:
             if func in _BADDBMM:  # baddbmm(input, batch1, batch2, *, beta, alpha): alibi + q·kᵀ
                 a = args[1] if len(args) > 1 else kwargs.get("batch1")
                 b = args[2] if len(args) > 2 else kwargs.get("batch2")
@@ -339,11 +348,25 @@ class _ManualInterceptor(KernelInterceptor):
         if x.dim() not in (3, 4) or dim not in (-1, x.dim() - 1):
             return out  # not a softmax over keys (routers, pooling...)
         lq, lk = x.shape[-2], x.shape[-1]
+        matched = any(p.numel() == x.numel() and p.shape[-2:] == x.shape[-2:] for _, _, p in self.products)
+        if self.plain and not matched:
+            return out  # a softmax over something other than q·kᵀ scores
         if x.dim() == 4:
             b, h = x.shape[0], x.shape[1]
-        else:
-            h = self.heads if self.heads and x.shape[0] % self.heads == 0 else 1
+        elif self.heads and x.shape[0] % self.heads == 0:
+            h = self.heads
             b = x.shape[0] // h
+        else:
+            layer = self.layer
+            if layer is not None and any(o.needs or o.edits for o in layer.observers):
+                site = self.binding.site
+                raise AttachError(
+                    f"site {site.name!r} ({site.module_class}): the scores are a 3D (B·H, Lq, Lk) map "
+                    f"{tuple(x.shape)} and the module's head count is unknown (no num_heads/heads attribute "
+                    f"dividing {x.shape[0]}), so they cannot be split into heads; set the module's `num_heads` "
+                    "or exclude the site"
+                )
+            b, h = x.shape[0], 1  # observers that read nothing (shapes) still see the call
         query = key = None
         for a, m, prod in reversed(self.products):
             if prod.numel() == x.numel() and prod.shape[-2:] == x.shape[-2:]:
@@ -499,6 +522,30 @@ def _matmul_layout(
     return value, (lambda t: t.reshape(b, h, lq, dv)), (lambda t: t.reshape(shape))
 
 
+def _einsum_qk(args: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For scores `einsum("<q>,<k>-><lead>ij", q, k)` with one contracted letter: q as (lead, i, d) and
+    k as (lead, j, d)... returned as (q, kᵀ) so they read like the operands of `q @ kᵀ`."""
+    if len(args) != 3 or not isinstance(args[0], str):
+        return None
+    a, b = args[1], args[2]
+    spec = args[0].replace(" ", "")
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or "->" not in spec or "." in spec:
+        return None
+    inputs, o = spec.split("->")
+    parts = inputs.split(",")
+    if len(parts) != 2 or len(o) < 3:
+        return None
+    x, y = parts
+    lead, i, j = o[:-2], o[-2], o[-1]
+    contracted = [c for c in x if c in y and c not in o]
+    if len(contracted) != 1:
+        return None
+    d = contracted[0]
+    if sorted(x) != sorted(lead + i + d) or sorted(y) != sorted(lead + j + d) or len(set(o)) != len(o):
+        return None
+    return torch.einsum(f"{x}->{lead}{i}{d}", a), torch.einsum(f"{y}->{lead}{d}{j}", b)
+
+
 def _einsum_layout(
     spec: str, probs: torch.Tensor, src: torch.Tensor, v: torch.Tensor, out: torch.Tensor
 ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]] | None:
@@ -521,6 +568,49 @@ def _einsum_layout(
         return None
     value = torch.einsum(f"{vs}->{bl}{hl}{jl}{dl}", v)
     return value, (lambda t: torch.einsum(f"{o}->{canon}", t)), (lambda t: torch.einsum(f"{canon}->{o}", t))
+
+
+# -- installation (shared with the plain PyTorch adapter) -------------------------------------------
+def shadow_forward(binding: SiteBinding, heads: int | None, *, plain: bool = False) -> Undo:
+    """Shadow the site module's `forward` with one that runs it under a `_ManualInterceptor`."""
+    module = binding.site.module
+    if "forward" in vars(module):
+        raise AttachError(
+            f"site {binding.site.name!r} already has an instance-level forward (another tracer or a "
+            "patch); detach or remove it first"
+        )
+    original = module.forward
+    binding.original = original
+    interceptor = binding.interceptor = _ManualInterceptor(binding, heads, plain=plain)
+    attachment = binding.attachment
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        step = attachment.step
+        observers = binding.observers_at(step)
+        if not observers:
+            return original(*args, **kwargs)
+        layer = LayerCall(observers=observers, step=step, timestep=attachment.timestep)
+        return interceptor.run(layer, original, args, kwargs)
+
+    module.forward = forward  # an instance attribute shadows the class's forward
+
+    def undo() -> None:
+        if vars(module).get("forward") is forward:
+            del module.forward
+
+    return undo
+
+
+HEADS_UNKNOWN = (
+    "head count unknown: the scores are a 3D (B·H, Lq, Lk) map (bmm) and the module has no num_heads/heads "
+    "attribute, so probs, q/k/v and output cannot be split into heads"
+)
+_PER_HEAD = frozenset({"query", "key", "value", "probs", "output"})
+
+
+def heads_unknown(module: torch.nn.Module, heads: int | None, source: str) -> bool:
+    """Whether the module multiplies 3D (B·H, L, D) tensors (`bmm`) without a known head count."""
+    return heads is None and bool(re.search(r"\b(bmm|baddbmm)\(", source))
 
 
 # -- the adapter ----------------------------------------------------------------------------------
@@ -558,6 +648,9 @@ class HFManualAdapter(Adapter):
                 continue  # an inner module computes the attention
             src = _attention_source(type(module))
             unavailable = frozenset() if _QK_RE.search(src) else frozenset({"query", "key"})
+            heads = _heads(module)
+            if not note and heads_unknown(module, heads, src):
+                note, unavailable = HEADS_UNKNOWN, _PER_HEAD
             sites.append(
                 Site(
                     name=name or type(module).__name__,
@@ -565,7 +658,7 @@ class HFManualAdapter(Adapter):
                     module=module,
                     adapter=self.name,
                     processor_class="softmax (hand-written)",
-                    heads=_heads(module),
+                    heads=heads,
                     note=note or "hand-written attention: probs and output editable, q/k/v read-only",
                     unavailable=unavailable,
                     inputs_editable=False,
@@ -588,32 +681,7 @@ class HFManualAdapter(Adapter):
     def install(self, binding: SiteBinding) -> Undo:
         from .transformers import _heads
 
-        module = binding.site.module
-        if "forward" in vars(module):
-            raise AttachError(
-                f"site {binding.site.name!r} already has an instance-level forward (another tracer or a "
-                "patch); detach or remove it first"
-            )
-        original = module.forward
-        binding.original = original
-        interceptor = binding.interceptor = _ManualInterceptor(binding, _heads(module))
-        attachment = binding.attachment
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            step = attachment.step
-            observers = binding.observers_at(step)
-            if not observers:
-                return original(*args, **kwargs)
-            layer = LayerCall(observers=observers, step=step, timestep=attachment.timestep)
-            return interceptor.run(layer, original, args, kwargs)
-
-        module.forward = forward  # an instance attribute shadows the class's forward
-
-        def undo() -> None:
-            if vars(module).get("forward") is forward:
-                del module.forward
-
-        return undo
+        return shadow_forward(binding, _heads(binding.site.module))
 
     def check_restored(self, binding: SiteBinding) -> str | None:
         if "forward" in vars(binding.site.module):

@@ -73,8 +73,14 @@ def _helper_calls_sdpa(cls: type) -> bool:
 
 
 def _is_candidate(module: torch.nn.Module) -> bool:
+    from .torch_manual import hand_written
+
     return isinstance(module, torch.nn.MultiheadAttention) or (
-        type(module).forward is not torch.nn.Module.forward and _calls_sdpa(type(module))
+        type(module).forward is not torch.nn.Module.forward
+        and _calls_sdpa(type(module))
+        # A module with both an F.sdpa branch and a hand-written softmax branch is the torch-manual
+        # adapter's: its interceptor catches F.sdpa too.
+        and not hand_written(module)
     )
 
 
