@@ -1,0 +1,314 @@
+"""Coverage of transformers model families: transparency and eager-oracle checks on a tiny instance of each.
+
+Every model type of the installed transformers (`CONFIG_MAPPING_NAMES`) is a parameter. For each family
+built by `tests.coverage_transformers.build` (sdpa where the family supports it, else eager) that has
+attention sites (`attntrace.find_sites`, whatever the adapter):
+- with a passive observer reading q/k/v, probs and output attached, every output tensor is
+  bit-identical (`torch.equal`) to the untraced run;
+- every site module that ran (forward pre-hooks) got at least one call, and no other site did;
+- after detach every config's `_attn_implementation` is the one it had and no `attntrace_*` entry is
+  left in the attention-function or mask registries;
+- the eager oracle: the same weights loaded with `attn_implementation="eager"`, run with forward hooks
+  on the same modules; every attention-weights tensor a site returns must equal (atol 1e-5) a traced
+  probs tensor of the same shape at that site (call order kept per site).
+Families not built record why; families without sites record why (hand-written softmax, or no
+attention at all); families refused at attach record the message.
+
+With `ATTNTRACE_SUPPORT_TABLE_TRANSFORMERS=path` set, the run writes one JSON record per family that
+`tests/gen_support_table.py --transformers` turns into `docs/support_transformers.md`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import os
+import warnings
+from typing import Any
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
+from transformers.modeling_utils import AttentionInterface  # noqa: E402
+
+from attntrace import Observer, Tracer, find_sites  # noqa: E402
+from attntrace.call import AttentionCall  # noqa: E402
+from attntrace.errors import AttachError  # noqa: E402
+from tests import coverage_transformers as ct  # noqa: E402
+
+ATOL = 1e-5
+_RECORDS: dict[str, dict[str, Any]] = {}
+# Families whose failure lies in transformers itself at a tiny config (investigated): model type -> reason.
+XFAIL: dict[str, str] = {}
+
+
+class Recorder(Observer):
+    """Passive: reads q/k/v, probs and output; keeps every call's probs (tiny models: O(calls))."""
+
+    needs = frozenset({"query", "key", "value", "probs", "output"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.probs: dict[str, list[torch.Tensor]] = {}
+        self.max_err = 0.0
+
+    def on_call(self, call: AttentionCall) -> None:
+        probs = call.probs
+        out = call.output
+        v = call.value
+        if v.shape[1] != probs.shape[1]:
+            v = v.repeat_interleave(probs.shape[1] // v.shape[1], dim=1)
+        self.max_err = max(self.max_err, float((probs @ v.float() - out.float()).abs().max()))
+        self.probs.setdefault(call.site, []).append(probs.detach().clone())
+
+
+def _configs(model: torch.nn.Module) -> list[Any]:
+    from transformers import PretrainedConfig
+
+    out: dict[int, Any] = {}
+    todo = [getattr(m, "config", None) for m in model.modules()]
+    while todo:
+        c = todo.pop()
+        if isinstance(c, PretrainedConfig) and id(c) not in out:
+            out[id(c)] = c
+            todo += [getattr(c, k, None) for k in (getattr(c, "sub_configs", {}) or {})]
+    return list(out.values())
+
+
+def _impls(model: torch.nn.Module) -> list[tuple[Any, Any]]:
+    return [(c, c._attn_implementation_internal) for c in _configs(model)]
+
+
+def _registry_clean() -> bool:
+    return not any(k.startswith("attntrace_") for k in AttentionInterface._global_mapping) and not any(
+        k.startswith("attntrace_") for k in AttentionMaskInterface._global_mapping
+    )
+
+
+def _weights_in(output: Any) -> list[torch.Tensor]:
+    """Attention-weights tensors a module returned: 4-D float tensors after the first element whose rows
+    sum to 1 (a position bias returned beside them does not)."""
+    if not isinstance(output, tuple):
+        return []
+    return [t for t in output[1:] if isinstance(t, torch.Tensor) and t.dim() == 4 and t.is_floating_point()
+            and t.numel() and float((t.float().sum(-1) - 1).abs().max()) < 1e-3]  # fmt: skip
+
+
+def _hand_written(model: torch.nn.Module) -> list[str]:
+    """Classes whose forward computes a softmax itself (hand-written attention), independent of attntrace."""
+    names = set()
+    for m in model.modules():
+        try:
+            src = inspect.getsource(type(m).forward)
+        except (OSError, TypeError):
+            continue
+        if "softmax" in src and ("matmul" in src or "@" in src or "bmm" in src or "einsum" in src):
+            names.add(type(m).__name__)
+    return sorted(names)
+
+
+def oracle_weights(
+    model_type: str, model: torch.nn.Module, inputs: dict[str, Any], site_names: list[str]
+) -> tuple[dict[str, list[torch.Tensor]], list[torch.Tensor]]:
+    """The eager oracle: same weights with attn_implementation="eager"; weights returned per site module
+    (forward hooks, in call order) and the model-level `output_attentions` tensors where accepted."""
+    eager = ct.build(model_type, "eager").model
+    eager.load_state_dict(model.state_dict())
+    modules = dict(eager.named_modules())
+    per_site: dict[str, list[torch.Tensor]] = {}
+    handles = [
+        modules[n].register_forward_hook(
+            lambda m, a, out, n=n: per_site.setdefault(n, []).extend(w.detach().clone() for w in _weights_in(out))
+        )
+        for n in site_names
+        if n in modules
+    ]
+    extra = {"output_attentions": True} if "output_attentions" in inspect.signature(eager.forward).parameters else {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = ct.run(eager, inputs, **extra)
+    finally:
+        for h in handles:
+            h.remove()
+    model_level = []
+    for key in ("attentions", "encoder_attentions", "decoder_attentions", "cross_attentions",
+                "vision_attentions", "text_attentions"):  # fmt: skip
+        v = getattr(out, key, None)
+        if isinstance(v, (tuple, list)):
+            model_level += [t for t in v if isinstance(t, torch.Tensor) and t.dim() == 4]
+    return per_site, model_level
+
+
+def _match(oracle: list[torch.Tensor], traced: list[torch.Tensor]) -> tuple[int, float, list[str]]:
+    """Each oracle tensor must equal some traced probs tensor of the same shape (greedy, in order)."""
+    used: set[int] = set()
+    worst = 0.0
+    problems = []
+    for ref in oracle:
+        best, best_i = None, None
+        for i, t in enumerate(traced):
+            if i in used or t.shape != ref.shape:
+                continue
+            err = float((t - ref.float()).abs().max())
+            if best is None or err < best:
+                best, best_i = err, i
+            if err <= ATOL:
+                break
+        if best is None:
+            problems.append(f"no traced probs of shape {tuple(ref.shape)}")
+            continue
+        used.add(best_i)  # type: ignore[arg-type]
+        worst = max(worst, best)
+        if best > ATOL:
+            problems.append(f"probs differ from eager by {best:.2e} (shape {tuple(ref.shape)})")
+    return len(oracle) - len(problems), worst, problems
+
+
+@functools.cache
+def check_family(model_type: str) -> dict[str, Any]:
+    """Build, trace and compare one family; returns its support record (never raises for the family)."""
+    rec: dict[str, Any] = {"model_type": model_type, "status": "", "class": "", "adapter": "", "kinds": [],
+                           "sites": 0, "probs": "", "editing": "", "max_err": None, "notes": "", "problems": []}  # fmt: skip
+    fam = ct.families()[model_type]
+    rec["class"] = fam.model_cls.__name__ if fam.model_cls else ""
+    try:
+        built = ct.build(model_type, "sdpa")
+    except ct.NotBuilt as exc:
+        rec.update(status="not built", notes=str(exc))
+        return rec
+    model, inputs = built.model, built.inputs
+    rec["impl"] = built.impl
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = ct.all_tensors(ct.run(model, inputs))
+            again = ct.all_tensors(ct.run(model, inputs))
+    except Exception as exc:
+        rec.update(status="not built", notes=f"forward fails: {type(exc).__name__}: {ct._short(exc)}")
+        return rec
+    deterministic = len(expected) == len(again) and all(torch.equal(a, b) for a, b in zip(expected, again))
+    sites = find_sites(model)
+    if not sites:
+        hand = _hand_written(model)
+        why = (f"attention computed by hand in {', '.join(hand[:4])}" if hand
+               else "no attention module (state-space, convolution or other mixer)")  # fmt: skip
+        rec.update(status="no interface sites", notes=why)
+        try:
+            Tracer().attach(model)
+        except AttachError as exc:
+            rec["refusal"] = str(exc)
+        return rec
+    rec["adapter"] = ", ".join(sorted({s.adapter for s in sites}))
+    rec["kinds"] = sorted({s.kind for s in sites})
+    rec["sites"] = len(sites)
+    before = _impls(model)
+    tracer = Tracer()
+    obs = tracer.add(Recorder())
+    ran: set[str] = set()
+    modules = dict(model.named_modules())
+    handles = [modules[s.name].register_forward_pre_hook(lambda m, a, n=s.name: ran.add(n)) for s in sites
+               if s.name in modules]  # fmt: skip
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with tracer.attach(model):
+                got = ct.all_tensors(ct.run(model, inputs))
+    except AttachError as exc:
+        rec.update(status="refused", notes=str(exc))
+        return rec
+    except Exception as exc:
+        rec.update(status="failing", notes=f"traced forward fails: {type(exc).__name__}: {ct._short(exc)}")
+        rec["problems"].append(rec["notes"])
+        return rec
+    finally:
+        for h in handles:
+            h.remove()
+    problems = rec["problems"]
+    notes = []
+    if deterministic:
+        if len(got) != len(expected) or not all(torch.equal(a, b) for a, b in zip(got, expected)):
+            problems.append("traced output differs from the untraced one")
+    else:
+        notes.append("forward not deterministic: bit-identity not checkable")
+    if _impls(model) != before or any(a is not b for (a, _), (b, _) in zip(_impls(model), before)):
+        problems.append("attn_implementation not restored")
+    if not _registry_clean():
+        problems.append("attntrace_* registry entries left after detach")
+    names = {s.name for s in sites}
+    seen = set(obs.probs) & names
+    if seen != ran & names:
+        problems.append(f"ran but unseen {sorted(ran - seen)[:3]}, seen but not run {sorted(seen - ran)[:3]}")
+    if ran & names != names:
+        notes.append(f"{len(names - ran)} of {len(names)} site(s) not run by this forward")
+    if obs.max_err > ATOL:
+        problems.append(f"probs @ value differs from the output by {obs.max_err:.1e}")
+    # The eager oracle.
+    try:
+        per_site, model_level = oracle_weights(model_type, model, inputs, sorted(seen))
+    except Exception as exc:
+        problems.append(f"eager oracle fails: {type(exc).__name__}: {ct._short(exc)}")
+        per_site, model_level = {}, []
+    checked, worst = 0, 0.0
+    for name in sorted(seen):
+        refs = per_site.get(name, [])
+        n, err, bad = _match(refs, obs.probs[name])
+        checked += n
+        worst = max(worst, err)
+        problems += [f"{name}: {b}" for b in bad]
+    unmatched_sites = [n for n in seen if not per_site.get(n)]
+    if unmatched_sites and model_level:
+        pool = [p for n in unmatched_sites for p in obs.probs[n]]
+        n, err, bad = _match([t for t in model_level if any(t.shape == p.shape for p in pool)], pool)
+        checked += n
+        worst = max(worst, err)
+    if checked == 0:
+        notes.append("no eager attention weights returned: probs checked as probs @ v == output only")
+        rec["probs"] = "yes (not compared with eager)"
+    else:
+        rec["probs"] = "yes"
+        if unmatched_sites:
+            notes.append(f"{len(unmatched_sites)} site(s) return no eager weights")
+    rec["max_err"] = max(worst, obs.max_err)
+    rec["oracle_tensors"] = checked
+    rec["editing"] = "yes"
+    rec["notes"] = "; ".join(notes + ([f"built with {built.impl}"] if built.impl != "sdpa" else []))
+    rec["status"] = "failing" if problems else "traced"
+    return rec
+
+
+FAMILIES = sorted(ct.families())
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_family(model_type: str) -> None:
+    rec = check_family(model_type)
+    _RECORDS[model_type] = rec
+    if model_type in XFAIL and rec["status"] in ("failing", "not built"):
+        rec["notes"] = f"xfail: {XFAIL[model_type]}; " + rec["notes"]
+        pytest.xfail(XFAIL[model_type])
+    if rec["status"] == "not built":
+        pytest.skip(f"not built: {rec['notes']}")
+    if rec["status"] == "no interface sites":
+        # attach refuses, naming the model class
+        assert rec["class"] in rec.get("refusal", ""), rec
+        return
+    assert rec["status"] in ("traced", "refused"), f"{model_type}: {rec['problems'][:4]}"
+    if rec["status"] == "refused":
+        assert rec["class"] in rec["notes"], rec["notes"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write_records() -> Any:
+    yield
+    path = os.environ.get("ATTNTRACE_SUPPORT_TABLE_TRANSFORMERS")
+    if path and _RECORDS:
+        import transformers as tf
+
+        with open(path, "w") as fh:
+            json.dump({"__meta__": {"transformers": tf.__version__, "families": len(FAMILIES)}, **_RECORDS},
+                      fh, indent=1, default=str)  # fmt: skip
