@@ -55,6 +55,7 @@ class Recorder(Observer):
         super().__init__()
         self.probs: dict[str, list[torch.Tensor]] = {}
         self.max_err = 0.0
+        self.masked_rows = 0
 
     def on_call(self, call: AttentionCall) -> None:
         probs = call.probs
@@ -62,7 +63,17 @@ class Recorder(Observer):
         v = call.value
         if v.shape[1] != probs.shape[1]:
             v = v.repeat_interleave(probs.shape[1] // v.shape[1], dim=1)
-        self.max_err = max(self.max_err, float((probs @ v.float() - out.float()).abs().max()))
+        err = (probs @ v.float() - out.float()).abs().amax(-1)  # (B, H, Lq)
+        mask = call.attn_mask
+        if mask is not None:
+            # Fully masked query rows: eager gives a uniform row, sdpa's output there is its own; the
+            # probs are checked against eager, not against the output.
+            allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+            live = allowed.any(-1).expand_as(err)
+            err = err[live]
+            self.masked_rows += int((~live).sum())
+        if err.numel():
+            self.max_err = max(self.max_err, float(err.max()))
         self.probs.setdefault(call.site, []).append(probs.detach().clone())
 
 
@@ -245,8 +256,15 @@ def check_family(model_type: str) -> dict[str, Any]:
         problems.append(f"ran but unseen {sorted(ran - seen)[:3]}, seen but not run {sorted(seen - ran)[:3]}")
     if ran & names != names:
         notes.append(f"{len(names - ran)} of {len(names)} site(s) not run by this forward")
+    editing = "yes"
     if obs.max_err > ATOL:
-        problems.append(f"probs @ value differs from the output by {obs.max_err:.1e}")
+        # The module's own eager function does more than probs @ v (e.g. GraniteSWA's sink scaling):
+        # probs are still checked against eager below; editing probs would drop that step.
+        notes.append(f"output is not probs @ value (differs by {obs.max_err:.1e}): probs edits drop the "
+                     "eager function's post-softmax step")  # fmt: skip
+        editing = "q/k/v/output (not probs)"
+    if obs.masked_rows:
+        notes.append("fully masked query rows occur: probs there equal eager's uniform rows")
     # The eager oracle.
     try:
         per_site, model_level = oracle_weights(model_type, model, inputs, sorted(seen))
@@ -273,9 +291,10 @@ def check_family(model_type: str) -> dict[str, Any]:
         rec["probs"] = "yes"
         if unmatched_sites:
             notes.append(f"{len(unmatched_sites)} site(s) return no eager weights")
-    rec["max_err"] = max(worst, obs.max_err)
+    rec["max_err"] = worst
+    rec["probs_v_err"] = obs.max_err
     rec["oracle_tensors"] = checked
-    rec["editing"] = "yes"
+    rec["editing"] = editing
     rec["notes"] = "; ".join(notes + ([f"built with {built.impl}"] if built.impl != "sdpa" else []))
     rec["status"] = "failing" if problems else "traced"
     return rec
@@ -304,7 +323,11 @@ def test_family(model_type: str) -> None:
 
 @pytest.fixture(scope="module", autouse=True)
 def _write_records() -> Any:
+    # Tiny matrices: thread hand-off costs more than the work (15 ms per linear on 2 loaded cores).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(threads)
     path = os.environ.get("ATTNTRACE_SUPPORT_TABLE_TRANSFORMERS")
     if path and _RECORDS:
         import transformers as tf
