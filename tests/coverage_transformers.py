@@ -15,9 +15,7 @@ with a padded attention mask, pixel values, audio features, decoder ids.
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +25,7 @@ import torch
 B, L, DEC_L = 2, 8, 4
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN, LAYERS = 32, 4, 2, 8, 64, 2
 VOCAB = 512
-MAX_PARAMS = 8_000_000  # after shrinking; bigger means the shrinker missed a size field
+MAX_PARAMS = 25_000_000  # after shrinking; bigger means the shrinker missed a size field
 
 # Generic size fields: name -> tiny value (applied only where the config has the field).
 _INT_FIELDS: dict[str, int] = {
@@ -56,6 +54,9 @@ _INT_FIELDS: dict[str, int] = {
                      "moe_k"), 2),
     **dict.fromkeys(("n_group", "topk_group", "n_shared_experts", "num_shared_experts"), 1),
     **dict.fromkeys(("q_lora_rank", "kv_lora_rank"), 16),
+    **dict.fromkeys(("emb_dim", "entity_emb_size", "d_latents", "hidden_size_per_layer_input"), HIDDEN),
+    **dict.fromkeys(("entity_vocab_size", "vocab_size_per_layer_input"), 64),
+    "num_latents": 8,
     "image_size": 32,
     "patch_size": 8,
     "num_channels": 3,
@@ -150,8 +151,15 @@ def shrink(config_cls: type, default: Any, depth: int = 0) -> dict[str, Any]:
         if isinstance(d.get(key), (list, tuple)) and key in fields:
             kw[key] = [1] * len(d[key])
     for key in _LAYER_LISTS:
-        if isinstance(d.get(key), (list, tuple)) and key in fields:
-            kw[key] = list(d[key])[:LAYERS]
+        if isinstance(d.get(key), (list, tuple)) and d[key] and key in fields:
+            # Keep one layer of every type (hybrid attention/mamba stacks need their attention layer).
+            kinds = list(dict.fromkeys(map(str, d[key])))
+            picked = [next(x for x in d[key] if str(x) == k) for k in kinds]
+            picked += list(d[key])[len(picked):LAYERS]
+            kw[key] = picked
+            for n in ("num_hidden_layers", "num_layers", "n_layer", "n_layers"):
+                if n in kw:
+                    kw[n] = len(picked)
     # Rope sections must add up to half the (new) head dim.
     for key in ("rope_parameters", "rope_scaling"):
         rp = d.get(key)
@@ -229,7 +237,7 @@ class Built:
     impl: str
 
 
-def build(model_type: str, impl: str = "sdpa", seed: int = 0) -> Built:
+def build(model_type: str, impl: str | dict[str, str] = "sdpa", seed: int = 0, probe: bool = True) -> Built:
     """A tiny random-weight instance of the family's base model in eval mode, with forward inputs."""
     fam = families()[model_type]
     if fam.model_cls is None:
@@ -249,7 +257,7 @@ def build(model_type: str, impl: str = "sdpa", seed: int = 0) -> Built:
         try:
             model = fam.model_cls._from_config(tiny_config(model_type), attn_implementation=impl)
         except (ValueError, ImportError) as exc:
-            if impl == "eager":
+            if impl == "eager" or isinstance(impl, dict):
                 raise NotBuilt(f"model init fails: {type(exc).__name__}: {_short(exc)}") from None
             torch.manual_seed(seed)
             model = fam.model_cls._from_config(tiny_config(model_type), attn_implementation="eager")
@@ -263,7 +271,26 @@ def build(model_type: str, impl: str = "sdpa", seed: int = 0) -> Built:
         raise
     except Exception as exc:
         raise NotBuilt(f"inputs: {type(exc).__name__}: {_short(exc)}") from None
+    if probe:
+        inputs = _probe(model, inputs)
     return Built(model_type, model, inputs, impl)
+
+
+def _probe(model: torch.nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+    """One forward; audio features are tried time-major too (Parakeet-style encoders take (B, T, bins))."""
+    tries = [inputs]
+    if "input_features" in inputs:
+        tries.append({**inputs, "input_features": inputs["input_features"].transpose(1, 2).contiguous()})
+    first: Exception | None = None
+    for kw in tries:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                run(model, kw)
+            return kw
+        except Exception as exc:
+            first = first or exc
+    raise NotBuilt(f"forward fails: {type(first).__name__}: {_short(first)}")
 
 
 def _token_ids(cfg: Any) -> set[int]:
@@ -374,8 +401,4 @@ def all_tensors(out: Any) -> list[torch.Tensor]:
     return []
 
 
-def import_module(name: str) -> Any:
-    return importlib.import_module(name)
-
-
-__all__ = ["Built", "Family", "NotBuilt", "build", "families", "make_inputs", "run", "tiny_config", "math"]
+__all__ = ["Built", "Family", "NotBuilt", "build", "families", "make_inputs", "run", "tiny_config"]
