@@ -121,16 +121,14 @@ def _fields(cls: type) -> dict[str, inspect.Parameter]:
 
 
 def _shrink_value(key: str, default: Any, tiny: int) -> Any:
-    if isinstance(default, bool) or default is None and key in ("q_lora_rank",):
+    if isinstance(default, bool) or default is None:
         return default
     if isinstance(default, int):
         return tiny
     if isinstance(default, float) and key in _INT_FIELDS:
         return default
     if isinstance(default, (list, tuple)) and default and all(isinstance(x, int) for x in default):
-        return type(default)([tiny] * len(default)) if key not in ("image_size", "patch_size") else type(
-            default
-        )([tiny] * len(default))
+        return type(default)([tiny] * len(default))
     return default
 
 
@@ -179,7 +177,7 @@ def shrink(config_cls: type, default: Any, depth: int = 0) -> dict[str, Any]:
             kw[key] = rp
     # Special token ids must stay inside the tiny vocabulary.
     if "vocab_size" in kw:
-        ids = [v for k, v in d.items() if (k.endswith("_token_id") or k.endswith("_token_index")) and isinstance(v, int)]
+        ids = [v for k, v in d.items() if k.endswith(("_token_id", "_token_index")) and isinstance(v, int)]
         if any(i >= VOCAB for i in ids):
             kw["vocab_size"] = max(ids) + 1 if max(ids) < 300_000 else d["vocab_size"]
     # Sub-configs: shrink recursively, passed as dicts (every composite config accepts those).
@@ -327,7 +325,7 @@ def make_inputs(model: torch.nn.Module) -> dict[str, Any]:
                 and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n != "self"]  # fmt: skip
 
     def ids(length: int) -> torch.Tensor:
-        vocab = _first([cfg] + cfgs, "vocab_size", default=VOCAB)
+        vocab = _first([cfg, *cfgs], "vocab_size", default=VOCAB)
         vocab = min(int(vocab), 200)
         bad = _token_ids(cfg)
         pool = torch.tensor([i for i in range(3, vocab) if i not in bad])
@@ -344,7 +342,7 @@ def make_inputs(model: torch.nn.Module) -> dict[str, Any]:
     if "pixel_values" in sig and dual and main == "input_ids" and getattr(cfg, "vision_config", None) is not None:
         want.add("pixel_values")  # dual encoders (CLIP-like) need both modalities
     if "pixel_values" in want:
-        vc = [getattr(cfg, "vision_config", None) or cfg] + cfgs
+        vc = [getattr(cfg, "vision_config", None) or cfg, *cfgs]
         size = _first(vc, "image_size", default=32)
         size = size[0] if isinstance(size, (list, tuple)) else size
         if isinstance(size, dict):

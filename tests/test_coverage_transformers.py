@@ -220,8 +220,10 @@ def _match(
 @functools.cache
 def check_family(model_type: str) -> dict[str, Any]:
     """Build, trace and compare one family; returns its support record (never raises for the family)."""
-    rec: dict[str, Any] = {"model_type": model_type, "status": "", "class": "", "adapter": "", "kinds": [],
-                           "sites": 0, "probs": "", "editing": "", "max_err": None, "notes": "", "problems": []}  # fmt: skip
+    rec: dict[str, Any] = {
+        "model_type": model_type, "status": "", "class": "", "adapter": "", "kinds": [], "sites": 0,
+        "probs": "", "editing": "", "max_err": None, "notes": "", "problems": [],
+    }  # fmt: skip
     fam = ct.families()[model_type]
     rec["class"] = fam.model_cls.__name__ if fam.model_cls else ""
     try:
@@ -435,9 +437,10 @@ def _keyword_only_families() -> list[str]:
         fam = ct.families()[mt]
         if fam.model_cls is None:
             continue
-        path = os.path.join(root, fam.model_cls.__module__.split(".")[-2], fam.model_cls.__module__.split(".")[-1] + ".py")
+        package, file = fam.model_cls.__module__.split(".")[-2:]
         try:
-            src = open(path).read()
+            with open(os.path.join(root, package, file + ".py")) as fh:
+                src = fh.read()
         except OSError:
             continue
         if re.search(r"attention_interface\(\s*self,\s*query=", src):

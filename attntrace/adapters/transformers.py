@@ -287,8 +287,8 @@ class TransformersAdapter(Adapter):
             if impl == "eager" and getattr(module, "reorder_and_upcast_attn", False):
                 # GPT-2 runs its own upcast kernel only when the implementation is literally "eager".
                 raise AttachError(
-                    f"{type(model).__name__}: site {b.site.name!r}: reorder_and_upcast_attn=True with eager attention bypasses "
-                    "the attention registry; load with attn_implementation='sdpa' or set "
+                    f"{type(model).__name__}: site {b.site.name!r}: reorder_and_upcast_attn=True with eager "
+                    "attention bypasses the attention registry; load with attn_implementation='sdpa' or set "
                     "reorder_and_upcast_attn=False"
                 )
             if not hasattr(module, "reorder_and_upcast_attn") and _branches_on_implementation(type(module)):
