@@ -57,6 +57,12 @@ _INT_FIELDS: dict[str, int] = {
     **dict.fromkeys(("emb_dim", "entity_emb_size", "d_latents", "hidden_size_per_layer_input"), HIDDEN),
     **dict.fromkeys(("entity_vocab_size", "vocab_size_per_layer_input"), 64),
     "num_latents": 8,
+    # State-space / linear-attention mixers of hybrid stacks (their slow CPU paths scale with these).
+    **dict.fromkeys(("mamba_n_heads", "linear_num_heads", "linear_num_key_heads", "linear_num_value_heads"), 8),
+    **dict.fromkeys(("mamba_d_state", "ssm_state_size", "state_size", "mamba_d_ssm_per_head"), 16),
+    **dict.fromkeys(("mamba_chunk_size", "chunk_size"), 8),
+    **dict.fromkeys(("mamba_d_ssm",), 64),
+    **dict.fromkeys(("mamba_d_head", "linear_head_dim", "mamba_head_dim"), 8),
     "image_size": 32,
     "patch_size": 8,
     "num_channels": 3,
@@ -196,7 +202,14 @@ def shrink(config_cls: type, default: Any, depth: int = 0) -> dict[str, Any]:
     return kw
 
 
-OVERRIDES: dict[str, dict[str, Any]] = {}
+# Hand-written where the generic shrinker fails and the fix is one line. Hybrid stacks whose default layout
+# puts no attention layer in the first LAYERS layers get one.
+OVERRIDES: dict[str, dict[str, Any]] = {
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1},
+    "bamba": {"attn_layer_indices": [1]},
+    "granitemoehybrid": {"layer_types": ["mamba", "attention"]},
+    "mamba2": {"num_heads": 8},
+}
 
 
 def tiny_config(model_type: str, impl: str | dict[str, str] | None = None) -> Any:
@@ -232,7 +245,8 @@ class Built:
     model_type: str
     model: torch.nn.Module
     inputs: dict[str, Any]
-    impl: str
+    impl: str | dict[str, str]
+    outputs: list[torch.Tensor] | None = None  # every output tensor of the probe forward
 
 
 def build(model_type: str, impl: str | dict[str, str] = "sdpa", seed: int = 0, probe: bool = True) -> Built:
@@ -269,12 +283,13 @@ def build(model_type: str, impl: str | dict[str, str] = "sdpa", seed: int = 0, p
         raise
     except Exception as exc:
         raise NotBuilt(f"inputs: {type(exc).__name__}: {_short(exc)}") from None
+    outputs = None
     if probe:
-        inputs = _probe(model, inputs)
-    return Built(model_type, model, inputs, impl)
+        inputs, outputs = _probe(model, inputs)
+    return Built(model_type, model, inputs, impl, outputs)
 
 
-def _probe(model: torch.nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+def _probe(model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[dict[str, Any], list[torch.Tensor]]:
     """One forward; audio features are tried time-major too (Parakeet-style encoders take (B, T, bins))."""
     tries = [inputs]
     if "input_features" in inputs:
@@ -284,8 +299,8 @@ def _probe(model: torch.nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                run(model, kw)
-            return kw
+                out = all_tensors(run(model, kw))
+            return kw, out
         except Exception as exc:
             first = first or exc
     raise NotBuilt(f"forward fails: {type(first).__name__}: {_short(first)}")

@@ -144,7 +144,7 @@ def render_transformers(records: dict) -> str:
         "module that ran was seen; every config's `_attn_implementation` and the registries restored after "
         "detach; probs equal to the eager oracle (the same weights loaded with "
         "`attn_implementation=\"eager\"`, attention weights taken from each module's own "
-        "`eager_attention_forward`, atol 1e-5).",
+        "`eager_attention_forward`; `torch.allclose` with atol 1e-5).",
         "",
         "## Counts",
         "",
