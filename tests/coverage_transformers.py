@@ -30,7 +30,7 @@ MAX_PARAMS = 25_000_000  # after shrinking; bigger means the shrinker missed a s
 # Generic size fields: name -> tiny value (applied only where the config has the field).
 _INT_FIELDS: dict[str, int] = {
     **dict.fromkeys(("hidden_size", "d_model", "n_embd", "embed_dim", "dim", "hidden_dim_model",
-                     "projection_dim", "projector_hidden_size", "text_hidden_size", "vision_hidden_size",
+                     "projection_dim", "projection_size", "projector_hidden_size", "text_hidden_size", "vision_hidden_size",
                      "d_embed", "word_embed_proj_dim", "embedding_size", "audio_hidden_size",
                      "encoder_hidden_size", "decoder_hidden_size", "hidden_dim"), HIDDEN),
     **dict.fromkeys(("num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_layers",
@@ -57,6 +57,8 @@ _INT_FIELDS: dict[str, int] = {
     **dict.fromkeys(("emb_dim", "entity_emb_size", "d_latents", "hidden_size_per_layer_input"), HIDDEN),
     **dict.fromkeys(("entity_vocab_size", "vocab_size_per_layer_input"), 64),
     "num_latents": 8,
+    "rotary_dim": HEAD_DIM // 2,
+    "num_frames": 2,
     # State-space / linear-attention mixers of hybrid stacks (their slow CPU paths scale with these).
     **dict.fromkeys(("mamba_n_heads", "linear_num_heads", "linear_num_key_heads", "linear_num_value_heads"), 8),
     **dict.fromkeys(("mamba_d_state", "ssm_state_size", "state_size", "mamba_d_ssm_per_head"), 16),
@@ -127,6 +129,8 @@ def _fields(cls: type) -> dict[str, inspect.Parameter]:
 
 
 def _shrink_value(key: str, default: Any, tiny: int) -> Any:
+    if default is None and key == "head_dim":
+        return tiny  # "derive from hidden_size" is not honoured everywhere (Ministral reads it as is)
     if isinstance(default, bool) or default is None:
         return default
     if isinstance(default, int):
@@ -363,7 +367,9 @@ def make_inputs(model: torch.nn.Module) -> dict[str, Any]:
         if isinstance(size, dict):
             size = size.get("height", 32)
         ch = _first(vc, "num_channels", default=3)
-        inputs["pixel_values"] = torch.randn(B, ch, size, size, generator=g)
+        frames = _first(vc, "num_frames", default=None)
+        shape = (B, frames, ch, size, size) if isinstance(frames, int) else (B, ch, size, size)
+        inputs["pixel_values"] = torch.randn(*shape, generator=g)
     if "input_features" in want:
         bins = _first(cfgs, "num_mel_bins", "feature_size", "input_feat_per_channel", default=80)
         n_pos = _first(cfgs, "max_source_positions", default=None)

@@ -494,3 +494,21 @@ def test_fully_masked_rows_match_eager_uniform() -> None:
     assert obs.masked_rows > 0
     assert torch.allclose(ref[1, :, :3], torch.full_like(ref[1, :, :3], 1 / 6))  # eager: uniform, not zeros
     assert (probs - ref).abs().max() <= 1e-6
+
+
+def test_refusals_name_the_model_class() -> None:
+    """An implementation attntrace cannot wrap, and a model without attention-function sites, are refused
+    at attach with the model class in the message; nothing is left behind."""
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                  intermediate_size=37, attn_implementation="flex_attention")  # fmt: skip
+    model = transformers.BertModel(cfg)
+    tracer = Tracer()
+    tracer.add(Recorder())
+    with pytest.raises(AttachError, match=r"BertModel: site .* attn_implementation='flex_attention'"):
+        tracer.attach(model)
+    assert model.config._attn_implementation == "flex_attention" and _registry_clean()
+    mamba = transformers.MambaModel(transformers.MambaConfig(vocab_size=60, hidden_size=16, num_hidden_layers=1))
+    assert find_sites(mamba) == []
+    with pytest.raises(AttachError, match="MambaModel"):
+        Tracer().attach(mamba)
