@@ -30,8 +30,8 @@ MAX_PARAMS = 25_000_000  # after shrinking; bigger means the shrinker missed a s
 # Generic size fields: name -> tiny value (applied only where the config has the field).
 _INT_FIELDS: dict[str, int] = {
     **dict.fromkeys(("hidden_size", "d_model", "n_embd", "embed_dim", "dim", "hidden_dim_model",
-                     "projection_dim", "projection_size", "projector_hidden_size", "text_hidden_size", "vision_hidden_size",
-                     "d_embed", "word_embed_proj_dim", "embedding_size", "audio_hidden_size",
+                     "projection_dim", "projection_size", "projector_hidden_size", "text_hidden_size",
+                     "vision_hidden_size", "d_embed", "word_embed_proj_dim", "embedding_size", "audio_hidden_size",
                      "encoder_hidden_size", "decoder_hidden_size", "hidden_dim"), HIDDEN),
     **dict.fromkeys(("num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_layers",
                      "decoder_layers", "num_decoder_layers", "num_encoder_layers", "depth",
