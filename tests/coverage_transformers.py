@@ -58,6 +58,7 @@ _INT_FIELDS: dict[str, int] = {
     **dict.fromkeys(("entity_vocab_size", "vocab_size_per_layer_input"), 64),
     "num_latents": 8,
     "rotary_dim": HEAD_DIM // 2,
+    "max_source_positions": 16,  # Whisper-style encoders take exactly 2x this many feature frames
     "num_frames": 2,
     # State-space / linear-attention mixers of hybrid stacks (their slow CPU paths scale with these).
     **dict.fromkeys(("mamba_n_heads", "linear_num_heads", "linear_num_key_heads", "linear_num_value_heads"), 8),
@@ -185,6 +186,14 @@ def shrink(config_cls: type, default: Any, depth: int = 0) -> dict[str, Any]:
             rp = dict(kw.get(key) or d.get(key) or {"rope_type": "default", "rope_theta": 10000.0})
             rp.setdefault("mrope_section", [HEAD_DIM // 2 - 2, 1, 1])
             kw[key] = rp
+    # Backbone configs name their output stages; with fewer layers the defaults point past the end.
+    # Keep as many outputs as before (necks expect that many), one per layer.
+    n_out = len(d.get("out_features") or [])
+    if "out_features" in d and "num_hidden_layers" in kw and n_out:
+        kw["num_hidden_layers"] = max(LAYERS, n_out)
+        kw["out_indices"] = list(range(kw["num_hidden_layers"] - n_out + 1, kw["num_hidden_layers"] + 1))
+        kw["out_features"] = None
+        kw.pop("stage_names", None)
     # Special token ids must stay inside the tiny vocabulary.
     if "vocab_size" in kw:
         ids = [v for k, v in d.items() if k.endswith(("_token_id", "_token_index")) and isinstance(v, int)]
@@ -202,6 +211,9 @@ def shrink(config_cls: type, default: Any, depth: int = 0) -> dict[str, Any]:
             for drop in ("transformers_version", "architectures", "_name_or_path"):
                 sd.pop(drop, None)
             sd.update(sub_kw)
+            if sd.get("out_features") is None:
+                sd.pop("out_features", None)
+                sd.pop("stage_names", None)
             kw[sub] = sd
     return kw
 
