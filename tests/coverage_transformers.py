@@ -55,7 +55,8 @@ _INT_FIELDS: dict[str, int] = {
     **dict.fromkeys(("n_group", "topk_group", "n_shared_experts", "num_shared_experts"), 1),
     **dict.fromkeys(("q_lora_rank", "kv_lora_rank"), 16),
     **dict.fromkeys(("emb_dim", "entity_emb_size", "d_latents", "hidden_size_per_layer_input"), HIDDEN),
-    **dict.fromkeys(("entity_vocab_size", "vocab_size_per_layer_input"), 64),
+    "entity_vocab_size": 64,
+    "vocab_size_per_layer_input": VOCAB,
     "num_latents": 8,
     "rotary_dim": HEAD_DIM // 2,
     "max_source_positions": 16,  # Whisper-style encoders take exactly 2x this many feature frames
@@ -143,6 +144,14 @@ def _shrink_value(key: str, default: Any, tiny: int) -> Any:
     return default
 
 
+def _per_layer_value(field: str, value: Any) -> Any:
+    if not isinstance(value, int) or isinstance(value, bool):
+        return value
+    if field.endswith("head_dim"):
+        return 2 * HEAD_DIM
+    return _INT_FIELDS.get(field, value)
+
+
 def shrink(config_cls: type, default: Any, depth: int = 0) -> dict[str, Any]:
     """Constructor kwargs that make `config_cls` tiny (recursing into sub-configs)."""
     fields = _fields(config_cls)
@@ -169,6 +178,15 @@ def shrink(config_cls: type, default: Any, depth: int = 0) -> dict[str, Any]:
             for n in ("num_hidden_layers", "num_layers", "n_layer", "n_layers"):
                 if n in kw:
                     kw[n] = len(picked)
+            plc = d.get("per_layer_config")
+            if isinstance(plc, dict):
+                # Per-layer overrides (Gemma 4: a bigger head dim on full-attention layers) follow the kept
+                # layer of the same type; their sizes stay distinct from the default ones but tiny.
+                new: dict[str, Any] = {}
+                for k, v in plc.items():
+                    j = kinds.index(str(d[key][int(k)]))
+                    new[f"{j:02d}"] = {f: _per_layer_value(f, x) for f, x in v.items()} if isinstance(v, dict) else v
+                kw["per_layer_config"] = new
     # Rope sections must add up to half the (new) head dim.
     for key in ("rope_parameters", "rope_scaling"):
         rp = d.get(key)
@@ -186,6 +204,12 @@ def shrink(config_cls: type, default: Any, depth: int = 0) -> dict[str, Any]:
             rp = dict(kw.get(key) or d.get(key) or {"rope_type": "default", "rope_theta": 10000.0})
             rp.setdefault("mrope_section", [HEAD_DIM // 2 - 2, 1, 1])
             kw[key] = rp
+    # Other per-layer lists (Gemma 3n's intermediate sizes, activation sparsity...) follow the layer count.
+    old_n, new_n = d.get("num_hidden_layers"), kw.get("num_hidden_layers")
+    if isinstance(old_n, int) and isinstance(new_n, int) and old_n > new_n:
+        for k, v in d.items():
+            if k in fields and k not in _LAYER_LISTS and isinstance(v, list) and len(v) == old_n:
+                kw[k] = list(kw.get(k, v))[:new_n]
     # Backbone configs name their output stages; with fewer layers the defaults point past the end.
     # Keep as many outputs as before (necks expect that many), one per layer.
     n_out = len(d.get("out_features") or [])

@@ -114,7 +114,7 @@ def _weights_in(output: Any) -> list[torch.Tensor]:
 def _hand_written(model: torch.nn.Module) -> list[str]:
     """Classes whose forward computes a softmax itself (hand-written attention), independent of attntrace."""
     names = set()
-    for m in model.modules():
+    for m in list(model.modules())[1:]:  # not the root: its forward may compute contrastive logits
         try:
             src = inspect.getsource(type(m).forward)
         except (OSError, TypeError):
