@@ -182,7 +182,27 @@ def render_transformers(records: dict) -> str:
     for r in by.get("not built", []):
         if r not in unbuilt_sub:
             lines.append(f"| {r['model_type']} | {r['class']} | {_cell(r['notes'])} |")
-    lines += ["", "## Sub-model configs", "", ", ".join(r["model_type"] for r in unbuilt_sub), ""]
+    lines += [
+        "",
+        "## Traps checked by dedicated tests",
+        "",
+        "- Composite models whose sub-configs use different implementations (`test_composite_mixed_implementations`: "
+        "CLIP, LLaVA, Mllama, Qwen2-VL, Idefics3, T5Gemma2, BLIP-2, PaliGemma with sub-configs alternating eager "
+        "and sdpa): while traced each config points at the wrapper of its own implementation; detach restores each.",
+        "- Attention functions called with keyword arguments only (`test_keyword_only_attention_calls`: Parakeet, "
+        "Nemotron ASR streaming, found by scanning the modeling sources).",
+        "- Fully masked query rows (`test_fully_masked_rows_match_eager_uniform`): eager gives a uniform row there, "
+        "sdpa its own output; probs follow eager. T5Gemma2's sliding window with padding hits this in the sweep.",
+        "- Implementations other than sdpa/eager and models without attention-function sites are refused at attach "
+        "with the model class named (`test_refusals_name_the_model_class`).",
+        "- Eager functions that post-process the output (GraniteSWA's attention-sink scaling): probs equal eager's, "
+        "`output` is not `probs @ value` there, so probs edits are marked unsupported in the table.",
+        "",
+        "## Sub-model configs",
+        "",
+        ", ".join(r["model_type"] for r in unbuilt_sub),
+        "",
+    ]
     return "\n".join(lines)
 
 
