@@ -187,7 +187,7 @@ def render_transformers(records: dict) -> str:
         "## Traps checked by dedicated tests",
         "",
         "- Composite models whose sub-configs use different implementations (`test_composite_mixed_implementations`: "
-        "CLIP, LLaVA, Mllama, Qwen2-VL, Idefics3, T5Gemma2, BLIP-2, PaliGemma with sub-configs alternating eager "
+        "CLIP, LLaVA, Mllama, Qwen2-VL, Idefics3, T5Gemma2, AltCLIP, PaliGemma with sub-configs alternating eager "
         "and sdpa): while traced each config points at the wrapper of its own implementation; detach restores each.",
         "- Attention functions called with keyword arguments only (`test_keyword_only_attention_calls`: Parakeet, "
         "Nemotron ASR streaming, found by scanning the modeling sources).",
