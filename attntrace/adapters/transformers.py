@@ -275,11 +275,13 @@ class TransformersAdapter(Adapter):
             impl = b.site.module.config._attn_implementation
             if isinstance(impl, str) and impl.startswith("attntrace_"):
                 raise AttachError(
-                    f"site {b.site.name!r} is already traced by another attached tracer; detach it first"
+                    f"{type(model).__name__}: site {b.site.name!r} is already traced by another attached "
+                    "tracer; detach it first"
                 )
             if impl not in _SUPPORTED:
                 raise AttachError(
-                    f"site {b.site.name!r} uses attn_implementation={impl!r}; attntrace traces 'sdpa' and "
+                    f"{type(model).__name__}: site {b.site.name!r} uses attn_implementation={impl!r}; "
+                    "attntrace traces 'sdpa' and "
                     "'eager' (load the model with attn_implementation='sdpa' or 'eager', or call "
                     "model.set_attn_implementation)"
                 )
@@ -287,8 +289,8 @@ class TransformersAdapter(Adapter):
             if impl == "eager" and getattr(module, "reorder_and_upcast_attn", False):
                 # GPT-2 runs its own upcast kernel only when the implementation is literally "eager".
                 raise AttachError(
-                    f"site {b.site.name!r}: reorder_and_upcast_attn=True with eager attention bypasses "
-                    "the attention registry; load with attn_implementation='sdpa' or set "
+                    f"{type(model).__name__}: site {b.site.name!r}: reorder_and_upcast_attn=True with eager "
+                    "attention bypasses the attention registry; load with attn_implementation='sdpa' or set "
                     "reorder_and_upcast_attn=False"
                 )
             if not hasattr(module, "reorder_and_upcast_attn") and _branches_on_implementation(type(module)):

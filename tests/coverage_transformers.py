@@ -1,0 +1,459 @@
+"""Tiny builders for every transformers model family, discovered from the installed release (tests only).
+
+`families()` lists every model type in `CONFIG_MAPPING_NAMES` with its config class and base model
+class (`MODEL_MAPPING_NAMES`, else the first task mapping that has one). `tiny_config(model_type)`
+shrinks the default config generically: the common size fields (hidden size, layers, heads, FFN,
+vocabulary, image/patch size, experts...) are set to tiny values, recursively in sub-configs, and the
+config is rebuilt through its constructor so derived fields (layer types, head dims) follow. A few
+families get hand-written overrides in `OVERRIDES` where the generic path fails and the fix is cheap.
+`make_inputs(model)` builds forward inputs from the forward signature and `main_input_name`: token ids
+with a padded attention mask, pixel values, audio features, decoder ids.
+
+`build(model_type, impl)` -> `Built(model, inputs)` or raises `NotBuilt(reason)`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+B, L, DEC_L = 2, 8, 4
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN, LAYERS = 32, 4, 2, 8, 64, 2
+VOCAB = 512
+MAX_PARAMS = 25_000_000  # after shrinking; bigger means the shrinker missed a size field
+
+# Generic size fields: name -> tiny value (applied only where the config has the field).
+_INT_FIELDS: dict[str, int] = {
+    **dict.fromkeys(("hidden_size", "d_model", "n_embd", "embed_dim", "dim", "hidden_dim_model",
+                     "projection_dim", "projection_size", "projector_hidden_size", "text_hidden_size",
+                     "vision_hidden_size", "d_embed", "word_embed_proj_dim", "embedding_size", "audio_hidden_size",
+                     "encoder_hidden_size", "decoder_hidden_size", "hidden_dim"), HIDDEN),
+    **dict.fromkeys(("num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_layers",
+                     "decoder_layers", "num_decoder_layers", "num_encoder_layers", "depth",
+                     "num_text_layers", "num_vision_layers", "text_layers", "vision_layers",
+                     "num_audio_layers"), LAYERS),
+    **dict.fromkeys(("num_attention_heads", "n_head", "n_heads", "num_heads", "encoder_attention_heads",
+                     "decoder_attention_heads", "attention_heads", "num_attention_heads_text"), HEADS),
+    **dict.fromkeys(("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num",
+                     "num_key_value_groups_total"), KV_HEADS),
+    **dict.fromkeys(("head_dim", "d_kv", "kv_channels", "attention_head_size", "qk_nope_head_dim",
+                     "qk_rope_head_dim", "v_head_dim", "qk_head_dim", "linear_key_head_dim",
+                     "linear_value_head_dim", "attention_head_dim"), HEAD_DIM),
+    **dict.fromkeys(("intermediate_size", "ffn_dim", "d_ff", "n_inner", "encoder_ffn_dim", "decoder_ffn_dim",
+                     "moe_intermediate_size", "shared_expert_intermediate_size", "expert_intermediate_size",
+                     "dense_intermediate_size", "ffn_hidden_size", "mlp_dim", "intermediate_dim",
+                     "hidden_dim_ffn"), FFN),
+    **dict.fromkeys(("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts",
+                     "num_experts_total"), 4),
+    **dict.fromkeys(("num_experts_per_tok", "moe_topk", "top_k", "num_selected_experts",
+                     "moe_k"), 2),
+    **dict.fromkeys(("n_group", "topk_group", "n_shared_experts", "num_shared_experts"), 1),
+    **dict.fromkeys(("q_lora_rank", "kv_lora_rank"), 16),
+    **dict.fromkeys(("emb_dim", "entity_emb_size", "d_latents", "hidden_size_per_layer_input"), HIDDEN),
+    "entity_vocab_size": 64,
+    "vocab_size_per_layer_input": VOCAB,
+    "num_latents": 8,
+    "rotary_dim": HEAD_DIM // 2,
+    "max_source_positions": 16,  # Whisper-style encoders take exactly 2x this many feature frames
+    "num_frames": 2,
+    # State-space / linear-attention mixers of hybrid stacks (their slow CPU paths scale with these).
+    **dict.fromkeys(("mamba_n_heads", "linear_num_heads", "linear_num_key_heads", "linear_num_value_heads"), 8),
+    **dict.fromkeys(("mamba_d_state", "ssm_state_size", "state_size", "mamba_d_ssm_per_head"), 16),
+    **dict.fromkeys(("mamba_chunk_size", "chunk_size"), 8),
+    **dict.fromkeys(("mamba_d_ssm",), 64),
+    **dict.fromkeys(("mamba_d_head", "linear_head_dim", "mamba_head_dim"), 8),
+    "image_size": 32,
+    "patch_size": 8,
+    "num_channels": 3,
+    "vocab_size": VOCAB,
+    "sliding_window": 4,
+}
+# Fields that hold per-layer lists: truncated to LAYERS entries.
+_LAYER_LISTS = ("layer_types", "block_types", "attention_types", "layers_block_type", "mlp_only_layers")
+
+
+class NotBuilt(Exception):
+    """The family could not be built tiny; the message is the one-line reason."""
+
+
+@dataclass
+class Family:
+    model_type: str
+    config_cls: type | None
+    model_cls: type | None
+    reason: str = ""
+
+
+@functools.cache
+def families() -> dict[str, Family]:
+    """Every model type of the installed transformers -> its config and base model class (or why none)."""
+    from transformers.models.auto import modeling_auto
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    mappings = [modeling_auto.MODEL_MAPPING_NAMES] + [
+        getattr(modeling_auto, n)
+        for n in sorted(dir(modeling_auto))
+        if n.startswith("MODEL_FOR_") and n.endswith("_MAPPING_NAMES")
+    ]
+    out: dict[str, Family] = {}
+    for mt, cfg_name in CONFIG_MAPPING_NAMES.items():
+        cls_name = None
+        for mapping in mappings:
+            v = mapping.get(mt)
+            if v:
+                cls_name = v if isinstance(v, str) else v[0]
+                break
+        out[mt] = Family(mt, None, None)
+        if cls_name is None:
+            out[mt].reason = "no model class in the auto mappings (a sub-model config of another family)"
+            continue
+        try:
+            import transformers
+
+            out[mt].config_cls = getattr(transformers, cfg_name)
+            out[mt].model_cls = getattr(transformers, cls_name)
+        except Exception as exc:  # an optional dependency missing
+            out[mt].reason = f"import failed: {type(exc).__name__}: {_short(exc)}"
+    return out
+
+
+def _short(exc: BaseException, n: int = 120) -> str:
+    return " ".join(str(exc).split())[:n]
+
+
+def _fields(cls: type) -> dict[str, inspect.Parameter]:
+    return dict(inspect.signature(cls.__init__).parameters)
+
+
+def _shrink_value(key: str, default: Any, tiny: int) -> Any:
+    if default is None and key == "head_dim":
+        return tiny  # "derive from hidden_size" is not honoured everywhere (Ministral reads it as is)
+    if isinstance(default, bool) or default is None:
+        return default
+    if isinstance(default, int):
+        return tiny
+    if isinstance(default, float) and key in _INT_FIELDS:
+        return default
+    if isinstance(default, (list, tuple)) and default and all(isinstance(x, int) for x in default):
+        return type(default)([tiny] * len(default))
+    return default
+
+
+def _per_layer_value(field: str, value: Any) -> Any:
+    if not isinstance(value, int) or isinstance(value, bool):
+        return value
+    if field.endswith("head_dim"):
+        return 2 * HEAD_DIM
+    return _INT_FIELDS.get(field, value)
+
+
+def shrink(config_cls: type, default: Any, depth: int = 0) -> dict[str, Any]:
+    """Constructor kwargs that make `config_cls` tiny (recursing into sub-configs)."""
+    fields = _fields(config_cls)
+    d = default.to_dict() if default is not None else {}
+    kw: dict[str, Any] = {}
+    for key, tiny in _INT_FIELDS.items():
+        if key in fields and key in d:
+            new = _shrink_value(key, d[key], tiny)
+            if new is not d[key] and new != d[key]:
+                kw[key] = new
+    # Head counts must divide the hidden size; keep kv heads <= heads.
+    if kw.get("num_key_value_heads") and d.get("num_key_value_heads") == d.get("num_attention_heads"):
+        kw["num_key_value_heads"] = kw.get("num_attention_heads", HEADS)
+    for key in ("depths", "encoder_layers_per_stage", "num_layers_per_stage"):
+        if isinstance(d.get(key), (list, tuple)) and key in fields:
+            kw[key] = [1] * len(d[key])
+    for key in _LAYER_LISTS:
+        if isinstance(d.get(key), (list, tuple)) and d[key] and key in fields:
+            # Keep one layer of every type (hybrid attention/mamba stacks need their attention layer).
+            kinds = list(dict.fromkeys(map(str, d[key])))
+            picked = [next(x for x in d[key] if str(x) == k) for k in kinds]
+            picked += list(d[key])[len(picked):LAYERS]
+            kw[key] = picked
+            for n in ("num_hidden_layers", "num_layers", "n_layer", "n_layers"):
+                if n in kw:
+                    kw[n] = len(picked)
+            plc = d.get("per_layer_config")
+            if isinstance(plc, dict):
+                # Per-layer overrides (Gemma 4: a bigger head dim on full-attention layers) follow the kept
+                # layer of the same type; their sizes stay distinct from the default ones but tiny.
+                new: dict[str, Any] = {}
+                for k, v in plc.items():
+                    j = kinds.index(str(d[key][int(k)]))
+                    new[f"{j:02d}"] = {f: _per_layer_value(f, x) for f, x in v.items()} if isinstance(v, dict) else v
+                kw["per_layer_config"] = new
+    # Rope sections must add up to half the (new) head dim.
+    for key in ("rope_parameters", "rope_scaling"):
+        rp = d.get(key)
+        if isinstance(rp, dict) and key in fields:
+            rp = dict(rp)
+            for sk in ("mrope_section", "section"):
+                if isinstance(rp.get(sk), list) and rp[sk]:
+                    n = len(rp[sk])
+                    half = HEAD_DIM // 2
+                    rp[sk] = [half - (n - 1)] + [1] * (n - 1)
+            kw[key] = rp
+    if "mrope_section" in (getattr(config_cls, "ignore_keys_at_rope_validation", None) or ()):
+        key = "rope_parameters"
+        if key in fields:
+            rp = dict(kw.get(key) or d.get(key) or {"rope_type": "default", "rope_theta": 10000.0})
+            rp.setdefault("mrope_section", [HEAD_DIM // 2 - 2, 1, 1])
+            kw[key] = rp
+    # Other per-layer lists (Gemma 3n's intermediate sizes, activation sparsity...) follow the layer count.
+    old_n, new_n = d.get("num_hidden_layers"), kw.get("num_hidden_layers")
+    if isinstance(old_n, int) and isinstance(new_n, int) and old_n > new_n:
+        for k, v in d.items():
+            if k in fields and k not in _LAYER_LISTS and isinstance(v, list) and len(v) == old_n:
+                kw[k] = list(kw.get(k, v))[:new_n]
+    # Backbone configs name their output stages; with fewer layers the defaults point past the end.
+    # Keep as many outputs as before (necks expect that many), one per layer.
+    n_out = len(d.get("out_features") or [])
+    if "out_features" in d and "num_hidden_layers" in kw and n_out:
+        kw["num_hidden_layers"] = max(LAYERS, n_out)
+        kw["out_indices"] = list(range(kw["num_hidden_layers"] - n_out + 1, kw["num_hidden_layers"] + 1))
+        kw["out_features"] = None
+        kw.pop("stage_names", None)
+    # Special token ids must stay inside the tiny vocabulary.
+    if "vocab_size" in kw:
+        ids = [v for k, v in d.items() if k.endswith(("_token_id", "_token_index")) and isinstance(v, int)]
+        if any(i >= VOCAB for i in ids):
+            kw["vocab_size"] = max(ids) + 1 if max(ids) < 300_000 else d["vocab_size"]
+    # Sub-configs: shrink recursively, passed as dicts (every composite config accepts those).
+    if depth < 3:
+        for sub in getattr(config_cls, "sub_configs", {}) or {}:
+            sub_default = getattr(default, sub, None)
+            if sub_default is None or not hasattr(sub_default, "to_dict"):
+                continue
+            sub_cls = type(sub_default)
+            sub_kw = shrink(sub_cls, sub_default, depth + 1)
+            sd = sub_default.to_dict()
+            for drop in ("transformers_version", "architectures", "_name_or_path"):
+                sd.pop(drop, None)
+            sd.update(sub_kw)
+            if sd.get("out_features") is None:
+                sd.pop("out_features", None)
+                sd.pop("stage_names", None)
+            kw[sub] = sd
+    return kw
+
+
+# Hand-written where the generic shrinker fails and the fix is one line. Hybrid stacks whose default layout
+# puts no attention layer in the first LAYERS layers get one.
+OVERRIDES: dict[str, dict[str, Any]] = {
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1},
+    "bamba": {"attn_layer_indices": [1]},
+    "granitemoehybrid": {"layer_types": ["mamba", "attention"]},
+    "mamba2": {"num_heads": 8},
+}
+
+
+def tiny_config(model_type: str, impl: str | dict[str, str] | None = None) -> Any:
+    fam = families()[model_type]
+    if fam.config_cls is None:
+        raise NotBuilt(fam.reason)
+    try:
+        default = fam.config_cls()
+    except Exception as exc:
+        raise NotBuilt(f"default config fails: {type(exc).__name__}: {_short(exc)}") from None
+    kw = shrink(fam.config_cls, default)
+    kw.update(OVERRIDES.get(model_type, {}))
+    try:
+        cfg = fam.config_cls(**kw)
+    except Exception as exc:
+        raise NotBuilt(f"tiny config rejected: {type(exc).__name__}: {_short(exc)}") from None
+    return cfg
+
+
+def _all_configs(cfg: Any) -> list[Any]:
+    out, todo = [], [cfg]
+    while todo:
+        c = todo.pop()
+        if c is None or any(c is o for o in out):
+            continue
+        out.append(c)
+        todo += [getattr(c, k, None) for k in (getattr(c, "sub_configs", {}) or {})]
+    return out
+
+
+@dataclass
+class Built:
+    model_type: str
+    model: torch.nn.Module
+    inputs: dict[str, Any]
+    impl: str | dict[str, str]
+    outputs: list[torch.Tensor] | None = None  # every output tensor of the probe forward
+
+
+def build(model_type: str, impl: str | dict[str, str] = "sdpa", seed: int = 0, probe: bool = True) -> Built:
+    """A tiny random-weight instance of the family's base model in eval mode, with forward inputs."""
+    fam = families()[model_type]
+    if fam.model_cls is None:
+        raise NotBuilt(fam.reason)
+    cfg = tiny_config(model_type)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with torch.device("meta"):
+                meta = fam.model_cls._from_config(cfg, attn_implementation="eager")
+        except Exception as exc:
+            raise NotBuilt(f"model init fails: {type(exc).__name__}: {_short(exc)}") from None
+        n = sum(p.numel() for p in meta.parameters())
+        if n > MAX_PARAMS:
+            raise NotBuilt(f"still {n / 1e6:.1f}M parameters after shrinking")
+        torch.manual_seed(seed)
+        try:
+            model = fam.model_cls._from_config(tiny_config(model_type), attn_implementation=impl)
+        except (ValueError, ImportError) as exc:
+            if impl == "eager" or isinstance(impl, dict):
+                raise NotBuilt(f"model init fails: {type(exc).__name__}: {_short(exc)}") from None
+            torch.manual_seed(seed)
+            model = fam.model_cls._from_config(tiny_config(model_type), attn_implementation="eager")
+            impl = "eager"
+        except Exception as exc:
+            raise NotBuilt(f"model init fails: {type(exc).__name__}: {_short(exc)}") from None
+    model.eval()
+    try:
+        inputs = make_inputs(model)
+    except NotBuilt:
+        raise
+    except Exception as exc:
+        raise NotBuilt(f"inputs: {type(exc).__name__}: {_short(exc)}") from None
+    outputs = None
+    if probe:
+        inputs, outputs = _probe(model, inputs)
+    return Built(model_type, model, inputs, impl, outputs)
+
+
+def _probe(model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    """One forward; audio features are tried time-major too (Parakeet-style encoders take (B, T, bins))."""
+    tries = [inputs]
+    if "input_features" in inputs:
+        tries.append({**inputs, "input_features": inputs["input_features"].transpose(1, 2).contiguous()})
+    first: Exception | None = None
+    for kw in tries:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out = all_tensors(run(model, kw))
+            return kw, out
+        except Exception as exc:
+            first = first or exc
+    raise NotBuilt(f"forward fails: {type(first).__name__}: {_short(first)}")
+
+
+def _token_ids(cfg: Any) -> set[int]:
+    out: set[int] = set()
+    for c in _all_configs(cfg):
+        for k, v in c.to_dict().items() if hasattr(c, "to_dict") else ():
+            if (k.endswith("_token_id") or k.endswith("_token_index") or k.endswith("_token_ids")) and v is not None:
+                out.update(v if isinstance(v, list) else [v] if isinstance(v, int) else [])
+    return out
+
+
+def _token_names(cfg: Any) -> set[str]:
+    return {k for c in _all_configs(cfg) if hasattr(c, "to_dict") for k, v in c.to_dict().items() if v is not None}
+
+
+def _first(cfgs: list[Any], *names: str, default: Any = None) -> Any:
+    for c in cfgs:
+        for n in names:
+            v = getattr(c, n, None)
+            if v is not None:
+                return v
+    return default
+
+
+def make_inputs(model: torch.nn.Module) -> dict[str, Any]:
+    """Forward inputs from the signature: what `main_input_name` names, plus masks and decoder ids."""
+    cfg = model.config
+    cfgs = _all_configs(cfg)
+    sig = inspect.signature(model.forward).parameters
+    g = torch.Generator().manual_seed(1)
+    main = getattr(model, "main_input_name", "input_ids")
+    inputs: dict[str, Any] = {}
+    required = [n for n, p in sig.items() if p.default is inspect.Parameter.empty
+                and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n != "self"]  # fmt: skip
+
+    def ids(length: int) -> torch.Tensor:
+        vocab = _first([cfg, *cfgs], "vocab_size", default=VOCAB)
+        vocab = min(int(vocab), 200)
+        bad = _token_ids(cfg)
+        pool = torch.tensor([i for i in range(3, vocab) if i not in bad])
+        return pool[torch.randint(0, len(pool), (B, length), generator=g)]
+
+    want = {main, *required}
+    if "input_ids" in want:
+        inputs["input_ids"] = ids(L)
+        if "attention_mask" in sig:
+            mask = torch.ones(B, L, dtype=torch.long)
+            mask[1, L - 3:] = 0  # right padding: keys masked in row 1
+            inputs["attention_mask"] = mask
+    dual = not any(k in _token_names(cfg) for k in ("image_token_id", "image_token_index"))
+    if "pixel_values" in sig and dual and main == "input_ids" and getattr(cfg, "vision_config", None) is not None:
+        want.add("pixel_values")  # dual encoders (CLIP-like) need both modalities
+    if "pixel_values" in want:
+        vc = [getattr(cfg, "vision_config", None) or cfg, *cfgs]
+        size = _first(vc, "image_size", default=32)
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        if isinstance(size, dict):
+            size = size.get("height", 32)
+        ch = _first(vc, "num_channels", default=3)
+        frames = _first(vc, "num_frames", default=None)
+        shape = (B, frames, ch, size, size) if isinstance(frames, int) else (B, ch, size, size)
+        inputs["pixel_values"] = torch.randn(*shape, generator=g)
+    if "input_features" in want:
+        bins = _first(cfgs, "num_mel_bins", "feature_size", "input_feat_per_channel", default=80)
+        n_pos = _first(cfgs, "max_source_positions", default=None)
+        t = 2 * n_pos if isinstance(n_pos, int) and n_pos <= 3000 else 64
+        inputs["input_features"] = torch.randn(B, bins, t, generator=g)
+    if "input_values" in want:
+        inputs["input_values"] = torch.randn(B, 4000, generator=g)
+    if "decoder_input_ids" in sig and getattr(cfg, "is_encoder_decoder", False) and "inputs_embeds" not in want:
+        inputs["decoder_input_ids"] = ids(DEC_L)
+    missing = [n for n in required if n not in inputs]
+    if missing:
+        raise NotBuilt(f"forward needs {missing} (no generic input)")
+    return inputs
+
+
+def run(model: torch.nn.Module, inputs: dict[str, Any], **extra: Any) -> Any:
+    torch.manual_seed(0)  # some forwards draw noise (ViT-MAE's random masking): same draw every run
+    with torch.no_grad():
+        return model(**inputs, **extra)
+
+
+def first_tensor(out: Any) -> torch.Tensor:
+    """The first tensor of a model output (ModelOutput, tuple or tensor)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    values = out.to_tuple() if hasattr(out, "to_tuple") else out
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            return v
+        if isinstance(v, (tuple, list)) or hasattr(v, "to_tuple"):
+            try:
+                return first_tensor(v)
+            except ValueError:
+                continue
+    raise ValueError("no tensor in the model output")
+
+
+def all_tensors(out: Any) -> list[torch.Tensor]:
+    """Every tensor in a model output, depth first (for bit-identity checks)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in all_tensors(v)]
+    return []
+
+
+__all__ = ["Built", "Family", "NotBuilt", "build", "families", "make_inputs", "run", "tiny_config"]
