@@ -88,6 +88,32 @@ class KernelInterceptor(TorchFunctionMode):
         self.binding = binding
         self.layer: LayerCall | None = None
         self.passthrough = False
+        from . import compiled  # registered now: Dynamo cannot trace the weak reference it takes
+
+        self._compiled_key = compiled.register(self)
+
+    def eager_sdpa(
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        image_len: int | None,
+        text_len: int | None,
+        image_hw: tuple[int, int] | None,
+    ) -> torch.Tensor:
+        """A traced SDPA call made from a compiled graph (the body of `attntrace::sdpa`)."""
+        binding = self.binding
+        attachment = binding.attachment
+        step = attachment.step
+        observers = binding.observers_at(step)
+        if not observers:
+            return _SDPA(*args, **kwargs)
+        layer = LayerCall(observers=observers, step=step, timestep=attachment.timestep, image_len=image_len,
+                          text_len=text_len, image_hw=image_hw, text_first=binding.text_first)  # fmt: skip
+        outer, self.layer = self.layer, layer
+        try:
+            return self._on_sdpa(layer, args, kwargs)
+        finally:
+            self.layer = outer
 
     # -- entry point from the proxy ------------------------------------------------------------
     def run(self, layer: LayerCall, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -133,6 +159,15 @@ class KernelInterceptor(TorchFunctionMode):
 
     # -- the three catches ---------------------------------------------------------------------
     def _on_sdpa(self, layer: LayerCall, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # One opaque op in the graph; observers run at run time (see attntrace.compiled).
+            from . import compiled
+
+            prev, self.passthrough = self.passthrough, True
+            try:
+                return compiled.traced_sdpa(self, self._compiled_key, args, kwargs, layer)
+            finally:
+                self.passthrough = prev
         q, k, v, mask, dropout_p, is_causal, scale, gqa = _bind_sdpa(*args, **kwargs)
         three_d = q.dim() == 3
 

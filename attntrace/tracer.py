@@ -196,8 +196,10 @@ class Attachment:
                 self._timestep_index = params.index(name)
                 self._timestep_name = name
                 break
-        pre = model.register_forward_pre_hook(self._on_forward_start, with_kwargs=True)
-        post = model.register_forward_hook(self._on_forward_end, always_call=True)
+        # The step hooks run outside any compiled graph: compiled, the counter they change would be a
+        # guard and every step would recompile (`torch.compile(model)` calls them as separate frames).
+        pre = model.register_forward_pre_hook(torch.compiler.disable(self._on_forward_start), with_kwargs=True)
+        post = model.register_forward_hook(torch.compiler.disable(self._on_forward_end), always_call=True)
         self._undos.append(pre.remove)
         self._undos.append(post.remove)
 

@@ -138,8 +138,13 @@ def _processor_handler(binding: SiteBinding) -> Any:
     attachment = binding.attachment
 
     def handle(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        step = attachment.step
-        observers = binding.observers_at(step)
+        if torch.compiler.is_compiling() and binding.site.kind != "linear":
+            # Reading the step here would make it a guard (a recompile per step): the SDPA call is
+            # compiled into an op that picks the observers at run time (attntrace.compiled).
+            step, observers = -1, [e.observer for e in binding.entries]
+        else:
+            step = attachment.step
+            observers = binding.observers_at(step)
         if not observers:
             return original(*args, **kwargs)
         hidden = args[1] if len(args) > 1 else kwargs.get("hidden_states")
