@@ -549,25 +549,34 @@ def _einsum_qk(args: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor] | Non
 def _einsum_layout(
     spec: str, probs: torch.Tensor, src: torch.Tensor, v: torch.Tensor, out: torch.Tensor
 ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]] | None:
-    """The same for `einsum("bhij,<v>-><o>", probs, v)` when the probabilities are in canonical order."""
+    """The same for `einsum("<lead>ij,<v>-><o>", probs, v)` with the probabilities in canonical order:
+    4D `bhij` or 3D `(B·H)ij` (AttentionPooling's `"bts,bcs->bct"`); `v` and `o` in any letter order."""
     spec = spec.replace(" ", "")
-    if "->" not in spec or "." in spec or src.shape != probs.shape:
+    b, h, lq, lk = probs.shape
+    if "->" not in spec or "." in spec or src.numel() != probs.numel() or src.shape[-2:] != (lq, lk):
         return None
     inputs, o = spec.split("->")
     parts = inputs.split(",")
-    if len(parts) != 2 or len(parts[0]) != 4:
+    if len(parts) != 2 or len(parts[0]) != src.dim() or src.dim() not in (3, 4) or len(set(parts[0])) != src.dim():
         return None
     p, vs = parts
-    bl, hl, il, jl = p
+    lead, il, jl = p[:-2], p[-2], p[-1]
     extra = [c for c in vs if c not in p]
-    if len(extra) != 1 or sorted(vs) != sorted({bl, hl, jl, extra[0]}) or len(vs) != 4:
+    if len(extra) != 1 or sorted(vs) != sorted(lead + jl + extra[0]):
         return None
     dl = extra[0]
-    canon = f"{bl}{hl}{il}{dl}"
-    if sorted(o) != sorted(canon) or len(o) != 4:
+    canon = f"{lead}{il}{dl}"
+    if sorted(o) != sorted(canon):
         return None
-    value = torch.einsum(f"{vs}->{bl}{hl}{jl}{dl}", v)
-    return value, (lambda t: torch.einsum(f"{o}->{canon}", t)), (lambda t: torch.einsum(f"{canon}->{o}", t))
+    value = torch.einsum(f"{vs}->{lead}{jl}{dl}", v)
+    dv = value.shape[-1]
+    value = value.reshape(b, h, lk, dv)
+    inner = (*src.shape[:-2], lq, dv)
+    return (
+        value,
+        (lambda t: torch.einsum(f"{o}->{canon}", t).reshape(b, h, lq, dv)),
+        (lambda t: torch.einsum(f"{canon}->{o}", t.reshape(inner))),
+    )
 
 
 # -- installation (shared with the plain PyTorch adapter) -------------------------------------------

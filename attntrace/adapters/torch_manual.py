@@ -42,6 +42,10 @@ if TYPE_CHECKING:
 __all__ = ["ManualTorchAdapter", "hand_written", "untraceable_note"]
 
 _FOREIGN = ("torch.", "transformers.", "diffusers.")
+# Classes whose hand-written attention this adapter claims although they come from a framework: diffusers
+# modules computing softmax attention inline (SelfAttention1d, AttentionPooling, PerceiverAttention...).
+# diffusers' own `Attention`-like modules (those holding a processor) stay the diffusers adapter's.
+_OWN_FOREIGN = ("diffusers.",)
 _SOFTMAX_RE = re.compile(r"softmax\(|nn\.Softmax\b")
 _PRODUCT_RE = re.compile(r"\b(matmul|bmm|baddbmm|einsum)\(|\S\s*@\s*\S")
 _HEAD_ATTRS = ("num_heads", "heads", "n_head", "n_heads", "num_attention_heads", "nhead", "attention_heads")
@@ -88,7 +92,7 @@ def _source(cls: type) -> str:
     parts = [src]
     for name in sorted(set(re.findall(r"self\.(\w+)\(", src))):
         fn = getattr(cls, name, None)
-        if inspect.isfunction(fn) and not getattr(fn, "__module__", "").startswith(_FOREIGN):
+        if inspect.isfunction(fn) and not (getattr(fn, "__module__", "") or "").startswith(_FOREIGN[:2]):
             parts.append(_getsource(fn))
     out = _source_cache[cls] = "\n".join(parts)
     return out
@@ -106,9 +110,16 @@ def _looks_like_attention(module: torch.nn.Module) -> bool:
     )
 
 
+def _foreign(cls: type) -> bool:
+    return cls.__module__.startswith(_FOREIGN) and not cls.__module__.startswith(_OWN_FOREIGN)
+
+
 def _own_forward(module: torch.nn.Module) -> bool:
     cls = type(module)
-    return cls.forward is not torch.nn.Module.forward and not cls.__module__.startswith(_FOREIGN)
+    if cls.forward is torch.nn.Module.forward or _foreign(cls):
+        return False
+    # A diffusers module holding a processor is the diffusers adapter's site, whatever its forward does.
+    return not (cls.__module__.startswith(_OWN_FOREIGN) and getattr(module, "processor", None) is not None)
 
 
 def _has_softmax(module: torch.nn.Module, src: str) -> bool:
@@ -133,7 +144,14 @@ def untraceable_note(module: torch.nn.Module) -> str | None:
     return _LINEAR if _PRODUCT_RE.search(src) else _NOTHING
 
 
+# Framework classes known to compute single-head attention over a 3D (B, L, L) bmm score map without a
+# head-count attribute (LDM-style VAE attention blocks): their scores are split as one head.
+_SINGLE_HEAD = frozenset({"diffusers.models.autoencoders.autoencoder_kl_ltx2_audio.LTX2AudioAttnBlock"})
+
+
 def _heads(module: torch.nn.Module) -> int | None:
+    if f"{type(module).__module__}.{type(module).__qualname__}" in _SINGLE_HEAD:
+        return 1
     for attr in _HEAD_ATTRS:
         v = getattr(module, attr, None)
         if isinstance(v, int) and not isinstance(v, bool) and v > 0:
@@ -178,7 +196,11 @@ class ManualTorchAdapter(Adapter):
         from .torch import _is_candidate
 
         found = [(n, m) for n, m in model.named_modules() if hand_written(m)]
-        others = [n for n, m in model.named_modules() if _is_candidate(m)]
+        from .diffusers import _is_site as _processor_site
+
+        # Modules traced by another adapter count as inner attention: a hand-written module around them
+        # is not a site (innermost wins).
+        others = [n for n, m in model.named_modules() if _is_candidate(m) or _processor_site(m)]
         sites = []
         for name, module in _innermost(found, others):
             src = _source(type(module))
