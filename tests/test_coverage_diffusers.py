@@ -28,7 +28,10 @@ from attntrace import Observer, Tracer, find_sites
 from attntrace.adapters.diffusers import DiffusersAdapter
 from attntrace.call import AttentionCall
 from attntrace.site import Site
-from tests.coverage_models import CASES, NO_ATTENTION, NOT_BUILT, OUTSIDE_PROCESSOR, VARIANTS, discover, run
+from tests.coverage_models import (
+    CASES, NO_ATTENTION, NOT_BUILT, OUTSIDE_PROCESSOR, VARIANTS, controlnet_text_embed, discover, run, unet1d,
+    unet_text_embed,
+)  # fmt: skip
 
 _RECORDS: dict[str, dict[str, Any]] = {}
 
@@ -213,3 +216,79 @@ def _write_records() -> Any:
     if path and _RECORDS:
         with open(path, "w") as fh:
             json.dump(_RECORDS, fh, indent=1, default=str)
+
+
+class ProbsKeeper(Observer):
+    """Passive: keeps each call's probs, per site (a handful of tiny maps)."""
+
+    needs = frozenset({"probs"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.probs: dict[str, list[torch.Tensor]] = {}
+
+    def on_call(self, call: AttentionCall) -> None:
+        self.probs.setdefault(call.site, []).append(call.probs.clone())
+
+
+def _inputs_of(model: torch.nn.Module, cls_name: str) -> tuple[dict[str, list[torch.Tensor]], list[Any]]:
+    seen: dict[str, list[torch.Tensor]] = {}
+    handles = [
+        m.register_forward_pre_hook(lambda m, a, n=n: seen.setdefault(n, []).append(a[0].detach().clone()))
+        for n, m in model.named_modules()
+        if type(m).__name__ == cls_name
+    ]
+    return seen, handles
+
+
+def _self_attention_1d_probs(m: Any, x: torch.Tensor) -> torch.Tensor:
+    # diffusers SelfAttention1d: GroupNorm over channels, per-head q·kᵀ / sqrt(d), softmax over keys.
+    h = m.group_norm(x).transpose(1, 2)
+    b, length, c = h.shape
+    q = m.query(h).view(b, length, m.num_heads, -1).transpose(1, 2)
+    k = m.key(h).view(b, length, m.num_heads, -1).transpose(1, 2)
+    return torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+
+
+def _attention_pooling_probs(m: Any, x: torch.Tensor) -> torch.Tensor:
+    # diffusers AttentionPooling: a mean "class token" (plus positional embedding) attends over itself and x.
+    b, length, width = x.shape
+    cls = x.mean(dim=1, keepdim=True) + m.positional_embedding
+    kv = torch.cat([cls, x], dim=1)
+    q = m.q_proj(cls).view(b, 1, m.num_heads, -1).transpose(1, 2)
+    k = m.k_proj(kv).view(b, length + 1, m.num_heads, -1).transpose(1, 2)
+    return torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+
+
+@pytest.mark.parametrize(
+    ("builder", "cls_name", "reference"),
+    [
+        (unet1d, "SelfAttention1d", _self_attention_1d_probs),
+        (unet_text_embed, "AttentionPooling", _attention_pooling_probs),
+        (controlnet_text_embed, "AttentionPooling", _attention_pooling_probs),
+    ],
+)
+def test_hand_written_probs_match_reference(builder: Any, cls_name: str, reference: Any) -> None:
+    """Probs at diffusers' hand-written attention (torch-manual adapter) equal a recomputation from the
+    module's own weights and inputs, call for call."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model, inputs = builder()
+        tracer = Tracer()
+        keeper = tracer.add(ProbsKeeper(), match="*")
+        seen, handles = _inputs_of(model, cls_name)
+        try:
+            with tracer.attach(model):
+                run(model, inputs)
+        finally:
+            for h in handles:
+                h.remove()
+    modules = dict(model.named_modules())
+    assert seen and set(seen) <= set(keeper.probs), sorted(set(seen) - set(keeper.probs))
+    for name, xs in seen.items():
+        assert len(keeper.probs[name]) == len(xs)
+        with torch.no_grad():
+            for got, x in zip(keeper.probs[name], xs, strict=True):
+                ref = reference(modules[name], x)
+                assert got.shape == ref.shape, (name, got.shape, ref.shape)
+                torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
