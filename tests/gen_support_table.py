@@ -33,7 +33,12 @@ def render(records: dict) -> str:
 
     sys.path.insert(0, str(ROOT))
     from tests.coverage_models import (
-        CASES, HAND_WRITTEN, HAND_WRITTEN_TRACED, NO_ATTENTION, NOT_BUILT, OUTSIDE_PROCESSOR,
+        CASES,
+        HAND_WRITTEN,
+        HAND_WRITTEN_TRACED,
+        NO_ATTENTION,
+        NOT_BUILT,
+        OUTSIDE_PROCESSOR,
     )  # fmt: skip
 
     disc = records.pop("__discovery__", None)
@@ -45,7 +50,8 @@ def render(records: dict) -> str:
         f"on diffusers {diffusers.__version__}. Each row is a tiny instance built from a config in "
         "`tests/coverage_models.py` (random weights, no hub) and checked, at every site any adapter claims "
         "(processor sites, and attention outside processors through the plain-PyTorch or transformers "
-        "adapter, or the torch-manual adapter for attention written by hand), for: output bit-identical with passive observers reading q/k/v, probs and output; every "
+        "adapter, or the torch-manual adapter for attention written by hand), for: output bit-identical with "
+        "passive observers reading q/k/v, probs and output; every "
         "attention module that ran was seen; `probs @ value` equal to the kernel output (fp32, < 1e-5; a "
         "kernel run in bfloat16 to 4 eps of bfloat16); probs rows summing to 1; the very same processor "
         "objects (or instance-level forwards) after detach.",
@@ -100,7 +106,8 @@ def render(records: dict) -> str:
         ]
         for n in left:
             sites = found[n] if isinstance(found[n], int) else "?"
-            why = NOT_BUILT.get(n) or (f"attention written by hand, not traced: {HAND_WRITTEN[n]}" if n in HAND_WRITTEN else "")
+            hand = f"attention written by hand, not traced: {HAND_WRITTEN[n]}" if n in HAND_WRITTEN else ""
+            why = NOT_BUILT.get(n) or hand
             lines.append(f"| {n} | {sites} | {why or 'no tiny config written yet'} |")
         lines += [
             "",

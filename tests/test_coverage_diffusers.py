@@ -29,7 +29,15 @@ from attntrace.adapters.diffusers import DiffusersAdapter
 from attntrace.call import AttentionCall
 from attntrace.site import Site
 from tests.coverage_models import (
-    CASES, NO_ATTENTION, NOT_BUILT, OUTSIDE_PROCESSOR, VARIANTS, controlnet_text_embed, discover, run, unet1d,
+    CASES,
+    NO_ATTENTION,
+    NOT_BUILT,
+    OUTSIDE_PROCESSOR,
+    VARIANTS,
+    controlnet_text_embed,
+    discover,
+    run,
+    unet1d,
     unet_text_embed,
 )  # fmt: skip
 
