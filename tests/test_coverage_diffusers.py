@@ -300,3 +300,30 @@ def test_hand_written_probs_match_reference(builder: Any, cls_name: str, referen
                 ref = reference(modules[name], x)
                 assert got.shape == ref.shape, (name, got.shape, ref.shape)
                 torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_kandinsky3_self_attention_kind() -> None:
+    """Kandinsky3's self-attention blocks build `Attention(c, c)` (is_cross_attention=True): their sites
+    are labelled `self` exactly where the model calls them with the query's own tensor as context."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model, inputs = CASES["Kandinsky3UNet"]()
+    sites = {s.name: s for s in find_sites(model) if s.adapter == "diffusers"}
+    same: dict[str, bool] = {}
+
+    def hook(name: str) -> Any:
+        def pre(m: torch.nn.Module, a: tuple[Any, ...], kw: dict[str, Any]) -> None:
+            context = a[1] if len(a) > 1 else kw.get("encoder_hidden_states")
+            same.setdefault(name, context is a[0])
+
+        return pre
+
+    handles = [s.module.register_forward_pre_hook(hook(name), with_kwargs=True) for name, s in sites.items()]
+    try:
+        run(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    assert same and set(same.values()) == {True, False}, same
+    for name, self_call in same.items():
+        assert sites[name].kind == ("self" if self_call else "cross"), (name, sites[name].kind)
