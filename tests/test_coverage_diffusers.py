@@ -327,3 +327,60 @@ def test_kandinsky3_self_attention_kind() -> None:
     assert same and set(same.values()) == {True, False}, same
     for name, self_call in same.items():
         assert sites[name].kind == ("self" if self_call else "cross"), (name, sites[name].kind)
+
+
+class UniformProbs(Observer):
+    """Editor: every query attends uniformly to all keys. Keeps nothing."""
+
+    needs = frozenset({"probs"})
+    edits = True
+
+    def on_call(self, call: AttentionCall) -> None:
+        p = call.probs
+        call.probs = torch.full_like(p, 1.0 / p.shape[-1])
+
+
+def _ltx2_uniform(m: Any, x: torch.Tensor) -> torch.Tensor:
+    # Uniform attention: every position gets the mean of v over positions.
+    v = m.v(m.norm(x))
+    return x + m.proj_out(v.mean(dim=(2, 3), keepdim=True).expand_as(v))
+
+
+def _pooling_uniform(m: Any, x: torch.Tensor) -> torch.Tensor:
+    # Uniform attention of the class token over [class token, x]: v_proj is affine, so mean(v) = v_proj(mean).
+    kv = torch.cat([x.mean(dim=1, keepdim=True) + m.positional_embedding, x], dim=1)
+    return m.v_proj(kv.mean(dim=1))
+
+
+@pytest.mark.parametrize(
+    ("builder", "cls_name", "reference"),
+    [
+        (CASES["AutoencoderKLLTX2Audio"], "LTX2AudioAttnBlock", _ltx2_uniform),  # bmm(v, probsᵀ)
+        (unet_text_embed, "AttentionPooling", _pooling_uniform),  # einsum over 3D (B·H, Lq, Lk) probs
+    ],
+)
+def test_hand_written_probs_edit_equals_reference(builder: Any, cls_name: str, reference: Any) -> None:
+    """Editing probs at diffusers' hand-written attention rebuilds the module output from the edited map."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model, inputs = builder()
+        io: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        handles = [
+            m.register_forward_hook(lambda m, a, o, n=n: io.setdefault(n, []).append((a[0].clone(), o.clone())))
+            for n, m in model.named_modules()
+            if type(m).__name__ == cls_name
+        ]
+        tracer = Tracer()
+        tracer.add(UniformProbs(), match="*")
+        try:
+            with tracer.attach(model):
+                run(model, inputs)
+        finally:
+            for h in handles:
+                h.remove()
+    modules = dict(model.named_modules())
+    assert io
+    with torch.no_grad():
+        for name, pairs in io.items():
+            for x, out in pairs:
+                torch.testing.assert_close(out, reference(modules[name], x), rtol=1e-5, atol=1e-5)
