@@ -92,7 +92,8 @@ def render(records: dict) -> str:
             f"- **covered by the transparency test: {len(covered & with_attn)} / {len(with_attn)}** "
             f"({len(covered & with_proc)} / {len(with_proc)} of those with processor attention at their default "
             "config)",
-            f"- with attention outside any processor (plain-PyTorch or transformers adapter): {len(OUTSIDE_PROCESSOR)}",
+            "- with attention outside any processor (plain-PyTorch, torch-manual or transformers adapter): "
+            f"{len(OUTSIDE_PROCESSOR)}",
             f"- without attention: {len(none)} (of which {len(no_attention)} built tiny here to check, their "
             "default config not building)",
             "",

@@ -10,10 +10,14 @@ softmax over the keys (probs) and the product with the values (value/output); an
 same module (the fused branch) is caught as usual.
 
 Sites: modules of a model that is not a transformers `PreTrainedModel` (those keep the
-`transformers-manual` path), whose class is not from torch/transformers/diffusers, that are named like
+`transformers-manual` path), whose class is not from torch/transformers (diffusers classes are, unless
+they hold a processor: those are the diffusers adapter's; UNet1DModel's SelfAttention1d, AttentionPooling,
+ConsisID's PerceiverAttention, LTX2AudioAttnBlock compute softmax attention by hand), that are named like
 attention or hold a head count, and whose `forward` (or a `self.method` it calls) contains a softmax (or
-the module has an `nn.Softmax` child) and a matrix product; innermost module wins. At run time a softmax
-counts only when its input has the shape of a q·kᵀ product the module just computed.
+the module has an `nn.Softmax` child) and a matrix product; innermost module wins (a module around
+another adapter's site, such as a diffusers `Attention`, is not a site). The probabilities are
+followed through views, casts and a transpose of their last two dims (`bmm(v, probs.permute(0, 2, 1))`).
+At run time a softmax counts only when its input has the shape of a q·kᵀ product the module just computed.
 
 Untraceable: when a model has no traceable attention at all, modules named like attention are listed
 (`attntrace sites`) with the reason (no softmax over keys: linear attention...) and attach is refused
