@@ -128,6 +128,10 @@ def transparency(name: str, builder: Any) -> dict[str, Any]:
     softmax_sites = [s.name for s in sites if s.kind != "linear"]
     linear_sites = [s.name for s in sites if s.kind == "linear"]
     outside = [s for s in sites if s.adapter != "diffusers"]
+    # No double claim: a site outside processors neither is nor wraps a diffusers processor module.
+    for s in outside:
+        wrapped = [n for n, m in s.module.named_modules() if getattr(m, "processor", None) is not None]
+        assert not wrapped, f"{name}: {s.adapter} site {s.name} wraps processor module(s) {wrapped[:3]}"
 
     tracer = Tracer()
     rec = tracer.add(Recorder(), kind=["self", "cross", "joint"]) if softmax_sites else None
