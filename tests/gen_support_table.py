@@ -130,7 +130,7 @@ def render(records: dict) -> str:
             "| class | where, and why |",
             "|---|---|",
         ]
-        lines += [f"| {n} | {w} |" for n, w in sorted(HAND_WRITTEN.items())]
+        lines += [f"| {n} | {w} |" for n, w in sorted(HAND_WRITTEN.items())] or ["| none | |"]
         lines += ["", "## Attention outside any processor", "", "| class | where |", "|---|---|"]
         lines += [f"| {n} | {w} |" for n, w in sorted(OUTSIDE_PROCESSOR.items())]
         lines += ["", "## No attention", "", ", ".join(none)]

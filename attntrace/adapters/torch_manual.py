@@ -107,10 +107,30 @@ def _named_attention(module: torch.nn.Module) -> bool:
     return any(w in name for w in ("attention", "attn", "mhsa", "performer"))
 
 
+def _weight_children(module: torch.nn.Module) -> list[str]:
+    """Children holding a processor (diffusers attention modules) that `module`'s forward uses only as
+    weight containers: it reads `self.<child>.to_q(...)`, `.heads`... and never calls `self.<child>(...)`
+    (SD3's IPAdapterTimeImageProjectionBlock computes the attention itself with its `attn` child's
+    projections), so the child's processor never runs and the attention is `module`'s own."""
+    cls = type(module)
+    if not cls.__module__.startswith(_OWN_FOREIGN) or cls.forward is torch.nn.Module.forward:
+        return []
+    out = []
+    for name, child in module.named_children():
+        if getattr(child, "processor", None) is None:
+            continue
+        src = _source(cls)
+        if re.search(rf"self\.{name}\.\w", src) and not re.search(rf"self\.{name}\(", src):
+            out.append(name)
+    return out
+
+
 def _looks_like_attention(module: torch.nn.Module) -> bool:
     """Named like attention or holding a head count (keeps pooling/routing softmaxes out)."""
-    return _named_attention(module) or any(
-        isinstance(vars(module).get(a), int) and not isinstance(vars(module).get(a), bool) for a in _HEAD_ATTRS
+    return (
+        _named_attention(module)
+        or any(isinstance(vars(module).get(a), int) and not isinstance(vars(module).get(a), bool) for a in _HEAD_ATTRS)
+        or bool(_weight_children(module))
     )
 
 
@@ -160,6 +180,10 @@ def _heads(module: torch.nn.Module) -> int | None:
         v = getattr(module, attr, None)
         if isinstance(v, int) and not isinstance(v, bool) and v > 0:
             return v
+    for name in _weight_children(module):  # the head count of the attention module whose weights it uses
+        v = getattr(getattr(module, name), "heads", None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
     return None
 
 
@@ -204,7 +228,12 @@ class ManualTorchAdapter(Adapter):
 
         # Modules traced by another adapter count as inner attention: a hand-written module around them
         # is not a site (innermost wins).
-        others = [n for n, m in model.named_modules() if _is_candidate(m) or _processor_site(m)]
+        # A processor module used only as a weight container by a hand-written module around it never runs
+        # its processor: it does not make the module around it a non-innermost one.
+        containers = {f"{n}.{c}" if n else c for n, m in found for c in _weight_children(m)}
+        others = [
+            n for n, m in model.named_modules() if _is_candidate(m) or (_processor_site(m) and n not in containers)
+        ]
         sites = []
         for name, module in _innermost(found, others):
             src = _source(type(module))
