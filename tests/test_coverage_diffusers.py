@@ -248,10 +248,12 @@ class ProbsKeeper(Observer):
         self.probs.setdefault(call.site, []).append(call.probs.clone())
 
 
-def _inputs_of(model: torch.nn.Module, cls_name: str) -> tuple[dict[str, list[torch.Tensor]], list[Any]]:
-    seen: dict[str, list[torch.Tensor]] = {}
+def _inputs_of(model: torch.nn.Module, cls_name: str) -> tuple[dict[str, list[tuple[Any, ...]]], list[Any]]:
+    seen: dict[str, list[tuple[Any, ...]]] = {}
     handles = [
-        m.register_forward_pre_hook(lambda m, a, n=n: seen.setdefault(n, []).append(a[0].detach().clone()))
+        m.register_forward_pre_hook(
+            lambda m, a, n=n: seen.setdefault(n, []).append(tuple(t.detach().clone() for t in a))
+        )
         for n, m in model.named_modules()
         if type(m).__name__ == cls_name
     ]
@@ -264,6 +266,18 @@ def _self_attention_1d_probs(m: Any, x: torch.Tensor) -> torch.Tensor:
     b, length, c = h.shape
     q = m.query(h).view(b, length, m.num_heads, -1).transpose(1, 2)
     k = m.key(h).view(b, length, m.num_heads, -1).transpose(1, 2)
+    return torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+
+
+def _ip_block_probs(m: Any, x: torch.Tensor, latents: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    # SD3 IPAdapterTimeImageProjectionBlock: AdaLN-modulated latents attend over [image features, latents]
+    # with the projections of its `attn` child; scale 1/sqrt(d) split over q and k.
+    shift, scale = m.adaln_proj(m.adaln_silu(temb)).chunk(4, dim=1)[:2]
+    lat = m.ln1(latents) * (1 + scale[:, None]) + shift[:, None]
+    b, heads = lat.shape[0], m.attn.heads
+    q = m.attn.to_q(lat).view(b, -1, heads, m.attn.to_q.out_features // heads).transpose(1, 2)
+    k = m.attn.to_kv(torch.cat((m.ln0(x), lat), dim=-2)).chunk(2, dim=-1)[0]
+    k = k.view(b, -1, heads, q.shape[-1]).transpose(1, 2)
     return torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
 
 
@@ -283,6 +297,7 @@ def _attention_pooling_probs(m: Any, x: torch.Tensor) -> torch.Tensor:
         (unet1d, "SelfAttention1d", _self_attention_1d_probs),
         (unet_text_embed, "AttentionPooling", _attention_pooling_probs),
         (controlnet_text_embed, "AttentionPooling", _attention_pooling_probs),
+        (VARIANTS["SD3Transformer2DModel[ip_adapter]"], "IPAdapterTimeImageProjectionBlock", _ip_block_probs),
     ],
 )
 def test_hand_written_probs_match_reference(builder: Any, cls_name: str, reference: Any) -> None:
@@ -305,8 +320,8 @@ def test_hand_written_probs_match_reference(builder: Any, cls_name: str, referen
     for name, xs in seen.items():
         assert len(keeper.probs[name]) == len(xs)
         with torch.no_grad():
-            for got, x in zip(keeper.probs[name], xs, strict=True):
-                ref = reference(modules[name], x)
+            for got, args in zip(keeper.probs[name], xs, strict=True):
+                ref = reference(modules[name], *args)
                 assert got.shape == ref.shape, (name, got.shape, ref.shape)
                 torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
 
