@@ -196,7 +196,7 @@ def _untraceable(model: Any, sites: list[Any], *, filtered: bool) -> list[str]:
         return [
             f"{cls}: no attention attntrace can trace: no diffusers attention module holding a processor, no "
             "transformers module calling the attention-function interface, no nn.MultiheadAttention and no "
-            "module calling F.scaled_dot_product_attention"
+            "module calling F.scaled_dot_product_attention or computing softmax attention by hand"
         ]
     lines = []
     no_probs: dict[str, int] = {}

@@ -1366,7 +1366,95 @@ def autoencoder_dc() -> tuple[torch.nn.Module, Inputs]:
     return m, {"sample": _r(1, 3, 8, 8)}
 
 
+# ---- hand-written attention (softmax inline), traced by the torch-manual adapter ----
+
+
+def unet1d() -> tuple[torch.nn.Module, Inputs]:
+    """Dance-Diffusion-style UNet1DModel: SelfAttention1d in AttnDownBlock1D / UNetMidBlock1D / AttnUpBlock1D."""
+    m = _mk("UNet1DModel", block_out_channels=(32, 32, 64), in_channels=2, out_channels=2, extra_in_channels=16,
+            time_embedding_dim=16, down_block_types=("DownBlock1DNoSkip", "DownBlock1D", "AttnDownBlock1D"),
+            up_block_types=("AttnUpBlock1D", "UpBlock1D", "UpBlock1DNoSkip"), mid_block_type="UNetMidBlock1D",
+            out_block_type=None, sample_size=64)  # fmt: skip
+    return m, {"sample": _r(1, 2, 64), "timestep": torch.tensor([3.0])}
+
+
+def ltx2_audio_vae_attn() -> tuple[torch.nn.Module, Inputs]:
+    """AutoencoderKLLTX2Audio with LTX2AudioAttnBlock (attn_resolutions and mid_block_add_attention)."""
+    m = _mk("AutoencoderKLLTX2Audio", base_channels=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
+            resolution=16, latent_channels=4, mid_block_add_attention=True, mel_bins=16)  # fmt: skip
+    return m, {"sample": _r(1, 2, 16, 16)}
+
+
+def consisid_face() -> tuple[torch.nn.Module, Inputs]:
+    """ConsisID with the face extractor (is_train_face=True): PerceiverAttention in LocalFacialExtractor."""
+    from diffusers import ConsisIDTransformer3DModel
+
+    _seed()
+    m = ConsisIDTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=24, in_channels=4, out_channels=4, time_embed_dim=8,
+        text_embed_dim=16, num_layers=2, sample_width=8, sample_height=8, sample_frames=2, patch_size=2,
+        temporal_compression_ratio=1, max_text_seq_length=5, is_train_face=True, cross_attn_interval=1,
+        LFE_id_dim=8, LFE_vit_dim=16, LFE_depth=2, LFE_dim_head=8, LFE_num_heads=2, LFE_num_id_token=2,
+        LFE_num_querie=4, LFE_output_dim=32, LFE_ff_mult=1, LFE_num_scale=2, cross_attn_dim_head=8,
+        cross_attn_num_heads=2,
+    ).eval()  # fmt: skip
+    return m, {"hidden_states": _r(1, 2, 4, 8, 8), "encoder_hidden_states": _r(1, 5, 16),
+               "timestep": torch.tensor([3]), "id_cond": _r(1, 8), "id_vit_hidden": [_r(1, 3, 16), _r(1, 3, 16)]}  # fmt: skip
+
+
+def sd3_ip_adapter() -> tuple[torch.nn.Module, Inputs]:
+    """SD3 with an IP-Adapter set up as `_load_ip_adapter_weights` does (random weights): the
+    IPAdapterTimeImageProjection resampler (hand-written attention in IPAdapterTimeImageProjectionBlock)
+    and SD3IPAdapterJointAttnProcessor2_0 at every joint attention."""
+    from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
+    from diffusers.models.embeddings import IPAdapterTimeImageProjection
+
+    m, inputs = tiny.sd3()
+    _seed()
+    inner = m.config.attention_head_dim * m.config.num_attention_heads
+    procs = {
+        name: SD3IPAdapterJointAttnProcessor2_0(hidden_size=inner, ip_hidden_states_dim=inner,
+                                                head_dim=m.config.attention_head_dim, timesteps_emb_dim=16)
+        for name in m.attn_processors
+    }  # fmt: skip
+    m.set_attn_processor(procs)
+    m.image_proj = IPAdapterTimeImageProjection(embed_dim=8, output_dim=inner, hidden_dim=16, depth=1, dim_head=8,
+                                                heads=2, num_queries=4, ffn_ratio=1, timestep_in_dim=8).eval()  # fmt: skip
+    b = inputs["hidden_states"].shape[0]
+    return m.eval(), dict(inputs, joint_attention_kwargs=_KeepOnPop(ip_adapter_image_embeds=_r(b, 3, 8)))
+
+
+class _KeepOnPop(dict):  # type: ignore[type-arg]
+    """SD3's forward pops `ip_adapter_image_embeds` from `joint_attention_kwargs`; the coverage check runs
+    the same inputs twice (untraced, traced), so the entry is read without being removed."""
+
+    def pop(self, key: Any, *default: Any) -> Any:
+        return self[key] if key in self else (default[0] if default else super().pop(key))
+
+
+def unet_text_embed() -> tuple[torch.nn.Module, Inputs]:
+    """UNet2DConditionModel with addition_embed_type='text' (TextTimeEmbedding's AttentionPooling)."""
+    m = _mk("UNet2DConditionModel", sample_size=16, block_out_channels=(32, 64), layers_per_block=1,
+            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            addition_embed_type="text", encoder_hid_dim=32, addition_embed_type_num_heads=4)  # fmt: skip
+    return m, {"sample": _r(2, 4, 16, 16), "timestep": torch.tensor(10), "encoder_hidden_states": _r(2, 7, 32)}
+
+
+def controlnet_text_embed() -> tuple[torch.nn.Module, Inputs]:
+    """ControlNetModel with addition_embed_type='text' (TextTimeEmbedding's AttentionPooling)."""
+    m = _mk("ControlNetModel", block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+            attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            conditioning_embedding_out_channels=(8, 16), norm_num_groups=8, addition_embed_type="text",
+            encoder_hid_dim=32, addition_embed_type_num_heads=4)  # fmt: skip
+    return m, {"sample": _r(2, 4, 16, 16), "timestep": torch.tensor(10), "encoder_hidden_states": _r(2, 7, 32),
+               "controlnet_cond": _r(2, 3, 32, 32)}  # fmt: skip
+
+
+
 CASES: dict[str, Builder] = {
+    "UNet1DModel": unet1d,
+    "AutoencoderKLLTX2Audio": ltx2_audio_vae_attn,
     "UNet2DConditionModel": tiny.sd15_unet,
     "SD3Transformer2DModel": tiny.sd3,
     "FluxTransformer2DModel": tiny.flux,
@@ -1507,6 +1595,11 @@ VARIANTS: dict[str, Builder] = {
     "UNet2DConditionModel[classic]": tiny.classic_unet,
     "WanTransformer3DModel[i2v]": lambda: tiny.wan(i2v=True),
     "QwenImage21Transformer2DModel[flex]": lambda: qwen_image21(flex=True),
+    # Hand-written attention outside the default config (torch-manual adapter).
+    "ConsisIDTransformer3DModel[face]": consisid_face,
+    "UNet2DConditionModel[text]": unet_text_embed,
+    "ControlNetModel[text]": controlnet_text_embed,
+    "SD3Transformer2DModel[ip_adapter]": sd3_ip_adapter,
 }
 
 
@@ -1536,6 +1629,7 @@ OUTSIDE_PROCESSOR: dict[str, str] = {
     "AutoencoderVidTok": "VidTokAttnBlock calls F.sdpa in its `attention` helper method",
     "SanaWMTransformer3DModel": "SanaWMSoftmaxAttention / SanaWMSoftmaxCamAttention call F.sdpa (in bfloat16)",
     "MochiTransformer3DModel": "MochiAttentionPool (embeddings) calls F.sdpa",
+    "UNet1DModel": "SelfAttention1d computes softmax(QK^T)V by hand (torch-manual adapter)",
     "ControlNetUnionModel": "ResidualAttentionBlock uses nn.MultiheadAttention",
     "UniDiffuserTextDecoder": "a transformers GPT-2 inside (transformers adapter)",
     "AutoencoderRAE": "a transformers DINOv2 encoder inside (transformers adapter)",
@@ -1555,20 +1649,25 @@ NOT_BUILT: dict[str, str] = {
 
 
 #: Attention written by hand (softmax(QK^T)V inline: no processor, no F.sdpa, no nn.MultiheadAttention),
-#: found by scanning diffusers 0.42.1's sources. No adapter traces it; `attntrace sites` names the model
-#: class and says so (tests/test_cli_sites.py, on UNet1DModel). Class -> where (and in which config).
-HAND_WRITTEN: dict[str, str] = {
-    "UNet1DModel": "SelfAttention1d in AttnDownBlock1D / AttnUpBlock1D / UNetMidBlock1D (default config)",
-    "AutoencoderKLLTX2Audio": "LTX2AudioAttnBlock, only with attn_resolutions or mid_block_add_attention "
-    "(none at the default config)",
-    "ConsisIDTransformer3DModel": "PerceiverAttention of the face extractor (is_train_face=True); the "
-    "transformer's own attention is covered",
-    "UNet2DConditionModel": "AttentionPooling of TextTimeEmbedding (addition_embed_type='text' only); the "
-    "rest is covered",
-    "ControlNetModel": "AttentionPooling of TextTimeEmbedding (addition_embed_type='text' only); the rest is "
-    "covered",
-    "SD3Transformer2DModel": "IPAdapterTimeImageProjectionBlock when an IP-Adapter is loaded; the rest is covered",
+#: found by scanning diffusers 0.42.1's sources, traced by the torch-manual adapter (it catches the softmax,
+#: the score product and the product with the values). Class -> where, and the case that checks it.
+HAND_WRITTEN_TRACED: dict[str, str] = {
+    "UNet1DModel": "SelfAttention1d in AttnDownBlock1D / AttnUpBlock1D / UNetMidBlock1D (default config); "
+    "case UNet1DModel",
+    "AutoencoderKLLTX2Audio": "LTX2AudioAttnBlock, only with attn_resolutions or mid_block_add_attention (none at "
+    "the default config; single head, `bmm(v, probsᵀ)`); case AutoencoderKLLTX2Audio builds it with both",
+    "ConsisIDTransformer3DModel": "PerceiverAttention / PerceiverCrossAttention of the face extractor "
+    "(is_train_face=True); case ConsisIDTransformer3DModel[face]",
+    "UNet2DConditionModel": "AttentionPooling of TextTimeEmbedding (addition_embed_type='text'); case "
+    "UNet2DConditionModel[text]",
+    "ControlNetModel": "AttentionPooling of TextTimeEmbedding (addition_embed_type='text'); case ControlNetModel[text]",
+    "SD3Transformer2DModel": "IPAdapterTimeImageProjectionBlock of the IP-Adapter resampler (once an IP-Adapter is "
+    "loaded): it computes the attention with the projections of a child diffusers `Attention` whose processor "
+    "never runs; case SD3Transformer2DModel[ip_adapter]",
 }
+
+#: Hand-written attention no case checks yet. Class -> where, and why.
+HAND_WRITTEN: dict[str, str] = {}
 
 
 def _no_attention() -> dict[str, Callable[[], torch.nn.Module]]:
@@ -1586,3 +1685,4 @@ def _no_attention() -> dict[str, Callable[[], torch.nn.Module]]:
 
 
 NO_ATTENTION = _no_attention
+

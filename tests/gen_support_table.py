@@ -35,7 +35,14 @@ def render(records: dict) -> str:
     import diffusers
 
     sys.path.insert(0, str(ROOT))
-    from tests.coverage_models import CASES, HAND_WRITTEN, NO_ATTENTION, NOT_BUILT, OUTSIDE_PROCESSOR
+    from tests.coverage_models import (
+        CASES,
+        HAND_WRITTEN,
+        HAND_WRITTEN_TRACED,
+        NO_ATTENTION,
+        NOT_BUILT,
+        OUTSIDE_PROCESSOR,
+    )  # fmt: skip
 
     disc = records.pop("__discovery__", None)
     rows = [r for r in records.values() if isinstance(r, dict) and "class" in r]
@@ -46,7 +53,8 @@ def render(records: dict) -> str:
         f"on diffusers {diffusers.__version__}. Each row is a tiny instance built from a config in "
         "`tests/coverage_models.py` (random weights, no hub) and checked, at every site any adapter claims "
         "(processor sites, and attention outside processors through the plain-PyTorch or transformers "
-        "adapter), for: output bit-identical with passive observers reading q/k/v, probs and output; every "
+        "adapter, or the torch-manual adapter for attention written by hand), for: output bit-identical with "
+        "passive observers reading q/k/v, probs and output; every "
         "attention module that ran was seen; `probs @ value` equal to the kernel output (fp32, < 1e-5; a "
         "kernel run in bfloat16 to 4 eps of bfloat16); probs rows summing to 1; the very same processor "
         "objects (or instance-level forwards) after detach.",
@@ -87,7 +95,8 @@ def render(records: dict) -> str:
             f"- **covered by the transparency test: {len(covered & with_attn)} / {len(with_attn)}** "
             f"({len(covered & with_proc)} / {len(with_proc)} of those with processor attention at their default "
             "config)",
-            f"- with attention outside any processor (plain-PyTorch or transformers adapter): {len(OUTSIDE_PROCESSOR)}",
+            "- with attention outside any processor (plain-PyTorch, torch-manual or transformers adapter): "
+            f"{len(OUTSIDE_PROCESSOR)}",
             f"- without attention: {len(none)} (of which {len(no_attention)} built tiny here to check, their "
             "default config not building)",
             "",
@@ -101,20 +110,30 @@ def render(records: dict) -> str:
         ]
         for n in left:
             sites = found[n] if isinstance(found[n], int) else "?"
-            why = NOT_BUILT.get(n) or (f"attention written by hand: {HAND_WRITTEN[n]}" if n in HAND_WRITTEN else "")
+            hand = f"attention written by hand, not traced: {HAND_WRITTEN[n]}" if n in HAND_WRITTEN else ""
+            why = NOT_BUILT.get(n) or hand
             lines.append(f"| {n} | {sites} | {why or 'no tiny config written yet'} |")
         lines += [
             "",
-            "## Attention written by hand (not traceable)",
+            "## Attention written by hand",
             "",
             "softmax(QK^T)V computed inline, with no processor, no `F.scaled_dot_product_attention` and no "
-            "`nn.MultiheadAttention`: no adapter sees it. `attntrace sites` names the model class and says that "
-            "it found no traceable attention there.",
+            "`nn.MultiheadAttention`. The torch-manual adapter traces it: it shadows the module's `forward` and "
+            "catches the score product (query/key), the softmax over the keys (probs) and the product with the "
+            "values (value/output); q/k/v are read-only there, probs and output editable.",
             "",
-            "| class | where |",
+            "| class | where (traced) |",
             "|---|---|",
         ]
-        lines += [f"| {n} | {w} |" for n, w in sorted(HAND_WRITTEN.items())]
+        lines += [f"| {n} | {w} |" for n, w in sorted(HAND_WRITTEN_TRACED.items())]
+        lines += [
+            "",
+            "Not traced:",
+            "",
+            "| class | where, and why |",
+            "|---|---|",
+        ]
+        lines += [f"| {n} | {w} |" for n, w in sorted(HAND_WRITTEN.items())] or ["| none | |"]
         lines += ["", "## Attention outside any processor", "", "| class | where |", "|---|---|"]
         lines += [f"| {n} | {w} |" for n, w in sorted(OUTSIDE_PROCESSOR.items())]
         lines += ["", "## No attention", "", ", ".join(none)]

@@ -26,9 +26,21 @@ import torch
 
 from attntrace import Observer, Tracer, find_sites
 from attntrace.adapters.diffusers import DiffusersAdapter
+from attntrace.adapters.torch_manual import _weight_children
 from attntrace.call import AttentionCall
 from attntrace.site import Site
-from tests.coverage_models import CASES, NO_ATTENTION, NOT_BUILT, OUTSIDE_PROCESSOR, VARIANTS, discover, run
+from tests.coverage_models import (
+    CASES,
+    NO_ATTENTION,
+    NOT_BUILT,
+    OUTSIDE_PROCESSOR,
+    VARIANTS,
+    controlnet_text_embed,
+    discover,
+    run,
+    unet1d,
+    unet_text_embed,
+)  # fmt: skip
 
 _RECORDS: dict[str, dict[str, Any]] = {}
 
@@ -117,6 +129,14 @@ def transparency(name: str, builder: Any) -> dict[str, Any]:
     softmax_sites = [s.name for s in sites if s.kind != "linear"]
     linear_sites = [s.name for s in sites if s.kind == "linear"]
     outside = [s for s in sites if s.adapter != "diffusers"]
+    # No double claim: a site outside processors neither is nor wraps a diffusers processor module, except a
+    # child its forward uses only for its weights (never called: SD3's IPAdapterTimeImageProjectionBlock.attn).
+    for s in outside:
+        containers = set(_weight_children(s.module)) if s.adapter == "torch-manual" else set()
+        wrapped = [
+            n for n, m in s.module.named_modules() if getattr(m, "processor", None) is not None and n not in containers
+        ]
+        assert not wrapped, f"{name}: {s.adapter} site {s.name} wraps processor module(s) {wrapped[:3]}"
 
     tracer = Tracer()
     rec = tracer.add(Recorder(), kind=["self", "cross", "joint"]) if softmax_sites else None
@@ -213,3 +233,178 @@ def _write_records() -> Any:
     if path and _RECORDS:
         with open(path, "w") as fh:
             json.dump(_RECORDS, fh, indent=1, default=str)
+
+
+class ProbsKeeper(Observer):
+    """Passive: keeps each call's probs, per site (a handful of tiny maps)."""
+
+    needs = frozenset({"probs"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.probs: dict[str, list[torch.Tensor]] = {}
+
+    def on_call(self, call: AttentionCall) -> None:
+        self.probs.setdefault(call.site, []).append(call.probs.clone())
+
+
+def _inputs_of(model: torch.nn.Module, cls_name: str) -> tuple[dict[str, list[tuple[Any, ...]]], list[Any]]:
+    seen: dict[str, list[tuple[Any, ...]]] = {}
+    handles = [
+        m.register_forward_pre_hook(
+            lambda m, a, n=n: seen.setdefault(n, []).append(tuple(t.detach().clone() for t in a))
+        )
+        for n, m in model.named_modules()
+        if type(m).__name__ == cls_name
+    ]
+    return seen, handles
+
+
+def _self_attention_1d_probs(m: Any, x: torch.Tensor) -> torch.Tensor:
+    # diffusers SelfAttention1d: GroupNorm over channels, per-head q·kᵀ / sqrt(d), softmax over keys.
+    h = m.group_norm(x).transpose(1, 2)
+    b, length, c = h.shape
+    q = m.query(h).view(b, length, m.num_heads, -1).transpose(1, 2)
+    k = m.key(h).view(b, length, m.num_heads, -1).transpose(1, 2)
+    return torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+
+
+def _ip_block_probs(m: Any, x: torch.Tensor, latents: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    # SD3 IPAdapterTimeImageProjectionBlock: AdaLN-modulated latents attend over [image features, latents]
+    # with the projections of its `attn` child; scale 1/sqrt(d) split over q and k.
+    shift, scale = m.adaln_proj(m.adaln_silu(temb)).chunk(4, dim=1)[:2]
+    lat = m.ln1(latents) * (1 + scale[:, None]) + shift[:, None]
+    b, heads = lat.shape[0], m.attn.heads
+    q = m.attn.to_q(lat).view(b, -1, heads, m.attn.to_q.out_features // heads).transpose(1, 2)
+    k = m.attn.to_kv(torch.cat((m.ln0(x), lat), dim=-2)).chunk(2, dim=-1)[0]
+    k = k.view(b, -1, heads, q.shape[-1]).transpose(1, 2)
+    return torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+
+
+def _attention_pooling_probs(m: Any, x: torch.Tensor) -> torch.Tensor:
+    # diffusers AttentionPooling: a mean "class token" (plus positional embedding) attends over itself and x.
+    b, length, width = x.shape
+    cls = x.mean(dim=1, keepdim=True) + m.positional_embedding
+    kv = torch.cat([cls, x], dim=1)
+    q = m.q_proj(cls).view(b, 1, m.num_heads, -1).transpose(1, 2)
+    k = m.k_proj(kv).view(b, length + 1, m.num_heads, -1).transpose(1, 2)
+    return torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+
+
+@pytest.mark.parametrize(
+    ("builder", "cls_name", "reference"),
+    [
+        (unet1d, "SelfAttention1d", _self_attention_1d_probs),
+        (unet_text_embed, "AttentionPooling", _attention_pooling_probs),
+        (controlnet_text_embed, "AttentionPooling", _attention_pooling_probs),
+        (VARIANTS["SD3Transformer2DModel[ip_adapter]"], "IPAdapterTimeImageProjectionBlock", _ip_block_probs),
+    ],
+)
+def test_hand_written_probs_match_reference(builder: Any, cls_name: str, reference: Any) -> None:
+    """Probs at diffusers' hand-written attention (torch-manual adapter) equal a recomputation from the
+    module's own weights and inputs, call for call."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model, inputs = builder()
+        tracer = Tracer()
+        keeper = tracer.add(ProbsKeeper(), match="*")
+        seen, handles = _inputs_of(model, cls_name)
+        try:
+            with tracer.attach(model):
+                run(model, inputs)
+        finally:
+            for h in handles:
+                h.remove()
+    modules = dict(model.named_modules())
+    assert seen and set(seen) <= set(keeper.probs), sorted(set(seen) - set(keeper.probs))
+    for name, xs in seen.items():
+        assert len(keeper.probs[name]) == len(xs)
+        with torch.no_grad():
+            for got, args in zip(keeper.probs[name], xs, strict=True):
+                ref = reference(modules[name], *args)
+                assert got.shape == ref.shape, (name, got.shape, ref.shape)
+                torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_kandinsky3_self_attention_kind() -> None:
+    """Kandinsky3's self-attention blocks build `Attention(c, c)` (is_cross_attention=True): their sites
+    are labelled `self` exactly where the model calls them with the query's own tensor as context."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model, inputs = CASES["Kandinsky3UNet"]()
+    sites = {s.name: s for s in find_sites(model) if s.adapter == "diffusers"}
+    same: dict[str, bool] = {}
+
+    def hook(name: str) -> Any:
+        def pre(m: torch.nn.Module, a: tuple[Any, ...], kw: dict[str, Any]) -> None:
+            context = a[1] if len(a) > 1 else kw.get("encoder_hidden_states")
+            same.setdefault(name, context is a[0])
+
+        return pre
+
+    handles = [s.module.register_forward_pre_hook(hook(name), with_kwargs=True) for name, s in sites.items()]
+    try:
+        run(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    assert same and set(same.values()) == {True, False}, same
+    for name, self_call in same.items():
+        assert sites[name].kind == ("self" if self_call else "cross"), (name, sites[name].kind)
+
+
+class UniformProbs(Observer):
+    """Editor: every query attends uniformly to all keys. Keeps nothing."""
+
+    needs = frozenset({"probs"})
+    edits = True
+
+    def on_call(self, call: AttentionCall) -> None:
+        p = call.probs
+        call.probs = torch.full_like(p, 1.0 / p.shape[-1])
+
+
+def _ltx2_uniform(m: Any, x: torch.Tensor) -> torch.Tensor:
+    # Uniform attention: every position gets the mean of v over positions.
+    v = m.v(m.norm(x))
+    return x + m.proj_out(v.mean(dim=(2, 3), keepdim=True).expand_as(v))
+
+
+def _pooling_uniform(m: Any, x: torch.Tensor) -> torch.Tensor:
+    # Uniform attention of the class token over [class token, x]: v_proj is affine, so mean(v) = v_proj(mean).
+    kv = torch.cat([x.mean(dim=1, keepdim=True) + m.positional_embedding, x], dim=1)
+    return m.v_proj(kv.mean(dim=1))
+
+
+@pytest.mark.parametrize(
+    ("builder", "cls_name", "reference"),
+    [
+        (CASES["AutoencoderKLLTX2Audio"], "LTX2AudioAttnBlock", _ltx2_uniform),  # bmm(v, probsᵀ)
+        (unet_text_embed, "AttentionPooling", _pooling_uniform),  # einsum over 3D (B·H, Lq, Lk) probs
+    ],
+)
+def test_hand_written_probs_edit_equals_reference(builder: Any, cls_name: str, reference: Any) -> None:
+    """Editing probs at diffusers' hand-written attention rebuilds the module output from the edited map."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model, inputs = builder()
+        io: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        handles = [
+            m.register_forward_hook(lambda m, a, o, n=n: io.setdefault(n, []).append((a[0].clone(), o.clone())))
+            for n, m in model.named_modules()
+            if type(m).__name__ == cls_name
+        ]
+        tracer = Tracer()
+        tracer.add(UniformProbs(), match="*")
+        try:
+            with tracer.attach(model):
+                run(model, inputs)
+        finally:
+            for h in handles:
+                h.remove()
+    modules = dict(model.named_modules())
+    assert io
+    with torch.no_grad():
+        for name, pairs in io.items():
+            for x, out in pairs:
+                torch.testing.assert_close(out, reference(modules[name], x), rtol=1e-5, atol=1e-5)

@@ -53,6 +53,19 @@ def _kind(module: torch.nn.Module, processor: Any) -> Kind:
     return "self"
 
 
+def _self_in_cross_module(name: str, modules: dict[str, torch.nn.Module]) -> bool:
+    """A module built as cross-attention (`is_cross_attention`) that the model only calls as self-attention.
+
+    Kandinsky3AttentionBlock with `context_dim=None` builds `Attention(num_channels, num_channels)` (so
+    `is_cross_attention` is True) and its block calls it with the image features as context. diffusers 0.42
+    places that block first: `attentions[0]` of a Kandinsky3 up/down block is called without context (self),
+    `attentions[1:]` with the text context (cross). Decided statically, so `kind` rules select these sites.
+    """
+    parent_name = name.rpartition(".")[0]
+    parent = modules.get(parent_name)
+    return type(parent).__name__ == "Kandinsky3AttentionBlock" and parent_name.endswith("attentions.0")
+
+
 def _set_processor(module: torch.nn.Module, processor: Any) -> None:
     setter = getattr(module, "set_processor", None)
     if setter is not None:
@@ -71,13 +84,16 @@ class DiffusersAdapter(Adapter):
 
     def find_sites(self, model: torch.nn.Module) -> list[Site]:
         sites = []
-        for name, module in model.named_modules():
+        modules = dict(model.named_modules())
+        for name, module in modules.items():
             if not name or not _is_site(module):
                 continue
             processor = module.processor
             if isinstance(processor, AttentionProxy):
                 processor = processor.wrapped_processor
             kind = _kind(module, processor)
+            if kind == "cross" and _self_in_cross_module(name, modules):
+                kind = "self"
             sites.append(
                 Site(
                     name=name,

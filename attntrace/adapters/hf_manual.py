@@ -245,6 +245,9 @@ class _Pending:
     key: torch.Tensor | None
     keep: list[torch.Tensor] = field(default_factory=list)  # every alias (holds ids stable)
     exact: bool = True
+    # ids of aliases holding the probabilities with the last two dims swapped, (..., Lk, Lq): LDM-style
+    # VAE blocks compute `bmm(v, probs.permute(0, 2, 1))`.
+    transposed: set[int] = field(default_factory=set)
 
 
 def _bhld(t: torch.Tensor | None, lead: torch.Size, b: int, h: int, length: int) -> torch.Tensor | None:
@@ -395,7 +398,20 @@ class _ManualInterceptor(KernelInterceptor):
         out = func(*args, **kwargs)
         if not isinstance(out, torch.Tensor):
             return out  # .size(), .dim()...: an inspection, not a use
+        flipped = id(src) in entry.transposed
+        if hit == 0 and _swaps_last_two(func, args, kwargs, src, out):
+            # A transpose of the probabilities (not yet their use): follow it, remembering the swap.
+            entry.keep.append(out)
+            self.pending[id(out)] = entry
+            if not flipped:
+                entry.transposed.add(id(out))
+            return out
         if hit == 0 and (func in _SAME or func in _CHANGING) and out.numel() == src.numel():
+            if flipped:
+                if out.shape != src.shape:
+                    entry.exact = False  # a reshape of the swapped map: no longer followed as probabilities
+                else:
+                    entry.transposed.add(id(out))
             if func in _CHANGING and func not in _IN_PLACE and not (
                 func in (F.dropout, torch.dropout) and not _training(args, kwargs)
             ):
@@ -407,7 +423,17 @@ class _ManualInterceptor(KernelInterceptor):
         for t in entry.keep:
             self.pending.pop(id(t), None)
         value = canon_out = from_canon = None
-        if hit == 0 and func in _MATMUL and len(operands) > 1 and isinstance(operands[1], torch.Tensor):
+        if flipped and hit == 1 and func in _MATMUL and isinstance(operands[0], torch.Tensor):
+            # v @ probsᵀ = (probs @ vᵀ)ᵀ: canonical value is vᵀ, canonical output is outᵀ.
+            v_t = operands[0].transpose(-1, -2)
+            canon = _matmul_layout(entry.probs, v_t, out.transpose(-1, -2))
+            if canon is not None:
+                value, to_c, from_c = canon
+                canon_out = lambda t: to_c(t.transpose(-1, -2))  # noqa: E731
+                from_canon = lambda t: from_c(t).transpose(-1, -2)  # noqa: E731
+        elif flipped:
+            pass  # another use of the swapped map: no value/output (probs only)
+        elif hit == 0 and func in _MATMUL and len(operands) > 1 and isinstance(operands[1], torch.Tensor):
             canon = _matmul_layout(entry.probs, operands[1], out)
             if canon is not None:
                 value, canon_out, from_canon = canon
@@ -426,7 +452,11 @@ class _ManualInterceptor(KernelInterceptor):
             assert from_canon is not None
             return from_canon(result).to(out.dtype)
         # No value: substitute the edited probabilities into the consuming operation itself.
-        edited = call._probs.to(src.dtype).reshape(src.shape)  # type: ignore[union-attr]
+        if flipped:
+            edited = call._probs.to(src.dtype).reshape(*src.shape[:-2], src.shape[-1], src.shape[-2])  # type: ignore[union-attr]
+            edited = edited.transpose(-1, -2)
+        else:
+            edited = call._probs.to(src.dtype).reshape(src.shape)  # type: ignore[union-attr]
         if func in _EINSUM:
             ops = list(operands)
             ops[hit] = edited
@@ -506,6 +536,26 @@ def _training(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     return bool(kwargs.get("training", kwargs.get("train", True)))
 
 
+_TRANSPOSES = (torch.transpose, torch.Tensor.transpose, torch.permute, torch.Tensor.permute, torch.Tensor.mT)
+
+
+def _swaps_last_two(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], src: torch.Tensor, out: Any) -> bool:
+    """Whether `func` is a transpose/permute of `src` swapping exactly its last two dims."""
+    if func not in _TRANSPOSES or not isinstance(out, torch.Tensor) or src.dim() < 2:
+        return False
+    n = src.dim()
+    if func in (torch.permute, torch.Tensor.permute):
+        dims = args[1:] if len(args) > 2 or (len(args) == 2 and isinstance(args[1], int)) else (
+            args[1] if len(args) > 1 else kwargs.get("dims", ()))  # fmt: skip
+        dims = [d % n for d in dims]
+        return dims == [*range(n - 2), n - 1, n - 2]
+    if func is torch.Tensor.mT:
+        return True
+    d0 = args[1] if len(args) > 1 else kwargs.get("dim0")
+    d1 = args[2] if len(args) > 2 else kwargs.get("dim1")
+    return isinstance(d0, int) and isinstance(d1, int) and {d0 % n, d1 % n} == {n - 1, n - 2}
+
+
 def _matmul_layout(
     probs: torch.Tensor, v: torch.Tensor, out: torch.Tensor
 ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]] | None:
@@ -549,25 +599,34 @@ def _einsum_qk(args: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor] | Non
 def _einsum_layout(
     spec: str, probs: torch.Tensor, src: torch.Tensor, v: torch.Tensor, out: torch.Tensor
 ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]] | None:
-    """The same for `einsum("bhij,<v>-><o>", probs, v)` when the probabilities are in canonical order."""
+    """The same for `einsum("<lead>ij,<v>-><o>", probs, v)` with the probabilities in canonical order:
+    4D `bhij` or 3D `(B·H)ij` (AttentionPooling's `"bts,bcs->bct"`); `v` and `o` in any letter order."""
     spec = spec.replace(" ", "")
-    if "->" not in spec or "." in spec or src.shape != probs.shape:
+    b, h, lq, lk = probs.shape
+    if "->" not in spec or "." in spec or src.numel() != probs.numel() or src.shape[-2:] != (lq, lk):
         return None
     inputs, o = spec.split("->")
     parts = inputs.split(",")
-    if len(parts) != 2 or len(parts[0]) != 4:
+    if len(parts) != 2 or len(parts[0]) != src.dim() or src.dim() not in (3, 4) or len(set(parts[0])) != src.dim():
         return None
     p, vs = parts
-    bl, hl, il, jl = p
+    lead, il, jl = p[:-2], p[-2], p[-1]
     extra = [c for c in vs if c not in p]
-    if len(extra) != 1 or sorted(vs) != sorted({bl, hl, jl, extra[0]}) or len(vs) != 4:
+    if len(extra) != 1 or sorted(vs) != sorted(lead + jl + extra[0]):
         return None
     dl = extra[0]
-    canon = f"{bl}{hl}{il}{dl}"
-    if sorted(o) != sorted(canon) or len(o) != 4:
+    canon = f"{lead}{il}{dl}"
+    if sorted(o) != sorted(canon):
         return None
-    value = torch.einsum(f"{vs}->{bl}{hl}{jl}{dl}", v)
-    return value, (lambda t: torch.einsum(f"{o}->{canon}", t)), (lambda t: torch.einsum(f"{canon}->{o}", t))
+    value = torch.einsum(f"{vs}->{lead}{jl}{dl}", v)
+    dv = value.shape[-1]
+    value = value.reshape(b, h, lk, dv)
+    inner = (*src.shape[:-2], lq, dv)
+    return (
+        value,
+        (lambda t: torch.einsum(f"{o}->{canon}", t).reshape(b, h, lq, dv)),
+        (lambda t: torch.einsum(f"{canon}->{o}", t.reshape(inner))),
+    )
 
 
 # -- installation (shared with the plain PyTorch adapter) -------------------------------------------

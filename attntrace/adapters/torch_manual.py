@@ -10,10 +10,14 @@ softmax over the keys (probs) and the product with the values (value/output); an
 same module (the fused branch) is caught as usual.
 
 Sites: modules of a model that is not a transformers `PreTrainedModel` (those keep the
-`transformers-manual` path), whose class is not from torch/transformers/diffusers, that are named like
+`transformers-manual` path), whose class is not from torch/transformers (diffusers classes are, unless
+they hold a processor: those are the diffusers adapter's; UNet1DModel's SelfAttention1d, AttentionPooling,
+ConsisID's PerceiverAttention, LTX2AudioAttnBlock compute softmax attention by hand), that are named like
 attention or hold a head count, and whose `forward` (or a `self.method` it calls) contains a softmax (or
-the module has an `nn.Softmax` child) and a matrix product; innermost module wins. At run time a softmax
-counts only when its input has the shape of a q·kᵀ product the module just computed.
+the module has an `nn.Softmax` child) and a matrix product; innermost module wins (a module around
+another adapter's site, such as a diffusers `Attention`, is not a site). The probabilities are
+followed through views, casts and a transpose of their last two dims (`bmm(v, probs.permute(0, 2, 1))`).
+At run time a softmax counts only when its input has the shape of a q·kᵀ product the module just computed.
 
 Untraceable: when a model has no traceable attention at all, modules named like attention are listed
 (`attntrace sites`) with the reason (no softmax over keys: linear attention...) and attach is refused
@@ -42,6 +46,10 @@ if TYPE_CHECKING:
 __all__ = ["ManualTorchAdapter", "hand_written", "untraceable_note"]
 
 _FOREIGN = ("torch.", "transformers.", "diffusers.")
+# Classes whose hand-written attention this adapter claims although they come from a framework: diffusers
+# modules computing softmax attention inline (SelfAttention1d, AttentionPooling, PerceiverAttention...).
+# diffusers' own `Attention`-like modules (those holding a processor) stay the diffusers adapter's.
+_OWN_FOREIGN = ("diffusers.",)
 _SOFTMAX_RE = re.compile(r"softmax\(|nn\.Softmax\b")
 _PRODUCT_RE = re.compile(r"\b(matmul|bmm|baddbmm|einsum)\(|\S\s*@\s*\S")
 _HEAD_ATTRS = ("num_heads", "heads", "n_head", "n_heads", "num_attention_heads", "nhead", "attention_heads")
@@ -88,7 +96,7 @@ def _source(cls: type) -> str:
     parts = [src]
     for name in sorted(set(re.findall(r"self\.(\w+)\(", src))):
         fn = getattr(cls, name, None)
-        if inspect.isfunction(fn) and not getattr(fn, "__module__", "").startswith(_FOREIGN):
+        if inspect.isfunction(fn) and not (getattr(fn, "__module__", "") or "").startswith(_FOREIGN[:2]):
             parts.append(_getsource(fn))
     out = _source_cache[cls] = "\n".join(parts)
     return out
@@ -99,16 +107,43 @@ def _named_attention(module: torch.nn.Module) -> bool:
     return any(w in name for w in ("attention", "attn", "mhsa", "performer"))
 
 
+def _weight_children(module: torch.nn.Module) -> list[str]:
+    """Children holding a processor (diffusers attention modules) that `module`'s forward uses only as
+    weight containers: it reads `self.<child>.to_q(...)`, `.heads`... and never calls `self.<child>(...)`
+    (SD3's IPAdapterTimeImageProjectionBlock computes the attention itself with its `attn` child's
+    projections), so the child's processor never runs and the attention is `module`'s own."""
+    cls = type(module)
+    if not cls.__module__.startswith(_OWN_FOREIGN) or cls.forward is torch.nn.Module.forward:
+        return []
+    out = []
+    for name, child in module.named_children():
+        if getattr(child, "processor", None) is None:
+            continue
+        src = _source(cls)
+        if re.search(rf"self\.{name}\.\w", src) and not re.search(rf"self\.{name}\(", src):
+            out.append(name)
+    return out
+
+
 def _looks_like_attention(module: torch.nn.Module) -> bool:
     """Named like attention or holding a head count (keeps pooling/routing softmaxes out)."""
-    return _named_attention(module) or any(
-        isinstance(vars(module).get(a), int) and not isinstance(vars(module).get(a), bool) for a in _HEAD_ATTRS
+    return (
+        _named_attention(module)
+        or any(isinstance(vars(module).get(a), int) and not isinstance(vars(module).get(a), bool) for a in _HEAD_ATTRS)
+        or bool(_weight_children(module))
     )
+
+
+def _foreign(cls: type) -> bool:
+    return cls.__module__.startswith(_FOREIGN) and not cls.__module__.startswith(_OWN_FOREIGN)
 
 
 def _own_forward(module: torch.nn.Module) -> bool:
     cls = type(module)
-    return cls.forward is not torch.nn.Module.forward and not cls.__module__.startswith(_FOREIGN)
+    if cls.forward is torch.nn.Module.forward or _foreign(cls):
+        return False
+    # A diffusers module holding a processor is the diffusers adapter's site, whatever its forward does.
+    return not (cls.__module__.startswith(_OWN_FOREIGN) and getattr(module, "processor", None) is not None)
 
 
 def _has_softmax(module: torch.nn.Module, src: str) -> bool:
@@ -133,9 +168,20 @@ def untraceable_note(module: torch.nn.Module) -> str | None:
     return _LINEAR if _PRODUCT_RE.search(src) else _NOTHING
 
 
+# Framework classes known to compute single-head attention over a 3D (B, L, L) bmm score map without a
+# head-count attribute (LDM-style VAE attention blocks): their scores are split as one head.
+_SINGLE_HEAD = frozenset({"diffusers.models.autoencoders.autoencoder_kl_ltx2_audio.LTX2AudioAttnBlock"})
+
+
 def _heads(module: torch.nn.Module) -> int | None:
+    if f"{type(module).__module__}.{type(module).__qualname__}" in _SINGLE_HEAD:
+        return 1
     for attr in _HEAD_ATTRS:
         v = getattr(module, attr, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    for name in _weight_children(module):  # the head count of the attention module whose weights it uses
+        v = getattr(getattr(module, name), "heads", None)
         if isinstance(v, int) and not isinstance(v, bool) and v > 0:
             return v
     return None
@@ -178,7 +224,16 @@ class ManualTorchAdapter(Adapter):
         from .torch import _is_candidate
 
         found = [(n, m) for n, m in model.named_modules() if hand_written(m)]
-        others = [n for n, m in model.named_modules() if _is_candidate(m)]
+        from .diffusers import _is_site as _processor_site
+
+        # Modules traced by another adapter count as inner attention: a hand-written module around them
+        # is not a site (innermost wins).
+        # A processor module used only as a weight container by a hand-written module around it never runs
+        # its processor: it does not make the module around it a non-innermost one.
+        containers = {f"{n}.{c}" if n else c for n, m in found for c in _weight_children(m)}
+        others = [
+            n for n, m in model.named_modules() if _is_candidate(m) or (_processor_site(m) and n not in containers)
+        ]
         sites = []
         for name, module in _innermost(found, others):
             src = _source(type(module))
