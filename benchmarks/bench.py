@@ -290,6 +290,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--workload", choices=["W1", "W2", "W3", "W3-sd15"], default="W1")
     ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed rounds before the timed ones")
     ap.add_argument("--out", type=Path, default=None, help="append a Markdown table here")
     ap.add_argument("--only", nargs="*", default=None, help="variant names to run (default all)")
     args = ap.parse_args()
@@ -301,9 +302,10 @@ def main() -> None:
     times: dict[str, list[float]] = {k: [] for k in table}
     peaks: dict[str, list[int]] = {k: [] for k in table}
     with torch.no_grad():
-        for make in table.values():  # warm-up
-            with make():
-                once()
+        for _ in range(args.warmup):
+            for make in table.values():
+                with make():
+                    once()
         for _ in range(args.runs):
             for name, make in table.items():
                 with make(), PeakRSS() as mem:
@@ -317,7 +319,7 @@ def main() -> None:
         f"### {args.workload} — {desc}",
         "",
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{args.runs} interleaved runs after warm-up, {time.strftime('%Y-%m-%d')}",
+        f"{args.runs} interleaved runs after {args.warmup} warm-up round(s), {time.strftime('%Y-%m-%d')}",
         "",
         "| variant | median s | ratio to untraced | min ratio | peak RSS above start (MiB) | extra vs untraced (MiB) |",
         "|---|---|---|---|---|---|",
