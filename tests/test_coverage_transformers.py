@@ -93,19 +93,28 @@ class Recorder(Observer):
             self.max_err = max(self.max_err, float(err.max()))
 
 
+def _refusal(site: Any) -> str | None:
+    """Why attntrace refuses a listed site (hand-written attention without a softmax over keys), or None."""
+    from attntrace.adapters.hf_manual import refusal_reason
+
+    if not site.traceable:
+        return site.note or "not traceable"
+    return refusal_reason(site.module) if site.adapter == "transformers-manual" else None
+
+
 def _glob_escape(name: str) -> str:
     """A glob matching exactly `name` (site names may hold fnmatch's special characters)."""
     return re.sub(r"([*?\[])", r"[\1]", name)
 
 
-def add_recorders(tracer: Tracer, sites: list[Any]) -> list[Recorder]:
+def add_recorders(tracer: Tracer, sites: list[Any], exact: bool = False) -> list[Recorder]:
     """One passive Recorder per distinct `Site.unavailable`: interface sites get the full one (q/k/v,
     probs, output); a hand-written site's recorder needs only what that site offers. With one group the
-    recorder matches "*" (so sites attntrace must refuse are still matched and refused at attach)."""
+    recorder matches "*" unless `exact` (so sites attntrace must refuse are still matched and refused at attach)."""
     groups: dict[frozenset[str], list[str]] = {}
     for s in sites:
         groups.setdefault(frozenset(s.unavailable) & Recorder.needs, []).append(s.name)
-    if len(groups) <= 1:
+    if len(groups) <= 1 and not exact:
         unavailable = next(iter(groups), frozenset())
         return [tracer.add(Recorder(unavailable), name="recorder")]
     return [tracer.add(Recorder(u), match=[_glob_escape(n) for n in names], name=f"recorder{i}")
@@ -140,8 +149,11 @@ def _weights_in(output: Any) -> list[torch.Tensor]:
     sum to 1 (a position bias returned beside them does not)."""
     if not isinstance(output, tuple):
         return []
-    return [t for t in output[1:] if isinstance(t, torch.Tensor) and t.dim() == 4 and t.is_floating_point()
-            and t.numel() and float((t.float().sum(-1) - 1).abs().max()) < 1e-3]  # fmt: skip
+    # 5D (B, H, windows, Lq, Lk) windowed weights (Hiera's mask units) fold the windows into the head
+    # axis, as attntrace's probs do.
+    return [t.flatten(1, 2) if t.dim() == 5 else t for t in output[1:] if isinstance(t, torch.Tensor)
+            and t.dim() in (4, 5) and t.is_floating_point() and t.numel()
+            and float((t.float().sum(-1) - 1).abs().max()) < 1e-3]  # fmt: skip
 
 
 def _hand_written(model: torch.nn.Module) -> list[str]:
@@ -293,12 +305,20 @@ def check_family(model_type: str) -> dict[str, Any]:
         except AttachError as exc:
             rec["refusal"] = str(exc)
         return rec
+    modules_of = dict(model.named_modules())
     rec["adapter"] = ", ".join(sorted({s.adapter for s in sites}))
     rec["kinds"] = sorted({s.kind for s in sites})
     rec["sites"] = len(sites)
     before = _impls(model)
+    # Sites attntrace lists but refuses (no (Lq, Lk) softmax over keys there): recorded with the reason;
+    # the family's other sites are traced. A family with only such sites is refused as a whole below.
+    refused = {s.name: why for s in sites if (why := _refusal(s))}
+    if refused and len(refused) < len(sites):
+        sites = [s for s in sites if s.name not in refused]
+        rec["refused_sites"] = sorted({f"{s_cls}: {why}" for s_cls, why in
+                                       ((type(modules_of[n]).__name__, w) for n, w in refused.items())})  # fmt: skip
     tracer = Tracer()
-    recorders = add_recorders(tracer, sites)
+    recorders = add_recorders(tracer, sites, exact=bool(rec.get("refused_sites")))
     ran: set[str] = set()
     modules = dict(model.named_modules())
     handles = [modules[s.name].register_forward_pre_hook(lambda m, a, n=s.name: ran.add(n)) for s in sites
@@ -388,6 +408,8 @@ def check_family(model_type: str) -> dict[str, Any]:
     rec["probs_v_err"] = obs.max_err
     rec["oracle_tensors"] = checked
     rec["editing"] = editing
+    if rec.get("refused_sites"):
+        notes.append(f"{len(refused)} site(s) not traced: " + "; ".join(rec["refused_sites"]))
     rec["notes"] = "; ".join(notes + ([f"built with {built.impl}"] if built.impl != "sdpa" else []))
     rec["status"] = "failing" if problems else "traced"
     return rec

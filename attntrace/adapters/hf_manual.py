@@ -77,7 +77,20 @@ _REFUSALS = (
      "(B, L, H, 2w+1) bands, not a (Lq, Lk) probability matrix"),
     ("block_sparse", "block-sparse attention (BigBird): scores are computed block by block, no (Lq, Lk) "
      "probability matrix exists"),
+    ("_concatenate_3_blocks", "block-local attention (LongT5 local): 5D (B, blocks, H, block, 3·block) scores "
+     "over each block's 3-block neighbourhood, no (Lq, Lk) probability matrix over the sequence"),
+    ("self.w_g", "additive attention (SwiftFormer): a learned vector scores each token, (B, L, 1), and the "
+     "softmax pools one global query; there is no softmax(q·kᵀ) over keys"),
+    ("hard_softmax(", "slot assignment (GroupViT): the softmax runs over the groups (the query axis; one-hot "
+     "in eval) and rows are then renormalised over keys; there is no softmax over keys"),
 )  # fmt: skip
+# Bahdanau-style additive attention (SLANet's attention GRU cell): `softmax(score(tanh(W·h + U·s)), dim=1)`
+# over (B, L, 1) scores for one decoder state.
+_ADDITIVE_RE = re.compile(r"\btanh\(")
+_ADDITIVE = (
+    "additive (Bahdanau) attention: scores are a linear layer on tanh(W·h + U·s), (B, L, 1), softmax over "
+    "the tokens for one decoder state; there is no softmax(q·kᵀ) over keys"
+)
 _DEFORMABLE = (
     "deformable attention: the softmax runs over sampling points around reference locations, not over "
     "keys; there is no (Lq, Lk) probability matrix"
@@ -136,6 +149,8 @@ def _classify(cls: type) -> tuple[bool, str]:
     for needle, why in _REFUSALS:
         if needle in src:
             return True, why
+    if _ADDITIVE_RE.search(src) and "self.score(" in src:
+        return True, _ADDITIVE
     return True, ""
 
 
@@ -305,7 +320,8 @@ class _ManualInterceptor(KernelInterceptor):
             if hit is not None:
                 return self._on_use(layer, func, args, kwargs, operands, hit)
         out = func(*args, **kwargs)
-        if self.plain and func in _EINSUM and isinstance(out, torch.Tensor):
+        if func in _EINSUM and isinstance(out, torch.Tensor) and (self.plain or out.dim() == 5):
+            # (HF modules: only 5D einsum scores, ProphetNet's n-gram streams (B, ngram, H, Lq, Lk).)
             qk = _einsum_qk(args)
             if qk is not None:
                 self.products.append((*qk, out))
@@ -345,7 +361,7 @@ class _ManualInterceptor(KernelInterceptor):
         dim = args[1] if len(args) > 1 else kwargs.get("dim")
         if not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor) or not isinstance(dim, int):
             return out
-        if x.dim() not in (3, 4) or dim not in (-1, x.dim() - 1):
+        if x.dim() not in (3, 4, 5) or dim not in (-1, x.dim() - 1):
             return out  # not a softmax over keys (routers, pooling...)
         lq, lk = x.shape[-2], x.shape[-1]
         matched = any(p.numel() == x.numel() and p.shape[-2:] == x.shape[-2:] for _, _, p in self.products)
@@ -353,6 +369,14 @@ class _ManualInterceptor(KernelInterceptor):
             return out  # a softmax over something other than q·kᵀ scores
         if x.dim() == 4:
             b, h = x.shape[0], x.shape[1]
+        elif x.dim() == 5:
+            # Windowed attention (Hiera's mask units: (B, H, windows, Lq, Lk) = q @ kᵀ): the windows are
+            # folded into the head axis, probs are (B, H·windows, Lq, Lk) in the model's own order. 5D
+            # scores not made by such a product (einsum over local+global blocks, n-gram streams) are not
+            # a per-window (Lq, Lk) matrix and are left alone.
+            if not any(p.shape == x.shape for _, _, p in self.products):
+                return out
+            b, h = x.shape[0], x.shape[1] * x.shape[2]
         elif self.heads and x.shape[0] % self.heads == 0:
             h = self.heads
             b = x.shape[0] // h
@@ -525,6 +549,8 @@ def _matmul_layout(
 def _einsum_qk(args: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
     """For scores `einsum("<q>,<k>-><lead>ij", q, k)` with one contracted letter: q as (lead, i, d) and
     k as (lead, j, d)... returned as (q, kᵀ) so they read like the operands of `q @ kᵀ`."""
+    if len(args) == 2 and isinstance(args[1], (list, tuple)):  # einsum(spec, (a, b))
+        args = (args[0], *args[1])
     if len(args) != 3 or not isinstance(args[0], str):
         return None
     a, b = args[1], args[2]
@@ -549,25 +575,41 @@ def _einsum_qk(args: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor] | Non
 def _einsum_layout(
     spec: str, probs: torch.Tensor, src: torch.Tensor, v: torch.Tensor, out: torch.Tensor
 ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]] | None:
-    """The same for `einsum("bhij,<v>-><o>", probs, v)` when the probabilities are in canonical order."""
+    """The same for `einsum("bhij,<v>-><o>", probs, v)` when the probabilities are in canonical order, or
+    5D `einsum("bngij,<v>-><o>")` whose two head-like axes were folded into the probs' head axis."""
     spec = spec.replace(" ", "")
-    if "->" not in spec or "." in spec or src.shape != probs.shape:
+    if "->" not in spec or "." in spec:
+        return None
+    b, h, lq, lk = probs.shape
+    if src.dim() == 4 and src.shape != probs.shape:
+        return None
+    if src.dim() == 5 and (src.shape[0] != b or src.shape[1] * src.shape[2] != h or src.shape[-2:] != (lq, lk)):
         return None
     inputs, o = spec.split("->")
     parts = inputs.split(",")
-    if len(parts) != 2 or len(parts[0]) != 4:
+    if len(parts) != 2 or len(parts[0]) != src.dim() or src.dim() not in (4, 5):
         return None
     p, vs = parts
-    bl, hl, il, jl = p
+    heads, il, jl = p[:-2], p[-2], p[-1]  # heads: batch and head letter(s)
     extra = [c for c in vs if c not in p]
-    if len(extra) != 1 or sorted(vs) != sorted({bl, hl, jl, extra[0]}) or len(vs) != 4:
+    if len(extra) != 1 or sorted(vs) != sorted({*heads, jl, extra[0]}) or len(vs) != len(p):
         return None
     dl = extra[0]
-    canon = f"{bl}{hl}{il}{dl}"
-    if sorted(o) != sorted(canon) or len(o) != 4:
+    canon = f"{heads}{il}{dl}"
+    if sorted(o) != sorted(canon) or len(o) != len(p):
         return None
-    value = torch.einsum(f"{vs}->{bl}{hl}{jl}{dl}", v)
-    return value, (lambda t: torch.einsum(f"{o}->{canon}", t)), (lambda t: torch.einsum(f"{canon}->{o}", t))
+    value = torch.einsum(f"{vs}->{heads}{jl}{dl}", v)
+    value = value.reshape(b, h, lk, value.shape[-1])
+    mid = src.shape[:-2]
+
+    def to_canon(t: torch.Tensor) -> torch.Tensor:
+        t = torch.einsum(f"{o}->{canon}", t)
+        return t.reshape(b, h, lq, t.shape[-1])
+
+    def from_canon(t: torch.Tensor) -> torch.Tensor:
+        return torch.einsum(f"{canon}->{o}", t.reshape(*mid, lq, t.shape[-1]))
+
+    return value, to_canon, from_canon
 
 
 # -- installation (shared with the plain PyTorch adapter) -------------------------------------------
