@@ -169,6 +169,17 @@ def _hand_written(model: torch.nn.Module) -> list[str]:
     return sorted(names)
 
 
+def _ask_weights(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Forward pre-hook: call a site module with `output_attentions=True` (so it returns its weights)."""
+    params = list(inspect.signature(module.forward).parameters)
+    if "output_attentions" not in params:
+        return None
+    i = params.index("output_attentions")
+    if len(args) > i:
+        return (*args[:i], True, *args[i + 1 :]), kwargs
+    return args, {**kwargs, "output_attentions": True}
+
+
 def oracle_weights(
     model_type: str, model: torch.nn.Module, inputs: dict[str, Any], site_names: list[str]
 ) -> tuple[dict[str, list[torch.Tensor]], list[torch.Tensor]]:
@@ -207,7 +218,19 @@ def oracle_weights(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            out = ct.run(eager, inputs, **extra)
+            try:
+                out = ct.run(eager, inputs, **extra)
+            except Exception:
+                if not extra:
+                    raise
+                # The model's own `output_attentions=True` path is broken in transformers at this config
+                # (MaskFormerSwin indexes a layer output that is None): rerun without it; the weights
+                # still come from the patched `eager_attention_forward` and the modules' returns.
+                per_site.clear()
+                returned.clear()
+                handles += [modules[n].register_forward_pre_hook(_ask_weights, with_kwargs=True)
+                            for n in by_id.values()]  # fmt: skip
+                out = ct.run(eager, inputs)
     finally:
         for h in handles:
             h.remove()
