@@ -243,7 +243,8 @@ def oracle_weights(
                 "vision_attentions", "text_attentions"):  # fmt: skip
         v = getattr(out, key, None)
         if isinstance(v, (tuple, list)):
-            model_level += [t for t in v if isinstance(t, torch.Tensor) and t.dim() == 4]
+            # Only probability tensors (ProphetNet's outputs also hold additive-mask-like maps).
+            model_level += _weights_in((None, *v))
     return per_site, model_level
 
 
