@@ -396,6 +396,8 @@ def check_family(model_type: str) -> dict[str, Any]:
         editing = "q/k/v/output (not probs)"
     if obs.masked_rows:
         notes.append("fully masked query rows occur: probs there equal eager's uniform rows")
+    partly = sorted({s.note for s in sites if "partly traced" in s.note})
+    notes += partly  # the adapter says what it leaves out (Pegasus-X's local block attention)
     if no_qk:
         notes.append(f"q/k not exposed at {len(no_qk)} hand-written site(s)")
     if partial:

@@ -91,6 +91,12 @@ _ADDITIVE = (
     "additive (Bahdanau) attention: scores are a linear layer on tanh(W·h + U·s), (B, L, 1), softmax over "
     "the tokens for one decoder state; there is no softmax(q·kᵀ) over keys"
 )
+# Modules whose attention is traced only in part: (source needle, what is not traced).
+_PARTIAL = (
+    ("compute_local_attention_representations", "only the global tokens' attention (Pegasus-X); the "
+     "block-local attention concatenates global and local-block scores in one 5D softmax and slices the "
+     "probabilities apart, no (Lq, Lk) matrix, and is not traced"),
+)  # fmt: skip
 _DEFORMABLE = (
     "deformable attention: the softmax runs over sampling points around reference locations, not over "
     "keys; there is no (Lq, Lk) probability matrix"
@@ -691,6 +697,9 @@ class HFManualAdapter(Adapter):
             src = _attention_source(type(module))
             unavailable = frozenset() if _QK_RE.search(src) else frozenset({"query", "key"})
             heads = _heads(module)
+            for needle, partial in _PARTIAL:
+                if not note and needle in src:
+                    note = f"hand-written attention, partly traced: {partial}"
             if not note and heads_unknown(module, heads, src):
                 note, unavailable = HEADS_UNKNOWN, _PER_HEAD
             sites.append(
