@@ -180,6 +180,17 @@ def _ask_weights(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[st
     return args, {**kwargs, "output_attentions": True}
 
 
+def _torch_mha(model: torch.nn.Module) -> list[str]:
+    """Classes whose forward calls torch's functional multi-head attention (WavLM's gated relative bias)."""
+    from attntrace.adapters.hf_manual import _attention_source  # forward plus its self.method helpers
+
+    names = set()
+    for m in list(model.modules())[1:]:
+        if "multi_head_attention_forward(" in _attention_source(type(m)):
+            names.add(type(m).__name__)
+    return sorted(names)
+
+
 def oracle_weights(
     model_type: str, model: torch.nn.Module, inputs: dict[str, Any], site_names: list[str]
 ) -> tuple[dict[str, list[torch.Tensor]], list[torch.Tensor]]:
@@ -321,7 +332,10 @@ def check_family(model_type: str) -> dict[str, Any]:
     sites = find_sites(model)
     if not sites:
         hand = _hand_written(model)
+        mha = _torch_mha(model)
         why = (f"attention computed by hand in {', '.join(hand[:4])}" if hand
+               else f"attention through torch's F.multi_head_attention_forward in {', '.join(mha[:4])} "
+                    "(not intercepted)" if mha
                else "no attention module (state-space, convolution or other mixer)")  # fmt: skip
         rec.update(status="no interface sites", notes=why)
         try:
