@@ -413,6 +413,12 @@ def make_inputs(model: torch.nn.Module) -> dict[str, Any]:
         inputs["input_features"] = torch.randn(B, bins, t, generator=g)
     if "input_values" in want:
         inputs["input_values"] = torch.randn(B, 4000, generator=g)
+    if "protein_input_ids" in sig:
+        # Evolla: without a protein its aligner cross-attention is skipped (no modality to attend to).
+        pc = getattr(cfg, "protein_encoder_config", None)
+        vocab = min(int(getattr(pc, "vocab_size", 30)), 30)
+        inputs["protein_input_ids"] = torch.randint(4, vocab, (B, 6), generator=g)
+        inputs["protein_attention_mask"] = torch.ones(B, 6, dtype=torch.long)
     if "decoder_input_ids" in sig and getattr(cfg, "is_encoder_decoder", False) and "inputs_embeds" not in want:
         inputs["decoder_input_ids"] = ids(DEC_L)
     missing = [n for n in required if n not in inputs]

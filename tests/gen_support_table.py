@@ -168,6 +168,15 @@ def _cell(text: object) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def _by_adapter(rows: list[dict]) -> dict[str, int]:
+    """Families per adapter whose sites they have (a family with two adapters counts for both)."""
+    out: dict[str, int] = {}
+    for r in rows:
+        for a in filter(None, (x.strip() for x in r.get("adapter", "").split(","))):
+            out[a] = out.get(a, 0) + 1
+    return out
+
+
 def render_transformers(records: dict) -> str:
     meta = records.pop("__meta__", {})
     rows = sorted((r for r in records.values() if isinstance(r, dict) and "status" in r),
@@ -193,7 +202,12 @@ def render_transformers(records: dict) -> str:
         "module that ran was seen; every config's `_attn_implementation` and the registries restored after "
         "detach; probs equal to the eager oracle (the same weights loaded with "
         "`attn_implementation=\"eager\"`, attention weights taken from each module's own "
-        "`eager_attention_forward`; `torch.allclose` with atol 1e-5).",
+        "`eager_attention_forward`, or returned by a hand-written module asked for `output_attentions`; "
+        "`torch.allclose` with atol 1e-5). Hand-written attention (softmax inline, the `transformers-manual` "
+        "adapter, see [its page](support_transformers_manual.md)) is traced by the same sweep; there the "
+        "passive observer needs only what the site provides (`Site.unavailable`: q/k where the scores are "
+        "not one product, value/output where the probabilities are not multiplied in the module), and "
+        "sites listed but refused (no softmax over keys) are named in the family's notes.",
         "",
         "## Counts",
         "",
@@ -201,7 +215,10 @@ def render_transformers(records: dict) -> str:
         f"- without a model class of their own (sub-model configs of another family): {len(unbuilt_sub)}",
         f"- built tiny and run: {len(built)}",
         f"- **traced: {len(traced)}**, of which probs compared with the eager oracle: {len(eager_checked)}",
-        f"- no attention-function sites (attach refused, naming the model class): "
+        *[f"  - with {k} sites: {v}" for k, v in sorted(_by_adapter(traced).items())],
+        f"  - with some sites listed but refused (reasons in the notes): "
+        f"{sum(1 for r in traced if r.get('refused_sites'))}",
+        f"- no attention sites found (attach refused, naming the model class): "
         f"{len(by.get('no interface sites', []))}",
         f"- refused at attach for another reason: {len(by.get('refused', []))}",
         f"- failing: {len(by.get('failing', []))}",
@@ -220,8 +237,9 @@ def render_transformers(records: dict) -> str:
             f"| {r['model_type']} | {r['class']} | {r['adapter']} | {', '.join(r['kinds'])} | {r['sites']} | "
             f"{r['probs']} | {r['editing']} | {err} | {_cell(note)} |"
         )
-    lines += ["", "## Refused", "", "`attntrace sites` lists nothing for these classes and `Tracer.attach` "
-              "raises `AttachError` naming the class.", "",
+    lines += ["", "## Refused", "", "`Tracer.attach` raises `AttachError` naming the class: either "
+              "`attntrace sites` lists nothing (no attention module found), or every site it lists is one "
+              "attntrace cannot trace (the reason is given).", "",
               "| model type | class | why |", "|---|---|---|"]  # fmt: skip
     for r in by.get("no interface sites", []) + by.get("refused", []):
         lines.append(f"| {r['model_type']} | {r['class']} | {_cell(r['notes'])} |")

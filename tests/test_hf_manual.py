@@ -376,3 +376,56 @@ def test_3d_scores_with_unknown_head_count_are_listed_and_refused() -> None:
     with pytest.raises(SelectionError, match=r"\['probs'\].*cannot provide.*head count unknown"):
         _attach(model, "stats")
     _assert_restored(model)
+
+
+@pytest.mark.parametrize(
+    ("module", "cls", "why"),
+    [
+        ("swiftformer.modeling_swiftformer", "SwiftFormerEfficientAdditiveAttention", "additive attention"),
+        ("slanet.modeling_slanet", "SLANetAttentionGRUCell", "additive (Bahdanau)"),
+        ("groupvit.modeling_groupvit", "GroupViTAssignAttention", "slot assignment"),
+        ("longt5.modeling_longt5", "LongT5LocalAttention", "block-local"),
+    ],
+)
+def test_softmax_not_over_keys_is_classified_as_refused(module: str, cls: str, why: str) -> None:
+    # Softmaxes over a (B, L, 1) score vector, over the query axis, or over 3-block neighbourhoods are
+    # not an (Lq, Lk) probability matrix: listed with the reason, refused at attach (not crashing mid-call).
+    import importlib
+
+    from attntrace.adapters.hf_manual import _classify
+
+    ok, note = _classify(getattr(importlib.import_module(f"transformers.models.{module}"), cls))
+    assert ok and why in note
+
+
+def test_windowed_5d_scores_fold_windows_into_heads() -> None:
+    # Hiera's mask-unit attention: scores (B, H, windows, Lq, Lk) = q @ kᵀ; probs are (B, H·windows, Lq,
+    # Lk) and equal what the module returns with output_attentions, flattened the same way.
+    import transformers
+
+    from tests import coverage_transformers as ct
+
+    torch.manual_seed(0)
+    cfg = transformers.HieraConfig(image_size=[64, 64], embed_dim=8, depths=[1, 1], num_heads=[2, 2],
+                                   masked_unit_size=[8, 8], query_stride=[2, 2], masked_unit_attention=[True, False],
+                                   num_query_pool=1, mlp_ratio=1.0, attn_implementation="eager")  # fmt: skip
+    model = transformers.HieraModel(cfg).eval()
+    inputs = {"pixel_values": torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))}
+    sites = _manual_sites(model)
+    attn = next(s for s in sites if s.name == "encoder.stages.0.layers.0.attn")
+    returned: list[torch.Tensor] = []
+    hook = attn.module.register_forward_hook(lambda m, a, out: returned.append(out[1]))
+    base = ct.run(model, inputs, output_attentions=True).last_hidden_state
+    hook.remove()
+    ref = returned[0]
+    assert ref.dim() == 5 and ref.shape[2] > 1, "mask units in use"
+    tracer = Tracer()
+    rec = tracer.add(Record(), match=attn.name)
+    with tracer.attach(model):
+        out = ct.run(model, inputs).last_hidden_state
+    assert torch.equal(out, base)
+    call = rec.calls[0]
+    probs = call["probs"]
+    assert torch.allclose(probs @ call["value"].float(), call["output"].float(), atol=1e-6)
+    assert probs.shape == ref.flatten(1, 2).shape
+    assert torch.allclose(probs, ref.flatten(1, 2).float(), atol=1e-6)

@@ -77,6 +77,25 @@ _REFUSALS = (
      "(B, L, H, 2w+1) bands, not a (Lq, Lk) probability matrix"),
     ("block_sparse", "block-sparse attention (BigBird): scores are computed block by block, no (Lq, Lk) "
      "probability matrix exists"),
+    ("_concatenate_3_blocks", "block-local attention (LongT5 local): 5D (B, blocks, H, block, 3·block) scores "
+     "over each block's 3-block neighbourhood, no (Lq, Lk) probability matrix over the sequence"),
+    ("self.w_g", "additive attention (SwiftFormer): a learned vector scores each token, (B, L, 1), and the "
+     "softmax pools one global query; there is no softmax(q·kᵀ) over keys"),
+    ("hard_softmax(", "slot assignment (GroupViT): the softmax runs over the groups (the query axis; one-hot "
+     "in eval) and rows are then renormalised over keys; there is no softmax over keys"),
+)  # fmt: skip
+# Bahdanau-style additive attention (SLANet's attention GRU cell): `softmax(score(tanh(W·h + U·s)), dim=1)`
+# over (B, L, 1) scores for one decoder state.
+_ADDITIVE_RE = re.compile(r"\btanh\(")
+_ADDITIVE = (
+    "additive (Bahdanau) attention: scores are a linear layer on tanh(W·h + U·s), (B, L, 1), softmax over "
+    "the tokens for one decoder state; there is no softmax(q·kᵀ) over keys"
+)
+# Modules whose attention is traced only in part: (source needle, what is not traced).
+_PARTIAL = (
+    ("compute_local_attention_representations", "only the global tokens' attention (Pegasus-X); the "
+     "block-local attention concatenates global and local-block scores in one 5D softmax and slices the "
+     "probabilities apart, no (Lq, Lk) matrix, and is not traced"),
 )  # fmt: skip
 _DEFORMABLE = (
     "deformable attention: the softmax runs over sampling points around reference locations, not over "
@@ -136,6 +155,8 @@ def _classify(cls: type) -> tuple[bool, str]:
     for needle, why in _REFUSALS:
         if needle in src:
             return True, why
+    if _ADDITIVE_RE.search(src) and "self.score(" in src:
+        return True, _ADDITIVE
     return True, ""
 
 
@@ -308,7 +329,8 @@ class _ManualInterceptor(KernelInterceptor):
             if hit is not None:
                 return self._on_use(layer, func, args, kwargs, operands, hit)
         out = func(*args, **kwargs)
-        if self.plain and func in _EINSUM and isinstance(out, torch.Tensor):
+        if func in _EINSUM and isinstance(out, torch.Tensor) and (self.plain or out.dim() == 5):
+            # (HF modules: only 5D einsum scores, ProphetNet's n-gram streams (B, ngram, H, Lq, Lk).)
             qk = _einsum_qk(args)
             if qk is not None:
                 self.products.append((*qk, out))
@@ -348,7 +370,7 @@ class _ManualInterceptor(KernelInterceptor):
         dim = args[1] if len(args) > 1 else kwargs.get("dim")
         if not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor) or not isinstance(dim, int):
             return out
-        if x.dim() not in (3, 4) or dim not in (-1, x.dim() - 1):
+        if x.dim() not in (3, 4, 5) or dim not in (-1, x.dim() - 1):
             return out  # not a softmax over keys (routers, pooling...)
         lq, lk = x.shape[-2], x.shape[-1]
         matched = any(p.numel() == x.numel() and p.shape[-2:] == x.shape[-2:] for _, _, p in self.products)
@@ -356,6 +378,14 @@ class _ManualInterceptor(KernelInterceptor):
             return out  # a softmax over something other than q·kᵀ scores
         if x.dim() == 4:
             b, h = x.shape[0], x.shape[1]
+        elif x.dim() == 5:
+            # Windowed attention (Hiera's mask units: (B, H, windows, Lq, Lk) = q @ kᵀ): the windows are
+            # folded into the head axis, probs are (B, H·windows, Lq, Lk) in the model's own order. 5D
+            # scores not made by such a product (einsum over local+global blocks, n-gram streams) are not
+            # a per-window (Lq, Lk) matrix and are left alone.
+            if not any(p.shape == x.shape for _, _, p in self.products):
+                return out
+            b, h = x.shape[0], x.shape[1] * x.shape[2]
         elif self.heads and x.shape[0] % self.heads == 0:
             h = self.heads
             b = x.shape[0] // h
@@ -575,6 +605,8 @@ def _matmul_layout(
 def _einsum_qk(args: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
     """For scores `einsum("<q>,<k>-><lead>ij", q, k)` with one contracted letter: q as (lead, i, d) and
     k as (lead, j, d)... returned as (q, kᵀ) so they read like the operands of `q @ kᵀ`."""
+    if len(args) == 2 and isinstance(args[1], (list, tuple)):  # einsum(spec, (a, b))
+        args = (args[0], *args[1])
     if len(args) != 3 or not isinstance(args[0], str):
         return None
     a, b = args[1], args[2]
@@ -600,14 +632,15 @@ def _einsum_layout(
     spec: str, probs: torch.Tensor, src: torch.Tensor, v: torch.Tensor, out: torch.Tensor
 ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]] | None:
     """The same for `einsum("<lead>ij,<v>-><o>", probs, v)` with the probabilities in canonical order:
-    4D `bhij` or 3D `(B·H)ij` (AttentionPooling's `"bts,bcs->bct"`); `v` and `o` in any letter order."""
+    4D `bhij`, 3D `(B·H)ij` (AttentionPooling's `"bts,bcs->bct"`) or 5D `bngij` whose two head-like axes
+    were folded into the probs' head axis (ProphetNet's n-gram stream); `v` and `o` in any letter order."""
     spec = spec.replace(" ", "")
     b, h, lq, lk = probs.shape
     if "->" not in spec or "." in spec or src.numel() != probs.numel() or src.shape[-2:] != (lq, lk):
         return None
     inputs, o = spec.split("->")
     parts = inputs.split(",")
-    if len(parts) != 2 or len(parts[0]) != src.dim() or src.dim() not in (3, 4) or len(set(parts[0])) != src.dim():
+    if len(parts) != 2 or len(parts[0]) != src.dim() or src.dim() not in (3, 4, 5) or len(set(parts[0])) != src.dim():
         return None
     p, vs = parts
     lead, il, jl = p[:-2], p[-2], p[-1]
@@ -708,6 +741,9 @@ class HFManualAdapter(Adapter):
             src = _attention_source(type(module))
             unavailable = frozenset() if _QK_RE.search(src) else frozenset({"query", "key"})
             heads = _heads(module)
+            for needle, partial in _PARTIAL:
+                if not note and needle in src:
+                    note = f"hand-written attention, partly traced: {partial}"
             if not note and heads_unknown(module, heads, src):
                 note, unavailable = HEADS_UNKNOWN, _PER_HEAD
             sites.append(
