@@ -53,15 +53,16 @@ def _sdpa_op(
               "enable_gqa": enable_gqa}  # fmt: skip
     interceptor = _interceptors.get(site_key)
     if interceptor is None:  # detached since compilation: the plain kernel
-        return torch.nn.functional.scaled_dot_product_attention(query, key, value, **kwargs)
+        return torch.nn.functional.scaled_dot_product_attention(query, key, value, **kwargs).contiguous()
     out = interceptor.eager_sdpa(
         (query, key, value), kwargs, image_len or None, text_len or None, (image_h, image_w) if image_h else None
     )
-    # A custom op must not return one of its inputs (or a view of one).
+    # The compiled graph expects the fake implementation's layout (contiguous), and a custom op must not
+    # return one of its inputs or a view of one.
     for t in (query, key, value):
         if out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
-            return out.clone()
-    return out
+            return out.clone(memory_format=torch.contiguous_format)
+    return out.contiguous()
 
 
 @_sdpa_op.register_fake

@@ -241,6 +241,9 @@ def variants(unet: torch.nn.Module, target: Any) -> dict[str, Callable[[], Abstr
     if has("save"):
         save = {"tensors": ["probs"], "head_mean": True, "dtype": "float16", "dir": SAVE_DIR}
         out["save probs fp16 head-mean, cross"] = traced([{"use": "save", "kind": "cross", "with": save}])
+        # The same observer with a writer that discards: what is left is the probs/reduction cost, so the
+        # difference to the variant above is what disk writes cost the forward.
+        out["save probs fp16 head-mean, cross, writes discarded"] = traced([], no_disk_save(**save), kind="cross")
         # Like prompt-to-prompt's AttentionStore: every site, the conditional half of the guidance batch.
         everything = dict(save, cond_half=True)
         out["store everything: save probs fp16 head-mean cond-half, all sites"] = traced(
@@ -270,6 +273,27 @@ def variants(unet: torch.nn.Module, target: Any) -> dict[str, Callable[[], Abstr
     out["copied processor: record cross maps"] = swap(lambda: copied_processor(True, None))
     out["copied processor: reweight cross"] = swap(lambda: copied_processor(False, [1, 2]))
     return out
+
+
+def _no_disk_save_class() -> type[Observer]:
+    from attntrace.observers.save import Save
+
+    class NoDiskSave(Save):
+        """`save` whose writer thread drops every file (isolates the cost of the writes themselves)."""
+
+        name = "save_no_disk"
+
+        def _write(self, item: dict[str, Any]) -> None:
+            return None
+
+        def _commit(self) -> None:
+            return None
+
+    return NoDiskSave
+
+
+def no_disk_save(**params: Any) -> Observer:
+    return _no_disk_save_class()(**params)
 
 
 class _Closing(AbstractContextManager[None]):

@@ -82,3 +82,18 @@ def test_compiled_traced_model_runs_observers_every_step_without_recompiling() -
         torch.testing.assert_close(out, eager_edited, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         assert torch.equal(model(**inputs, return_dict=False)[0], eager_plain)
+
+
+def test_custom_op_matches_its_fake_implementation() -> None:
+    # Inductor checks sizes and strides against the fake implementation: opcheck runs the same checks.
+    from attntrace import compiled
+
+    # A (B, H, L, D) view of a (B, L, H, D) tensor, as diffusers' processors pass it; site key 0 is no
+    # site (the plain-kernel branch), whose kernel returns a non-contiguous output for this input.
+    q = torch.randn(2, 1024, 8, 8).transpose(1, 2)
+    k, v = torch.randn(2, 77, 8, 8).transpose(1, 2), torch.randn(2, 77, 8, 8).transpose(1, 2)
+    args = (q, k, v, None, 0.0, False, None, False, 0, 0, 0, 0, 0)
+    torch.library.opcheck(compiled._sdpa_op, args)
+    out = torch.ops.attntrace.sdpa(*args)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
