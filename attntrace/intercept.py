@@ -126,6 +126,21 @@ class KernelInterceptor(TorchFunctionMode):
         finally:
             self.layer = outer
 
+    def forward_for(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        """A module `forward` that runs `original` under this interceptor when observers are due."""
+        binding = self.binding
+        attachment = binding.attachment
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            step = attachment.step
+            observers = binding.observers_at(step)
+            if not observers:
+                return original(*args, **kwargs)
+            layer = LayerCall(observers=observers, step=step, timestep=attachment.timestep)
+            return self.run(layer, original, args, kwargs)
+
+        return forward
+
     # -- torch function dispatch ---------------------------------------------------------------
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -12,7 +13,7 @@ if TYPE_CHECKING:
     from ..site import Site
     from ..tracer import Attachment, SiteBinding
 
-__all__ = ["Adapter", "Undo", "forward_mentions"]
+__all__ = ["Adapter", "Undo", "forward_mentions", "forward_source"]
 
 Undo = Callable[[], None]
 
@@ -31,6 +32,37 @@ def forward_mentions(cls: type, needle: str) -> bool:
             source = ""
         cached = _source_cache[key] = needle in source
     return cached
+
+
+
+def source_or_empty(fn: object) -> str:
+    """`inspect.getsource(fn)`, or "" where there is no source."""
+    try:
+        return inspect.getsource(fn)  # type: ignore[arg-type]
+    except (OSError, TypeError):
+        return ""
+
+
+_forward_sources: dict[tuple[Any, ...], str] = {}
+
+
+def forward_source(
+    cls: type, helper_module_ok: Callable[[str], bool], getsource: Callable[[object], str] = source_or_empty
+) -> str:
+    """`cls.forward`'s source plus that of the `self.method(...)` helpers it calls (one level) whose
+    defining module passes `helper_module_ok`; cached per class and arguments."""
+    key = (cls, helper_module_ok, getsource)
+    cached = _forward_sources.get(key)
+    if cached is not None:
+        return cached
+    src = getsource(cls.forward)  # type: ignore[attr-defined]
+    parts = [src]
+    for name in sorted(set(re.findall(r"self\.(\w+)\(", src))):
+        fn = getattr(cls, name, None)
+        if inspect.isfunction(fn) and helper_module_ok(getattr(fn, "__module__", "") or ""):
+            parts.append(getsource(fn))
+    out = _forward_sources[key] = "\n".join(parts)
+    return out
 
 
 class Adapter:

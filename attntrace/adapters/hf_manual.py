@@ -30,8 +30,6 @@ that edit them are refused at attach.
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import re
 import sys
 from collections.abc import Callable
@@ -45,7 +43,7 @@ from ..call import AttentionCall
 from ..errors import AttachError, EditError
 from ..intercept import _SDPA, KernelInterceptor, LayerCall
 from ..site import Site
-from .base import Adapter, Undo
+from .base import Adapter, Undo, forward_source
 
 if TYPE_CHECKING:
     from ..tracer import Attachment, SiteBinding
@@ -108,26 +106,13 @@ _LOGSUMEXP = (
 
 
 # -- which classes --------------------------------------------------------------------------------
-_source_cache: dict[type, str] = {}
+def _from_transformers(module_name: str) -> bool:
+    return module_name.startswith("transformers.")
 
 
 def _attention_source(cls: type) -> str:
-    """`cls.forward`'s source plus that of the `self.method(...)` helpers it calls (one level)."""
-    cached = _source_cache.get(cls)
-    if cached is not None:
-        return cached
-    try:
-        src = inspect.getsource(cls.forward)  # type: ignore[attr-defined]
-    except (OSError, TypeError):
-        src = ""
-    parts = [src]
-    for name in sorted(set(re.findall(r"self\.(\w+)\(", src))):
-        fn = getattr(cls, name, None)
-        if inspect.isfunction(fn) and getattr(fn, "__module__", "").startswith("transformers."):
-            with contextlib.suppress(OSError, TypeError):
-                parts.append(inspect.getsource(fn))
-    out = _source_cache[cls] = "\n".join(parts)
-    return out
+    """`cls.forward`'s source plus that of the transformers helpers it calls as `self.method(...)`."""
+    return forward_source(cls, _from_transformers)
 
 
 # `XSoftmax.apply(` (DeBERTa-v1-style masked softmax as an autograd Function) ends in `torch.softmax`.
@@ -674,16 +659,7 @@ def shadow_forward(binding: SiteBinding, heads: int | None, *, plain: bool = Fal
     original = module.forward
     binding.original = original
     interceptor = binding.interceptor = _ManualInterceptor(binding, heads, plain=plain)
-    attachment = binding.attachment
-
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        step = attachment.step
-        observers = binding.observers_at(step)
-        if not observers:
-            return original(*args, **kwargs)
-        layer = LayerCall(observers=observers, step=step, timestep=attachment.timestep)
-        return interceptor.run(layer, original, args, kwargs)
-
+    forward = interceptor.forward_for(original)
     module.forward = forward  # an instance attribute shadows the class's forward
 
     def undo() -> None:

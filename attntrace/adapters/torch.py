@@ -26,7 +26,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..call import AttentionCall
 from ..errors import AttachError
-from ..intercept import KernelInterceptor, LayerCall
+from ..intercept import KernelInterceptor
 from ..site import Site
 from .base import Adapter, Undo, forward_mentions
 
@@ -175,17 +175,7 @@ def _sdpa_forward(binding: SiteBinding, module: torch.nn.Module) -> Any:
     original = module.forward
     binding.original = original
     interceptor = binding.interceptor = KernelInterceptor(binding)
-    attachment = binding.attachment
-
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        step = attachment.step
-        observers = binding.observers_at(step)
-        if not observers:
-            return original(*args, **kwargs)
-        layer = LayerCall(observers=observers, step=step, timestep=attachment.timestep)
-        return interceptor.run(layer, original, args, kwargs)
-
-    return forward
+    return interceptor.forward_for(original)
 
 
 def _bind_mha(

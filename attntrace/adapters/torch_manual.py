@@ -37,7 +37,7 @@ import torch
 
 from ..errors import AttachError
 from ..site import Kind, Site
-from .base import Adapter, Undo
+from .base import Adapter, Undo, forward_source
 from .hf_manual import _PER_HEAD, HEADS_UNKNOWN, heads_unknown, shadow_forward
 
 if TYPE_CHECKING:
@@ -62,9 +62,6 @@ _NOTHING = (
     "intercept here"
 )
 
-_source_cache: dict[type, str] = {}
-
-
 def _code_text(fn: object) -> str:
     """Source-like text from a function's bytecode, for classes without source (exec'd code, a REPL):
     the names it uses written as calls (`softmax(`, `einsum(`, `self.helper(`) and `a @ b` for `@`."""
@@ -87,19 +84,13 @@ def _getsource(fn: object) -> str:
         return _code_text(fn)
 
 
+def _not_foreign(module_name: str) -> bool:
+    return not module_name.startswith(_FOREIGN[:2])
+
+
 def _source(cls: type) -> str:
     """`cls.forward`'s source plus that of the `self.method(...)` helpers it calls (one level)."""
-    cached = _source_cache.get(cls)
-    if cached is not None:
-        return cached
-    src = _getsource(cls.forward)  # type: ignore[attr-defined]
-    parts = [src]
-    for name in sorted(set(re.findall(r"self\.(\w+)\(", src))):
-        fn = getattr(cls, name, None)
-        if inspect.isfunction(fn) and not (getattr(fn, "__module__", "") or "").startswith(_FOREIGN[:2]):
-            parts.append(_getsource(fn))
-    out = _source_cache[cls] = "\n".join(parts)
-    return out
+    return forward_source(cls, _not_foreign, _getsource)
 
 
 def _named_attention(module: torch.nn.Module) -> bool:
