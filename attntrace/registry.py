@@ -31,6 +31,7 @@ BUILTINS: dict[str, str] = {
     "reweight": "attntrace.observers.reweight:Reweight",
     "replace": "attntrace.observers.replace:Replace",
     "kv_inject": "attntrace.observers.kv_inject:KVInject",
+    "masactrl": "attntrace.observers.masactrl:MasaCtrl",
     "ablate": "attntrace.observers.ablate:Ablate",
     "temperature": "attntrace.observers.temperature:Temperature",
 }

@@ -1,6 +1,6 @@
-"""`heatmap`: per-token cross-attention maps for diffusion models (DAAM-style), as a running sum.
+"""`heatmap`: per-token cross-attention maps for diffusion models, as running sums (two modes).
 
-For every cross-attention call (and the image-query x text-key part of joint attention) the
+`mode: mean` (default). For every cross-attention call (and the image-query x text-key part of joint attention) the
 probabilities are reduced over heads first (cheap), reshaped to the call's image grid and added into
 a running sum kept at that grid's own size, on the model's device. The sums are upsampled
 bilinearly to one common `resolution` only when the result is read: upsampling is linear, so this
@@ -10,6 +10,19 @@ Memory: one float32 sum of shape (batch, text tokens, h, w) per distinct image g
 UNet has 3-4 of them), plus a call counter each. It does not grow with the number of steps, layers
 or heads; the per-call work is chunked over query rows (`max_chunk_mib`). Keeping one sum per grid
 size is what lets `skip_lowest` drop the coarsest grid after the fact.
+
+`mode: daam` aggregates as DAAM 0.2 (Tang et al., 2023) does: the cross-attention of every transformer
+block of the down and up blocks (the mid block is left out), conditional half, one running sum over
+steps per layer and head (heads are not averaged first); when read, each layer-and-head sum is
+upsampled bicubically to the common grid (by default the largest grid seen: the latent for SD1.x/2.x,
+64 for SDXL, as DAAM), clamped at 0 (bicubic undershoots), and averaged over layers and heads.
+`word()` merges a word's tokens (every occurrence, all sub-tokens) by their mean, as DAAM's
+`compute_word_heat_map`; `word(..., normalize=True)` first divides by the sum over the prompt's tokens
+(DAAM's `normalize`). Memory: one float32 (batch, heads, text tokens, h, w) sum per layer (for SD1.5
+at 512 px, one image: about 65 MB), nothing per step.
+
+Both modes restart their sums at each pipeline call (as DAAM does) unless `across_generations`, and
+learn the prompts, tokenizer and output images of the call from the tracer, so words label the maps.
 """
 
 from __future__ import annotations
@@ -17,7 +30,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -27,8 +40,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..call import AttentionCall
 from ..errors import RunError
 from ..observer import Observer
+from .wordmaps import WordMap, WordMaps, grid_figure, to_rgb
 
-__all__ = ["Heatmap", "HeatmapParams", "render", "word_maps", "word_tokens"]
+__all__ = ["Heatmap", "HeatmapParams", "WordMap", "WordMaps", "render", "word_maps", "word_tokens"]
 
 
 class HeatmapParams(BaseModel):
@@ -46,12 +60,21 @@ class HeatmapParams(BaseModel):
     )
     min_tokens: int = Field(default=0, ge=0, description="ignore calls with fewer image tokens than this")
     max_chunk_mib: float = Field(default=64.0, gt=0, description="peak size of one probability chunk")
+    mode: Literal["mean", "daam"] = Field(
+        default="mean",
+        description="mean: head-mean maps, bilinear; daam: DAAM 0.2 (per-head sums, bicubic, clamp, no mid block)",
+    )
+    across_generations: bool = Field(
+        default=False, description="keep summing across pipeline calls (default: each call starts afresh)"
+    )
 
 
 class Heatmap(Observer):
     """Running per-token attention maps: `result()["maps"]` is (batch, tokens, resolution, resolution).
 
-    Keeps one (batch, tokens, h, w) float32 sum per distinct image grid (h, w) seen; nothing per step.
+    Mean mode keeps one (batch, tokens, h, w) float32 sum per distinct image grid (h, w) seen; DAAM mode
+    one (batch, heads, tokens, h, w) sum per layer. Nothing per step. `word("dog")` and `words()` give
+    labelled maps for notebooks.
     """
 
     name = "heatmap"
@@ -60,10 +83,47 @@ class Heatmap(Observer):
 
     def __init__(self, params: Any = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
-        # image-token count -> [sum (B, T, R, R), calls added]
+        # image-token count -> [sum (B, T, h, w), calls added]           (mode: mean)
         self.sums: dict[int, list[Any]] = {}
+        # site -> [sum (B, H, T, h, w), calls added]                      (mode: daam)
+        self.head_sums: dict[str, list[Any]] = {}
         self._image: np.ndarray | None = None
+        self._images: list[Any] = []
         self._words: list[tuple[str, list[int]]] | None = None
+        self._prompts: dict[int | None, tuple[Any, str]] = {}  # item (None: every item) -> (tokenizer, prompt)
+        self._generation: Any = None
+        self._cache: tuple[int, dict[str, Any]] | None = None
+        self._version = 0
+
+    # -- generations -----------------------------------------------------------------------------
+    def on_generation_start(self, generation: Any) -> None:
+        """Learn the call's prompts and tokenizer; restart the sums unless `across_generations`."""
+        if not self.params.across_generations:
+            self.sums.clear()
+            self.head_sums.clear()
+            self._version += 1
+        self._generation = generation
+        self._images = []
+        tokenizers = tuple(getattr(generation, "tokenizers", ()) or ())
+        if tokenizers and tokenizers[0] is not None:
+            self._prompts = {i: (tokenizers[0], p) for i, p in enumerate(generation.prompts)}
+
+    def on_generation_end(self, generation: Any, images: Any | None) -> None:
+        """Keep the output images to draw the maps on."""
+        if images is None:
+            return
+        images = getattr(images, "images", images)
+        batched = isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4
+        if isinstance(images, (list, tuple)) or batched:
+            self._images = list(images)
+
+    def _rows(self, batch: int) -> slice:
+        gen = self._generation
+        if not self.params.cond_half:
+            return slice(0, batch)
+        if gen is not None and getattr(gen, "cfg", None) is not None:
+            return gen.cond_rows(batch) if gen.cfg else slice(0, batch)
+        return slice(batch // 2 if batch >= 2 and batch % 2 == 0 else 0, batch)
 
     # -- collection ------------------------------------------------------------------------------
     def on_call(self, call: AttentionCall) -> None:
@@ -76,28 +136,43 @@ class Heatmap(Observer):
         n_img = image.stop - image.start
         if h * w != n_img or n_img < self.params.min_tokens:
             return
+        daam = self.params.mode == "daam"
+        if daam and "mid_block" in call.site.split("."):
+            return  # DAAM's locator leaves the mid block out
         batch = call.query.shape[0]
-        b0 = batch // 2 if (self.params.cond_half and batch >= 2 and batch % 2 == 0) else 0
+        rows = self._rows(batch)
+        kept = rows.stop - rows.start
         heads = self.params.heads
         if heads is not None and any(i >= call.heads or i < -call.heads for i in heads):
             raise RunError(f"heatmap: heads {heads} out of range for {call.heads} heads at {call.site}")
         n_text = text.stop - text.start
-        # Head-mean of the image rows x text keys, filled chunk by chunk: (B', image tokens, text tokens).
-        reduced = torch.empty(batch - b0, n_img, n_text, dtype=torch.float32, device=call.query.device)
+        n_heads = len(heads) if heads is not None else call.heads
+        # Image rows x text keys, filled chunk by chunk: (B', heads or 1, image tokens, text tokens).
+        shape = (kept, n_heads if daam else 1, n_img, n_text)
+        reduced = torch.empty(shape, dtype=torch.float32, device=call.query.device)
         budget = int(self.params.max_chunk_mib * 2**20)
         # Only the kept batch items are computed (half the work under classifier-free guidance).
-        for rows, chunk in call.iter_probs(budget, batch=slice(b0, batch)):
-            lo, hi = max(rows.start, image.start), min(rows.stop, image.stop)
+        for qrows, chunk in call.iter_probs(budget, batch=rows):
+            lo, hi = max(qrows.start, image.start), min(qrows.stop, image.stop)
             if lo >= hi:
                 continue
-            part = chunk[:, :, lo - rows.start : hi - rows.start, text]
+            part = chunk[:, :, lo - qrows.start : hi - qrows.start, text]
             if heads is not None:
                 part = part[:, heads]
-            reduced[:, lo - image.start : hi - image.start] = part.float().mean(dim=1)
-        maps = reduced.transpose(1, 2).reshape(batch - b0, n_text, h, w)
-        entry = self.sums.get(n_img)
+            part = part.float()
+            reduced[:, :, lo - image.start : hi - image.start] = part if daam else part.mean(dim=1, keepdim=True)
+        maps = reduced.transpose(-1, -2).reshape(*shape[:2], n_text, h, w)
+        self._version += 1
+        if daam:
+            self._add(self.head_sums, call.site, maps, call)
+        else:
+            self._add(self.sums, n_img, maps[:, 0], call)
+
+    @staticmethod
+    def _add(store: dict[Any, list[Any]], key: Any, maps: torch.Tensor, call: AttentionCall) -> None:
+        entry = store.get(key)
         if entry is None:
-            self.sums[n_img] = [maps.clone(), 1]
+            store[key] = [maps.clone(), 1]
             return
         if entry[0].shape != maps.shape:
             raise RunError(
@@ -110,17 +185,28 @@ class Heatmap(Observer):
 
     # -- results ---------------------------------------------------------------------------------
     def levels(self) -> list[int]:
-        """The image-token counts that contribute (after `skip_lowest`)."""
+        """The image-token counts that contribute (after `skip_lowest` in mean mode)."""
+        if self.params.mode == "daam":
+            return sorted({int(e[0].shape[-2] * e[0].shape[-1]) for e in self.head_sums.values()})
         levels = sorted(self.sums)
         if self.params.skip_lowest and len(levels) > 1:
             levels = levels[1:]
         return levels
 
     def result(self) -> dict[str, Any]:
-        """`{"maps": mean map per (batch, token) over contributing calls, "count": calls, "levels": grids}`.
+        """`{"maps": (batch, tokens, R, R), "count": calls, "levels": grids, "mode": mode}`.
 
-        Each call's map is a head mean of probabilities, so `maps` stays in [0, 1].
+        Mean mode: the mean over contributing calls of head-mean probabilities (in [0, 1]). DAAM mode:
+        DAAM's global heat map, the mean over layers and heads of each one's clamped bicubic step-sum.
         """
+        if self._cache is not None and self._cache[0] == self._version:
+            return self._cache[1]
+        out = self._daam_result() if self.params.mode == "daam" else self._mean_result()
+        out["mode"] = self.params.mode
+        self._cache = (self._version, out)
+        return out
+
+    def _mean_result(self) -> dict[str, Any]:
         levels = self.levels()
         if not levels:
             return {"maps": None, "count": 0, "levels": []}
@@ -132,20 +218,145 @@ class Heatmap(Observer):
         count = sum(self.sums[n][1] for n in levels)
         return {"maps": total / count, "count": count, "levels": levels}
 
-    def set_image(self, image: Any) -> None:
-        """The generated image (PIL image, HxWx3 array or CHW tensor in [0,1] or [0,255]) to draw maps on."""
-        self._image = _to_rgb(image)
+    def daam_size(self) -> tuple[int, int]:
+        """DAAM mode's common grid: `resolution` when given, else the largest layer grid seen."""
+        if "resolution" in self.params.model_fields_set:
+            return self.params.resolution, self.params.resolution
+        hw = max((tuple(e[0].shape[-2:]) for e in self.head_sums.values()), key=lambda t: t[0] * t[1])
+        return int(hw[0]), int(hw[1])
 
-    def set_prompt(self, tokenizer: Any, prompt: str) -> None:
-        """Name the maps by the prompt's words (sub-tokens merged)."""
-        self._words = word_tokens(tokenizer, prompt)
+    def _daam_result(self) -> dict[str, Any]:
+        if not self.head_sums:
+            return {"maps": None, "count": 0, "levels": []}
+        size = self.daam_size()
+        total: torch.Tensor | None = None
+        n_maps = 0
+        for s, _ in self.head_sums.values():
+            b, h, t = s.shape[:3]
+            # Each (layer, head) sum on its own: the clamp after bicubic upsampling is not linear.
+            up = F.interpolate(s.reshape(b * h, t, *s.shape[-2:]), size=size, mode="bicubic").clamp_(min=0)
+            up = up.view(b, h, t, *size).sum(1)
+            total = up if total is None else total + up
+            n_maps += h
+        assert total is not None
+        count = sum(e[1] for e in self.head_sums.values())
+        return {"maps": total / n_maps, "count": count, "levels": self.levels()}
+
+    # -- labels ----------------------------------------------------------------------------------
+    def set_image(self, image: Any, item: int | None = None) -> None:
+        """The generated image (PIL image, HxWx3 array or CHW tensor) to draw maps on (all items, or `item`)."""
+        if item is None:
+            self._image = to_rgb(image)
+        else:
+            while len(self._images) <= item:
+                self._images.append(None)
+            self._images[item] = image
+
+    def set_prompt(self, tokenizer: Any, prompt: str, item: int | None = None) -> None:
+        """Name the maps by the prompt's words (sub-tokens merged), for every item or one `item`."""
+        self._prompts[item] = (tokenizer, prompt)
+        if item is None or item == 0:
+            self._words = word_tokens(tokenizer, prompt)
 
     def set_context(self, prompt: str | None = None, tokens: list[str] | None = None, **_: Any) -> None:
         """Name the maps from the token strings the text encoder saw (the experiment runner calls this)."""
         if tokens:
             self._words = words_from_token_strings(tokens)
 
+    def _image_of(self, item: int) -> Any:
+        if item < len(self._images) and self._images[item] is not None:
+            return self._images[item]
+        return self._image
+
+    def _prompt_of(self, item: int) -> tuple[Any, str] | None:
+        return self._prompts.get(item) or self._prompts.get(None)
+
+    def _groups(self, item: int, n_tokens: int) -> list[tuple[str, list[int]]]:
+        """The words of `item`'s prompt and their token positions (special tokens in none)."""
+        known = self._prompt_of(item)
+        if known is not None:
+            groups = word_tokens(*known)
+        elif self._words is not None:
+            groups = self._words
+        else:
+            groups = [(f"token {i}", [i]) for i in range(n_tokens)]
+        return [(w, idx) for w, idx in groups if idx and max(idx) < n_tokens]
+
+    def _item_maps(self, item: int) -> torch.Tensor:
+        maps = self.result()["maps"]
+        if maps is None:
+            raise RunError("heatmap: no maps yet (no cross-attention call was traced)")
+        if not 0 <= item < maps.shape[0]:
+            raise RunError(f"heatmap: item {item} is outside the {maps.shape[0]} image(s) traced")
+        return maps[item]
+
+    def _merge_fn(self, maps: torch.Tensor, idx: Sequence[int]) -> torch.Tensor:
+        # DAAM averages a word's tokens; mean mode adds them (the word's share of attention).
+        part = maps[list(idx)]
+        return part.mean(0) if self.params.mode == "daam" else part.sum(0)
+
+    def word(self, word: str, item: int = 0, *, normalize: bool = False) -> WordMap:
+        """The map of `word` (or phrase; `dog#2`: second occurrence) in image `item`'s prompt.
+
+        Every token of the word is merged (all occurrences unless `#n`). With `normalize`, maps are
+        first divided by their sum over the prompt's tokens (DAAM's `normalize=True`).
+        """
+        maps = self._item_maps(item)
+        known = self._prompt_of(item)
+        groups = self._groups(item, maps.shape[0])
+        if known is not None:
+            positions = find_word(known[0], known[1], word)
+        else:
+            positions = _find_in_groups(groups, word)
+        if normalize:
+            prompt_tokens = sorted({i for _, idx in groups for i in idx})
+            maps = maps / (maps[prompt_tokens].sum(0, keepdim=True) + 1e-6)
+        return WordMap(word, self._merge_fn(maps, positions), positions, item,
+                       known[1] if known else None, self._image_of(item))  # fmt: skip
+
+    def words(self, item: int = 0, *, normalize: bool = False) -> WordMaps:
+        """Every word of image `item`'s prompt (special and padding tokens left out), as a grid."""
+        maps = self._item_maps(item)
+        groups = self._groups(item, maps.shape[0])
+        if normalize:
+            prompt_tokens = sorted({i for _, idx in groups for i in idx})
+            maps = maps / (maps[prompt_tokens].sum(0, keepdim=True) + 1e-6)
+        known = self._prompt_of(item)
+        prompt = known[1] if known else None
+        image = self._image_of(item)
+        return WordMaps([WordMap(w, self._merge_fn(maps, idx), idx, item, prompt, image) for w, idx in groups],
+                        image=image, prompt=prompt)  # fmt: skip
+
+    def grid(self, *, alpha: float = 0.5, cols: int = 6) -> Any:
+        """A matplotlib Figure with every image of the batch, each followed by its word maps."""
+        maps = self.result()["maps"]
+        if maps is None:
+            raise RunError("heatmap: no maps yet (no cross-attention call was traced)")
+        return grid_figure([self.words(i) for i in range(maps.shape[0])], alpha=alpha, cols=cols)
+
+    def _repr_png_(self) -> bytes | None:
+        if self.result()["maps"] is None:
+            return None
+        import io
+
+        buf = io.BytesIO()
+        self.grid().savefig(buf, format="png", dpi=80)
+        return buf.getvalue()
+
+    def _repr_html_(self) -> str | None:
+        png = self._repr_png_()
+        if png is None:
+            return None
+        import base64
+
+        return f'<img src="data:image/png;base64,{base64.b64encode(png).decode()}"/>'
+
     def save(self, directory: Path) -> list[Path]:
+        """`heatmap.safetensors` (maps, count) and, for every image, per-word overlays and a grid.
+
+        Image 0's overlays are `heatmap_NN_word.png`, image i's `item{i}_heatmap_NN_word.png`;
+        `heatmap_grid.png` shows all images one below another (source and edited prompts together).
+        """
         from safetensors.torch import save_file
 
         res = self.result()
@@ -155,21 +366,29 @@ class Heatmap(Observer):
         maps = res["maps"].detach().float().cpu().contiguous()
         path = directory / "heatmap.safetensors"
         tensors = {"maps": maps, "count": torch.tensor(res["count"])}
-        save_file(tensors, str(path), metadata={"levels": ",".join(map(str, res["levels"]))})
+        save_file(tensors, str(path), metadata={"levels": ",".join(map(str, res["levels"])), "mode": res["mode"]})
         files = [path]
-        if self._words is not None:
-            words = [w for w, idx in self._words if max(idx) < maps.shape[1]]
-            item = _merge(maps[0], [idx for _, idx in self._words if max(idx) < maps.shape[1]])
-        else:
-            words = [f"token {i}" for i in range(maps.shape[1])]
-            item = maps[0]
-        image = self._image if self._image is not None else np.full((256, 256, 3), 0.5, dtype=np.float32)
-        files += render(image, item, words, directory)
+        grey = np.full((256, 256, 3), 0.5, dtype=np.float32)
+        rows = []
+        for item in range(maps.shape[0]):
+            words = self.words(item)
+            image = words.image if words.image is not None else grey
+            prefix = "" if item == 0 else f"item{item}_"
+            stack = torch.stack([m.value for m in words]) if len(words) else maps[item][:0]
+            files += render(image, stack, words.words, directory, prefix=prefix, grid=False)
+            rows.append(WordMaps(list(words), image=image, prompt=words.prompt))
+        grid = directory / "heatmap_grid.png"
+        grid_figure(rows).savefig(grid, dpi=80)
+        files.append(grid)
         return files
 
     def close(self) -> None:
         self.sums.clear()
+        self.head_sums.clear()
+        self._cache = None
         self._image = None  # the generated image handed over by set_image
+        self._images = []
+        self._generation = None
 
 
 # -- words --------------------------------------------------------------------------------------
@@ -217,6 +436,33 @@ def word_tokens(tokenizer: Any, prompt: str) -> list[tuple[str, list[int]]]:
     return words
 
 
+_NTH = re.compile(r"^(.*\S)#(\d+)$")
+
+
+def _norm_word(text: str) -> str:
+    return re.sub(r"[^\w]+", "", text.lower())
+
+
+def _find_in_groups(groups: Sequence[tuple[str, list[int]]], word: str) -> list[int]:
+    """Positions of `word` (a word or phrase, `dog#2` for one occurrence) among (word, positions) groups."""
+    m = _NTH.match(word.strip())
+    target, nth = (m.group(1), int(m.group(2))) if m else (word.strip(), None)
+    query = [_norm_word(w) for w in target.split() if _norm_word(w)]
+    names = [_norm_word(w) for w, _ in groups]
+    hits = [i for i in range(len(names) - len(query) + 1) if query and names[i : i + len(query)] == query]
+    if nth is not None:
+        hits = hits[nth - 1 : nth] if nth >= 1 else []
+    if not hits:
+        shown = " ".join(f"{idx[0]}:{w}" for w, idx in groups[:40])
+        raise RunError(f"word {word!r} is not in the prompt; its words: {shown}")
+    return sorted({p for i in hits for _, idx in groups[i : i + len(query)] for p in idx})
+
+
+def find_word(tokenizer: Any, prompt: str, word: str) -> list[int]:
+    """Token positions of `word` in `prompt` (every occurrence and sub-token; `dog#2`: the second only)."""
+    return _find_in_groups(word_tokens(tokenizer, prompt), word)
+
+
 def _merge(maps: torch.Tensor, groups: Sequence[Sequence[int]]) -> torch.Tensor:
     """Sum token maps (T, R, R) into word maps (W, R, R)."""
     if not groups:
@@ -235,23 +481,6 @@ def word_maps(tokenizer: Any, prompt: str, maps: torch.Tensor) -> tuple[list[str
 
 
 # -- rendering ----------------------------------------------------------------------------------
-def _to_rgb(image: Any) -> np.ndarray:
-    if isinstance(image, torch.Tensor):
-        arr = image.detach().float().cpu().numpy()
-        if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
-            arr = arr.transpose(1, 2, 0)
-    else:
-        arr = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image).astype(np.float32)
-    if arr.ndim == 2:
-        arr = np.stack([arr] * 3, axis=-1)
-    if arr.shape[-1] == 1:
-        arr = np.repeat(arr, 3, axis=-1)
-    arr = arr[..., :3].astype(np.float32)
-    if arr.max() > 1.0:
-        arr = arr / 255.0
-    return np.clip(arr, 0.0, 1.0)
-
-
 def _normalize(m: np.ndarray) -> np.ndarray:
     lo, hi = float(m.min()), float(m.max())
     return (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
@@ -269,15 +498,17 @@ def render(
     *,
     cmap: str = "jet",
     alpha: float = 0.5,
+    prefix: str = "",
+    grid: bool = True,
 ) -> list[Path]:
-    """Write one overlay PNG per word and `heatmap_grid.png`; `maps` is (W, R, R) for one image."""
+    """Write one overlay PNG per word (and `heatmap_grid.png` unless `grid=False`); `maps` is (W, R, R)."""
     import matplotlib
     import matplotlib.image as mpimg
     from matplotlib.figure import Figure
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rgb = _to_rgb(image)
+    rgb = to_rgb(image)
     hh, ww = rgb.shape[:2]
     m = maps.detach().float().cpu()
     if m.dim() != 3 or m.shape[0] != len(words):
@@ -292,9 +523,11 @@ def render(
         heat = colormap(_normalize(up[i]))[..., :3]
         blend = (1 - alpha) * rgb + alpha * heat
         overlays.append(blend)
-        path = out / f"heatmap_{i:02d}_{_safe(word)}.png"
+        path = out / f"{prefix}heatmap_{i:02d}_{_safe(word)}.png"
         mpimg.imsave(path, np.clip(blend, 0, 1))
         files.append(path)
+    if not grid:
+        return files
     n = len(words) + 1
     cols = min(n, 6)
     rows = -(-n // cols)
