@@ -23,7 +23,9 @@ import torch.nn.functional as F
 
 from attntrace import Tracer
 from attntrace.errors import RunError
+from attntrace.generation import Generation
 from attntrace.observers.heatmap import Heatmap
+from attntrace.words import WordError
 from tests import sd_pipes
 
 PROMPT = "a red dog sitting on grass"
@@ -184,7 +186,8 @@ def test_word_map_api(case: dict[str, Any], tmp_path: Path) -> None:
     grass = hm.word("grass")
     assert len(grass.tokens) == 4  # gr + a + s + s</w>: sub-tokens merged
     big = dog.expand()
-    assert big.shape == (image.size[1], image.size[0]) and float(big.min()) == 0.0 and abs(float(big.max()) - 1.0) < 1e-5
+    assert big.shape == (image.size[1], image.size[0])
+    assert float(big.min()) == 0.0 and abs(float(big.max()) - 1.0) < 1e-5
     assert torch.equal(dog.expand((32, 32), threshold=0.5).unique(), torch.tensor([0.0, 1.0]))
     # Opacity: alpha 0 shows the image, alpha 1 only the heat colours.
     png0 = np.asarray(Image.open(io.BytesIO(_png(dog.plot(alpha=0.0)))).convert("RGB"), dtype=float)
@@ -193,7 +196,7 @@ def test_word_map_api(case: dict[str, Any], tmp_path: Path) -> None:
     shown = Image.open(io.BytesIO(dog._repr_png_()))
     assert shown.size[0] > 100
     assert "data:image/png;base64," in dog._repr_html_() and "dog" in dog._repr_html_()
-    with pytest.raises(RunError, match="not in the prompt"):
+    with pytest.raises(WordError, match="not in the prompt"):
         hm.word("cat")
     with pytest.raises(RunError, match="alpha"):
         dog.plot(alpha=2)
@@ -210,18 +213,26 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
-def test_save_renders_every_item(tmp_path: Path) -> None:
+def test_generation_labels_and_save_renders_every_item(tmp_path: Path) -> None:
+    # The tracer hands each pipeline call's Generation and images over; no set_prompt needed.
     torch.set_num_threads(2)
     pipe = sd_pipes.sd15()
-    prompts = ["a dog on grass", "a red dog on grass"]
+    prompts = ("a dog on grass", "a red dog on grass")
+    gen = Generation(index=0, prompts=prompts, negative_prompts=("", ""), tokenizers=(pipe.tokenizer,), cfg=True,
+                     num_steps=STEPS, group=(0, 1))  # fmt: skip
     tracer = Tracer()
     hm = tracer.add("heatmap", match="*attn2", kind="cross", mode="daam")
     with tracer.attach(pipe.unet):
-        images = generate(pipe, prompts)
-    for i, p in enumerate(prompts):
-        hm.set_prompt(pipe.tokenizer, p, item=i)
-        hm.set_image(images[i], item=i)
-    files = {f.name for f in hm.save(tmp_path)}
-    assert {"heatmap_02_dog.png", "item1_heatmap_01_red.png", "item1_heatmap_04_grass.png"} <= files
+        hm.on_generation_start(gen)
+        images = generate(pipe, list(prompts))
+        hm.on_generation_end(gen, images)
+    assert hm.result()["maps"].shape[0] == 2  # both conditional images
     assert hm.words(1).words == ["a", "red", "dog", "on", "grass"]
     assert hm.word("red", item=1).tokens == [2]
+    assert hm.word("dog", item=1).image is images[1]
+    files = {f.name for f in hm.save(tmp_path)}
+    assert {"heatmap_01_dog.png", "item1_heatmap_01_red.png", "item1_heatmap_04_grass.png"} <= files
+    assert not any("startoftext" in f or "endoftext" in f for f in files)
+    # A new pipeline call starts afresh (as DAAM clears its maps), unless across_generations.
+    hm.on_generation_start(gen)
+    assert hm.result()["maps"] is None

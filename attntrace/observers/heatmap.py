@@ -27,7 +27,6 @@ learn the prompts, tokenizer and output images of the call from the tracer, so w
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -40,7 +39,19 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..call import AttentionCall
 from ..errors import RunError
 from ..observer import Observer
-from .wordmaps import WordMap, WordMaps, grid_figure, to_rgb
+from ..words import special_positions
+from .wordmaps import (
+    WordMap,
+    WordMaps,
+    find_in_groups,
+    find_word,
+    grid_figure,
+    render,
+    to_rgb,
+    word_maps,
+    word_tokens,
+    words_from_token_strings,
+)
 
 __all__ = ["Heatmap", "HeatmapParams", "WordMap", "WordMaps", "render", "word_maps", "word_tokens"]
 
@@ -295,6 +306,16 @@ class Heatmap(Observer):
         part = maps[list(idx)]
         return part.mean(0) if self.params.mode == "daam" else part.sum(0)
 
+    def _normalized(self, maps: torch.Tensor, item: int, groups: list[tuple[str, list[int]]]) -> torch.Tensor:
+        # DAAM's normalize: divide by the sum over the prompt's own tokens (start, end, padding left out).
+        known = self._prompt_of(item)
+        if known is not None:
+            special = special_positions(*known)
+            tokens = [i for i in range(maps.shape[0]) if i not in special]
+        else:
+            tokens = sorted({i for _, idx in groups for i in idx})
+        return maps / (maps[tokens].sum(0, keepdim=True) + 1e-6)
+
     def word(self, word: str, item: int = 0, *, normalize: bool = False) -> WordMap:
         """The map of `word` (or phrase; `dog#2`: second occurrence) in image `item`'s prompt.
 
@@ -307,10 +328,9 @@ class Heatmap(Observer):
         if known is not None:
             positions = find_word(known[0], known[1], word)
         else:
-            positions = _find_in_groups(groups, word)
+            positions = find_in_groups(groups, word)
         if normalize:
-            prompt_tokens = sorted({i for _, idx in groups for i in idx})
-            maps = maps / (maps[prompt_tokens].sum(0, keepdim=True) + 1e-6)
+            maps = self._normalized(maps, item, groups)
         return WordMap(word, self._merge_fn(maps, positions), positions, item,
                        known[1] if known else None, self._image_of(item))  # fmt: skip
 
@@ -319,8 +339,7 @@ class Heatmap(Observer):
         maps = self._item_maps(item)
         groups = self._groups(item, maps.shape[0])
         if normalize:
-            prompt_tokens = sorted({i for _, idx in groups for i in idx})
-            maps = maps / (maps[prompt_tokens].sum(0, keepdim=True) + 1e-6)
+            maps = self._normalized(maps, item, groups)
         known = self._prompt_of(item)
         prompt = known[1] if known else None
         image = self._image_of(item)
@@ -382,6 +401,15 @@ class Heatmap(Observer):
         files.append(grid)
         return files
 
+    def reset(self) -> None:
+        """Forget the maps, images and the generation seen (prompts set by `set_prompt` stay)."""
+        self.sums.clear()
+        self.head_sums.clear()
+        self._cache = None
+        self._images = []
+        self._generation = None
+        self._version += 1
+
     def close(self) -> None:
         self.sums.clear()
         self.head_sums.clear()
@@ -389,181 +417,3 @@ class Heatmap(Observer):
         self._image = None  # the generated image handed over by set_image
         self._images = []
         self._generation = None
-
-
-# -- words --------------------------------------------------------------------------------------
-def word_tokens(tokenizer: Any, prompt: str) -> list[tuple[str, list[int]]]:
-    """The prompt's words and, for each, the token positions (as the text encoder sees them) it spans.
-
-    Special tokens (BOS at index 0, EOS, padding) belong to no word. Uses the tokenizer's character
-    offsets when it has them, else decodes growing prefixes of the token ids to find word breaks.
-    """
-    try:
-        enc = tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=True)
-        offsets = enc["offset_mapping"]
-    except (NotImplementedError, TypeError, ValueError, KeyError):
-        enc, offsets = tokenizer(prompt, add_special_tokens=True), None
-    ids = list(enc["input_ids"])
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    words: list[tuple[str, list[int]]] = []
-    if offsets is not None:
-        spans = [(m.start(), m.end(), m.group()) for m in re.finditer(r"\S+", prompt)]
-        by_word: dict[int, list[int]] = {}
-        for pos, (tid, (a, b)) in enumerate(zip(ids, offsets)):
-            if tid in special or b <= a:
-                continue
-            for wi, (s, e, _) in enumerate(spans):
-                if s <= a < e:
-                    by_word.setdefault(wi, []).append(pos)
-                    break
-        return [(spans[wi][2], idx) for wi, idx in sorted(by_word.items())]
-    # Fallback: token i belongs to the last word of the decoded prefix ending at i.
-    kept = [(pos, tid) for pos, tid in enumerate(ids) if tid not in special]
-    for n in range(1, len(kept) + 1):
-        text = tokenizer.decode([tid for _, tid in kept[:n]])
-        parts = text.split()
-        if not parts:
-            continue
-        wi = len(parts) - 1
-        pos = kept[n - 1][0]
-        if wi < len(words):
-            words[wi] = (parts[wi], [*words[wi][1], pos])
-        else:
-            words.append((parts[wi], [pos]))
-    final = tokenizer.decode([tid for _, tid in kept]).split()
-    if len(final) == len(words):
-        words = [(final[i], idx) for i, (_, idx) in enumerate(words)]
-    return words
-
-
-_NTH = re.compile(r"^(.*\S)#(\d+)$")
-
-
-def _norm_word(text: str) -> str:
-    return re.sub(r"[^\w]+", "", text.lower())
-
-
-def _find_in_groups(groups: Sequence[tuple[str, list[int]]], word: str) -> list[int]:
-    """Positions of `word` (a word or phrase, `dog#2` for one occurrence) among (word, positions) groups."""
-    m = _NTH.match(word.strip())
-    target, nth = (m.group(1), int(m.group(2))) if m else (word.strip(), None)
-    query = [_norm_word(w) for w in target.split() if _norm_word(w)]
-    names = [_norm_word(w) for w, _ in groups]
-    hits = [i for i in range(len(names) - len(query) + 1) if query and names[i : i + len(query)] == query]
-    if nth is not None:
-        hits = hits[nth - 1 : nth] if nth >= 1 else []
-    if not hits:
-        shown = " ".join(f"{idx[0]}:{w}" for w, idx in groups[:40])
-        raise RunError(f"word {word!r} is not in the prompt; its words: {shown}")
-    return sorted({p for i in hits for _, idx in groups[i : i + len(query)] for p in idx})
-
-
-def find_word(tokenizer: Any, prompt: str, word: str) -> list[int]:
-    """Token positions of `word` in `prompt` (every occurrence and sub-token; `dog#2`: the second only)."""
-    return _find_in_groups(word_tokens(tokenizer, prompt), word)
-
-
-def _merge(maps: torch.Tensor, groups: Sequence[Sequence[int]]) -> torch.Tensor:
-    """Sum token maps (T, R, R) into word maps (W, R, R)."""
-    if not groups:
-        return maps[:0]
-    return torch.stack([maps[list(g)].sum(0) for g in groups])
-
-
-def word_maps(tokenizer: Any, prompt: str, maps: torch.Tensor) -> tuple[list[str], torch.Tensor]:
-    """Merge token maps (..., T, R, R) into word maps (..., W, R, R); returns (words, maps)."""
-    words = word_tokens(tokenizer, prompt)
-    words = [(w, idx) for w, idx in words if max(idx) < maps.shape[-3]]
-    if not words:
-        return [], maps[..., :0, :, :]
-    merged = torch.stack([maps[..., idx, :, :].sum(-3) for _, idx in words], dim=-3)
-    return [w for w, _ in words], merged
-
-
-# -- rendering ----------------------------------------------------------------------------------
-def _normalize(m: np.ndarray) -> np.ndarray:
-    lo, hi = float(m.min()), float(m.max())
-    return (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
-
-
-def _safe(word: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", word).strip("_") or "tok"
-
-
-def render(
-    image: Any,
-    maps: torch.Tensor,
-    words: Sequence[str],
-    out_dir: str | Path,
-    *,
-    cmap: str = "jet",
-    alpha: float = 0.5,
-    prefix: str = "",
-    grid: bool = True,
-) -> list[Path]:
-    """Write one overlay PNG per word (and `heatmap_grid.png` unless `grid=False`); `maps` is (W, R, R)."""
-    import matplotlib
-    import matplotlib.image as mpimg
-    from matplotlib.figure import Figure
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rgb = to_rgb(image)
-    hh, ww = rgb.shape[:2]
-    m = maps.detach().float().cpu()
-    if m.dim() != 3 or m.shape[0] != len(words):
-        raise RunError(f"render: need maps (words, R, R) for {len(words)} words, got {tuple(m.shape)}")
-    up = m.numpy()
-    if words:
-        up = F.interpolate(m[None], size=(hh, ww), mode="bilinear", align_corners=False)[0].numpy()
-    colormap = matplotlib.colormaps[cmap]
-    files: list[Path] = []
-    overlays = []
-    for i, word in enumerate(words):
-        heat = colormap(_normalize(up[i]))[..., :3]
-        blend = (1 - alpha) * rgb + alpha * heat
-        overlays.append(blend)
-        path = out / f"{prefix}heatmap_{i:02d}_{_safe(word)}.png"
-        mpimg.imsave(path, np.clip(blend, 0, 1))
-        files.append(path)
-    if not grid:
-        return files
-    n = len(words) + 1
-    cols = min(n, 6)
-    rows = -(-n // cols)
-    fig = Figure(figsize=(2.2 * cols, 2.4 * rows))
-    panels = [("image", rgb), *zip(words, overlays)]
-    for k, (title, arr) in enumerate(panels):
-        ax = fig.add_subplot(rows, cols, k + 1)
-        ax.imshow(np.clip(arr, 0, 1))
-        ax.set_title(title, fontsize=9)
-        ax.axis("off")
-    fig.tight_layout()
-    grid = out / "heatmap_grid.png"
-    fig.savefig(grid, dpi=80)
-    files.append(grid)
-    return files
-
-
-_SPECIAL = ("<|startoftext|>", "<|endoftext|>", "[CLS]", "[SEP]", "[PAD]", "<s>", "</s>", "<pad>")
-
-
-def words_from_token_strings(tokens: list[str]) -> list[tuple[str, list[int]]]:
-    """Merge token strings into words: CLIP marks word ends with `</w>`, BERT continuations with `##`.
-
-    Special tokens (BOS/EOS/padding) belong to no word.
-    """
-    words: list[tuple[str, list[int]]] = []
-    open_word = False
-    for i, tok in enumerate(tokens):
-        if tok in _SPECIAL:
-            open_word = False
-            continue
-        piece = tok.removeprefix("##").removesuffix("</w>").lstrip("\u0120\u2581")
-        if (open_word or tok.startswith("##")) and words:
-            word, idx = words[-1]
-            words[-1] = (word + piece, [*idx, i])
-        else:
-            words.append((piece, [i]))
-        open_word = not tok.endswith("</w>") and "</w>" in "".join(tokens)
-    return words

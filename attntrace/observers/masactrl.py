@@ -78,6 +78,8 @@ class MasaCtrl(Observer):
     needs = frozenset({"query", "key", "value"})
     edits = True
     Params = MasaCtrlParams
+    #: Works across the images of one pipeline call (source and targets), which share start latents.
+    group_editor = True
 
     def __init__(self, params: Any = None, **kwargs: Any) -> None:
         # Masks given as tensors/arrays/images in Python are kept aside: the params hold only YAML forms.
@@ -99,9 +101,16 @@ class MasaCtrl(Observer):
     def on_generation_start(self, generation: Any) -> None:
         self._generation = generation
         self._layer = 0
+        self.edited_calls = 0
 
     def on_step_end(self, step: int) -> None:
         self._layer = 0
+
+    def reset(self) -> None:
+        """Forget the generation seen and the count of edited calls."""
+        self._layer = 0
+        self._generation = None
+        self.edited_calls = 0
 
     def _active(self, step: int, layer: int) -> bool:
         p = self.params
