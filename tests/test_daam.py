@@ -23,9 +23,9 @@ import torch.nn.functional as F
 
 from attntrace import Tracer
 from attntrace.errors import RunError
-from attntrace.generation import Generation
+from attntrace.core.generation import Generation
 from attntrace.observers.heatmap import Heatmap
-from attntrace.words import WordError
+from attntrace.core.words import WordError
 from tests import sd_pipes
 
 PROMPT = "a red dog sitting on grass"

@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..call import AttentionCall
-from ..errors import RunError
-from ..observer import Observer
-from ..words import special_positions
+from ..core.call import AttentionCall
+from ..core.errors import RunError
+from ..core.observer import Observer
+from ..core.words import special_positions
 from .wordmaps import (
     WordMap,
     WordMaps,

@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..call import AttentionCall
-from ..errors import ConfigError, EditError
-from ..observer import Observer
+from ..core.call import AttentionCall
+from ..core.errors import ConfigError, EditError
+from ..core.observer import Observer
 
 __all__ = ["MasaCtrl", "MasaCtrlParams", "load_mask"]
 

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import RunError
-from ..words import resolve_words
+from ..core.errors import RunError
+from ..core.words import resolve_words
 
 __all__ = ["WordMap", "WordMaps", "find_in_groups", "find_word", "grid_figure", "render", "to_rgb", "word_maps",
            "word_tokens", "words_from_token_strings"]
