@@ -15,3 +15,4 @@ python bench.py --workload W2 --runs "${W2_RUNS:-3}" --warmup 0 --out "$out"
 python bench_compile.py --runs "${COMPILE_RUNS:-9}" --out "$out"
 python bench_stats_memory.py
 python bench_heatmap_memory.py
+python bench_daam_masactrl.py --pipe tiny --runs "${RECIPES_RUNS:-3}" --threads 1 --out RESULTS_recipes.md

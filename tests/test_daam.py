@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from attntrace import Tracer
-from attntrace.errors import RunError
+from attntrace.core.errors import RunError
 from attntrace.core.generation import Generation
-from attntrace.observers.heatmap import Heatmap
 from attntrace.core.words import WordError
+from attntrace.observers.heatmap import Heatmap
 from tests import sd_pipes
 
 PROMPT = "a red dog sitting on grass"

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from attntrace import Tracer
-from attntrace.errors import ConfigError, EditError
+from attntrace.core.errors import ConfigError, EditError
 from attntrace.observers.masactrl import MasaCtrl, load_mask
 from tests import sd_pipes
 
