@@ -25,24 +25,27 @@ def yaml_blocks(page: str) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def demo_path() -> Path:
+def demo_path() -> Path:  # the pipeline `attntrace:demo` names
     from attntrace.demo import build_demo_pipeline
 
     return build_demo_pipeline()
 
 
-def test_daam_experiment_runs(demo_path: Path, tmp_path: Path) -> None:
-    from attntrace.experiment.runner import run_experiment
-    from attntrace.experiment.spec import Experiment
+def test_daam_experiment_runs(tmp_path: Path) -> None:
+    from attntrace import load_run
+    from attntrace.cli import main
 
     torch.set_num_threads(2)
-    (data,) = yaml_blocks("daam.md")
-    assert data["trace"]["rules"][0]["with"]["mode"] == "daam"
-    data["model"].update(path=str(demo_path), dtype="float32", device="cpu")
-    data["inputs"].update(steps=2, height=128, width=128)
-    data["output"] = str(tmp_path / "run")
-    res = run_experiment(Experiment.from_data(data), force=True, progress=False)
-    names = {p.name for p in res.directory.rglob("*.png")}
+    (block,) = YAML_BLOCK.findall((RECIPES / "daam.md").read_text(encoding="utf-8"))
+    assert yaml.safe_load(block)["trace"]["rules"][0]["with"]["mode"] == "daam"
+    path = tmp_path / "daam.yaml"
+    path.write_text(block)
+    out = tmp_path / "run"
+    assert main(["validate", str(path)]) == 0
+    assert main(["run", str(path), "--no-progress", "--set", f"output={out}"]) == 0
+    run = load_run(out)
+    assert run.warnings == [], run.warnings
+    names = {p.name for p in out.rglob("*.png")}
     assert {"heatmap_01_cat.png", "heatmap_05_mat.png", "heatmap_grid.png"} <= names, names
 
 
