@@ -58,10 +58,13 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 # -- commands -----------------------------------------------------------------------------------
 def cmd_validate(args: argparse.Namespace) -> int:
+    from .experiment.checks import check_experiment
+    from .experiment.runner import plan_items
     from .experiment.spec import load_experiment
 
     exp = load_experiment(args.experiment, args.set)
-    items = len(exp.inputs.texts) if exp.is_text_model else len(exp.inputs.prompts) * len(exp.inputs.seeds)
+    check_experiment(exp)  # missing model folder, unknown classes/kwargs, unreachable steps: exit 2
+    items = len(plan_items(exp))
     rules = ", ".join(r.label for r in exp.trace.rules) or "no rules"
     print(
         f"{args.experiment}: valid experiment {exp.name!r}: {items} item(s), observers: {rules}, "

@@ -18,7 +18,7 @@ import torch
 
 from .errors import RunError
 
-__all__ = ["RunEntry", "SavedRun", "load_run"]
+__all__ = ["RunEntry", "SavedRun", "load_run", "load_saved_run"]
 
 MANIFEST = "manifest.json"
 _FIELDS = ("site", "step", "index", "tensor", "shape", "dtype", "file", "key")
@@ -114,13 +114,36 @@ def _find_manifest(path: Path) -> Path:
         if len(found) > 1:
             choices = ", ".join(str(p.parent) for p in found)
             raise RunError(f"{path} holds several saved runs; pass one of: {choices}")
-        raise RunError(f"{path / MANIFEST} not found: {path} is not a run saved by the 'save' observer")
+        raise RunError(
+            f"{path / MANIFEST} not found: {path} is not a run directory, an item or observer folder of a run, "
+            "or a run saved by the 'save' observer"
+        )
     raise RunError(f"{path} does not exist")
 
 
-def load_run(path: str | Path) -> SavedRun:
-    """Open a run saved by the `save` observer (its directory or its `manifest.json`)."""
-    manifest = _find_manifest(Path(path))
+def load_run(path: str | Path) -> Any:
+    """Open what a run left at `path`.
+
+    - an experiment run directory (the folder `attntrace run` prints) -> `RunResults`;
+    - one item's directory (`<run>/items/<id>`) -> `ItemResults`;
+    - one observer's folder in an item -> its results (`attntrace.runs.read_observer_folder`);
+    - a folder saved by the `save` observer (or its `manifest.json`), or a tracer's output folder holding
+      exactly one such folder -> `SavedRun`.
+    """
+    from .runs import open_path, read_observer_folder
+
+    p = Path(path)
+    opened = open_path(p)
+    if opened is not None:
+        return opened
+    known = ("result.json", "stats.csv", "stats.parquet", "shapes.json", "heatmap.safetensors")
+    if p.is_dir() and not (p / MANIFEST).is_file() and any((p / k).is_file() for k in known):
+        return read_observer_folder(p)  # an observer folder outside a run (written by tracer.save)
+    return load_saved_run(_find_manifest(p))
+
+
+def load_saved_run(manifest: Path) -> SavedRun:
+    """Open the `save` observer's manifest (its `manifest.json`) as a `SavedRun`."""
     directory = manifest.parent
     try:
         doc = json.loads(manifest.read_text())

@@ -212,6 +212,7 @@ def test_torchrun_two_processes_equals_single(work: Path, single_run: Path) -> N
         timeout=300,
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "2 item(s) run, 0 skipped (done), 0 failed" in r.stdout  # every rank's items, not rank 0's
     assert (out / "manifest.rank0.json").is_file() and (out / "manifest.rank1.json").is_file()
     one = json.loads((single_run / "manifest.json").read_text())
     two = json.loads((out / "manifest.json").read_text())
