@@ -136,7 +136,7 @@ def load_run(path: str | Path) -> Any:
     opened = open_path(p)
     if opened is not None:
         return opened
-    known = ("result.json", "stats.csv", "stats.parquet", "shapes.json", "heatmap.safetensors")
+    known = ("result.json", "stats.csv", "stats.parquet", "shapes.json", "heatmap.safetensors", "attnmaps.safetensors")
     if p.is_dir() and not (p / MANIFEST).is_file() and any((p / k).is_file() for k in known):
         return read_observer_folder(p)  # an observer folder outside a run (written by tracer.save)
     return load_saved_run(_find_manifest(p))

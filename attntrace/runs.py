@@ -17,6 +17,7 @@ What an observer folder gives (`read_observer_folder`):
 | `stats.csv` / `stats.parquet` | list of row dicts (numbers parsed) |
 | `shapes.json` | list of row dicts |
 | `heatmap.safetensors` | `{"maps": tensor, "count": int, "levels": [int]}` |
+| `attnmaps.safetensors` | `{"maps", "present", "kind", "steps", "groups", "heads", "truncated"}` |
 | anything else | the sorted list of files in the folder |
 """
 
@@ -81,6 +82,13 @@ def read_observer_folder(folder: str | Path) -> Any:
                 for row in pq.read_table(d / "stats.parquet").to_pylist()]  # fmt: skip
     if (d / "shapes.json").is_file():
         return _read_json(d / "shapes.json")
+    if (d / "attnmaps.safetensors").is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(d / "attnmaps.safetensors"), framework="pt") as fh:
+            out = {k: json.loads(v) for k, v in (fh.metadata() or {}).items()}
+            out.update({k: fh.get_tensor(k) for k in fh.keys()})  # noqa: SIM118 (not a dict)
+        return out
     if (d / "heatmap.safetensors").is_file():
         from safetensors import safe_open
 
