@@ -36,7 +36,7 @@ __all__ = ["ItemResults", "RunResults", "read_observer_folder"]
 RUN_MANIFEST = "manifest.json"
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -68,7 +68,7 @@ def read_observer_folder(folder: str | Path) -> Any:
     if not d.is_dir():
         raise RunError(f"no observer folder at {d}")
     man = d / RUN_MANIFEST
-    if man.is_file() and isinstance(_read_json(man), dict) and "entries" in _read_json(man):
+    if man.is_file() and isinstance(read_json(man), dict) and "entries" in read_json(man):
         return load_saved_run(man)
     if (d / JSON_NAME).is_file():
         return read_result(d)
@@ -81,7 +81,7 @@ def read_observer_folder(folder: str | Path) -> Any:
         return [{k: _number(str(v)) if k in ("batch", "head") else v for k, v in row.items()}
                 for row in pq.read_table(d / "stats.parquet").to_pylist()]  # fmt: skip
     if (d / "shapes.json").is_file():
-        return _read_json(d / "shapes.json")
+        return read_json(d / "shapes.json")
     if (d / "attnmaps.safetensors").is_file():
         from safetensors import safe_open
 
@@ -157,8 +157,7 @@ class RunResults:
     def items(self) -> dict[str, ItemResults]:
         """Every planned item by id (those not yet run have no results)."""
         return {
-            iid: ItemResults(self.directory / "items" / iid, iid, rec)
-            for iid, rec in self.manifest["items"].items()
+            iid: ItemResults(self.directory / "items" / iid, iid, rec) for iid, rec in self.manifest["items"].items()
         }
 
     @property
@@ -186,25 +185,25 @@ class RunResults:
 def open_path(path: Path) -> Any | None:
     """A run, an item or an observer folder at `path`; None when `path` is none of them."""
     if path.is_file() and path.name == RUN_MANIFEST:
-        doc = _read_json(path)
+        doc = read_json(path)
         return RunResults(path.parent, doc) if is_run_manifest(doc) else None
     if not path.is_dir():
         return None
     man = path / RUN_MANIFEST
     if man.is_file():
-        doc = _read_json(man)
+        doc = read_json(man)
         if is_run_manifest(doc):
             return RunResults(path, doc)
         return None  # a `save` manifest: the caller's job
     run_man = path.parent.parent / RUN_MANIFEST
     if path.parent.name == "items" and run_man.is_file():
-        doc = _read_json(run_man)
+        doc = read_json(run_man)
         if is_run_manifest(doc) and path.name in doc["items"]:
             return ItemResults(path, path.name, doc["items"][path.name])
     item_dir = path.parent
     item_man = item_dir.parent.parent / RUN_MANIFEST
     if item_dir.parent.name == "items" and item_man.is_file():
-        doc = _read_json(item_man)
+        doc = read_json(item_man)
         if is_run_manifest(doc) and item_dir.name in doc["items"]:
             return read_observer_folder(path)
     return None
