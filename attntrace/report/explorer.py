@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import functools
 import io
 import json
 from pathlib import Path
@@ -146,20 +147,29 @@ def _attnmaps(folder: Path, tokens: list[str] | None, keep_heads: bool, step_str
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _stats_rows(path: Path) -> list[dict[str, Any]] | None:
+    """The rows of a stats table (read once per report even when the budget makes it rebuild the page)."""
+    if path.suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            return [dict(zip(header, r)) for r in reader] if header else []
+    import pyarrow.parquet as pq
+
+    return [{k: str(v) for k, v in r.items()} for r in pq.read_table(path).to_pylist()]
+
+
+@functools.lru_cache(maxsize=64)
 def _stats(folder: Path, keep_heads: bool) -> dict[str, Any] | None:
     from ..observers.attnmaps import site_group
 
     path = folder / "stats.csv"
-    rows: list[dict[str, Any]]
-    if path.is_file():
-        with path.open(newline="", encoding="utf-8") as fh:
-            rows = list(csv.DictReader(fh))
-    elif (folder / "stats.parquet").is_file():
-        import pyarrow.parquet as pq
-
-        rows = [{k: str(v) for k, v in r.items()} for r in pq.read_table(folder / "stats.parquet").to_pylist()]
-    else:
+    if not path.is_file():
+        path = folder / "stats.parquet"
+    if not path.is_file():
         return None
+    rows = _stats_rows(path)
     if not rows:
         return None
     series = list(dict.fromkeys((r["site"], int(r["index"])) for r in rows))
@@ -175,13 +185,14 @@ def _stats(folder: Path, keep_heads: bool) -> dict[str, Any] | None:
     nh = len(head_ids)
     htot = np.zeros((*shape, nh)) if nh and keep_heads else None
     hcnt = np.zeros((*shape, nh)) if htot is not None else None
+    head_of = {str(h): i for h, i in h_ix.items()}
     for r in rows:
         key = (m_ix[r["metric"]], s_ix[(r["site"], int(r["index"]))], t_ix[int(r["step"])])
         v = float(r["value"])
         total[key] += v
         count[key] += 1
-        if htot is not None and hcnt is not None and r["head"] in {str(h) for h in head_ids}:
-            hk = (*key, h_ix[int(r["head"])])
+        if htot is not None and hcnt is not None and r["head"] in head_of:
+            hk = (*key, head_of[r["head"]])
             htot[hk] += v
             hcnt[hk] += 1
     mean = np.where(count > 0, total / np.maximum(count, 1), np.nan).astype(np.float32)
@@ -271,6 +282,8 @@ def build_payload(runs: list[Path], base: Path, max_mb: float = 100.0) -> tuple[
     ]
     payload: dict[str, Any] = {}
     size = 0
+    _stats.cache_clear()
+    _stats_rows.cache_clear()
     for n, opts in enumerate(attempts):
         payload = {"runs": [_run_payload(r, base, opts) for r in runs], "budget_mb": max_mb, "notes": []}
         size = len(json.dumps(payload, separators=(",", ":")))
@@ -278,6 +291,8 @@ def build_payload(runs: list[Path], base: Path, max_mb: float = 100.0) -> tuple[
             break
         if n == len(attempts) - 1:
             payload["notes"].append(f"the data ({size / 1e6:.0f} MB) is over the {max_mb:g} MB budget")
+    _stats.cache_clear()
+    _stats_rows.cache_clear()
     if not opts["stat_heads"]:
         payload["notes"].append("statistics per head were left out to stay within the page budget")
     if not opts["map_heads"]:
