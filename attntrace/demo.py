@@ -39,14 +39,19 @@ def _has(name: str) -> bool:
 
 
 def demo_rules(text: bool = False) -> tuple[list[dict[str, Any]], str]:
-    """The demo's trace rules: heatmap + stats when those observers exist, else shapes; and a note."""
+    """The demo's trace rules: heatmap (pipeline) or attnmaps' token x token maps (text) + stats when those
+    observers exist, else shapes; and a note. (`heatmap` draws image maps: a text model has none.)"""
     rules: list[dict[str, Any]] = []
     used = []
-    if _has("heatmap"):
-        rules.append(
-            {"use": "heatmap", "match": "*" if text else "*attn2", "kind": "self" if text else "cross"}
-        )
+    if text and _has("attnmaps"):
+        rules.append({"use": "attnmaps", "match": "*", "kind": "self", "with": {"heads": True}})
+        used.append("attnmaps")
+    elif not text and _has("heatmap"):
+        rules.append({"use": "heatmap", "match": "*attn2", "kind": "cross"})
         used.append("heatmap")
+        if _has("attnmaps"):
+            rules.append({"use": "attnmaps", "match": "*attn2", "kind": "cross"})
+            used.append("attnmaps")
     if _has("stats"):
         rules.append({"use": "stats", "match": "*", "kind": "self"})
         used.append("stats")
