@@ -35,7 +35,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "name": "pipe",
         "model": {"pipeline": "StableDiffusionPipeline", "path": str(pipe), "dtype": "float32", "device": "cpu"},
         "inputs": {"prompts": ["a cat sitting on a mat", "a red house by the sea"], "steps": 3,
-                   "height": 64, "width": 64},
+                   "height": 64, "width": 64, "pipeline_kwargs": {"num_images_per_prompt": 2}},
         "trace": {"rules": [{"use": "heatmap", "match": "*attn2"},
                             {"use": "attnmaps", "match": "*attn2", "with": {"heads": True, "resolution": 16}},
                             {"use": "stats", "match": "*"}, {"use": "shapes"}]},
@@ -139,7 +139,7 @@ def test_explorer_in_headless_chromium(runs: Path, browser: Any) -> None:
     sizes = page.evaluate("""() => Promise.all(JSON.parse(document.getElementById('attntrace-data').textContent)
         .runs.flatMap(r => r.items.flatMap(i => i.images)).map(u => {
             const im = new Image(); im.src = u; return im.decode().then(() => im.naturalWidth); }))""")
-    assert len(sizes) == 2 and all(s == 64 for s in sizes)
+    assert len(sizes) == 4 and all(s == 64 for s in sizes)
     # no stray navigation links and no file paths as captions
     assert page.eval_on_selector_all("a", "els => els.filter(a => a.textContent.trim() === '.').length") == 0
 
@@ -154,6 +154,10 @@ def test_explorer_in_headless_chromium(runs: Path, browser: Any) -> None:
     page.fill("#alpha", "0.9")
     page.dispatch_event("#alpha", "input")
     assert pg.pixels("#heat-views canvas") != after_word
+    # every image of the item (num_images_per_prompt: 2), each with its own map
+    figs = page.locator("#heat-views .col").first.locator("figcaption").all_inner_texts()
+    assert [f.split(" \u00b7 ")[0] for f in figs] == ["image 0", "image 1"]
+    assert pg.pixels("#heat-views canvas", 0) != pg.pixels("#heat-views canvas", 1)
     # items side by side
     page.select_option("#itemB", index=2)
     assert page.locator("#heat-views .col").count() == 2
