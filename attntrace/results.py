@@ -21,7 +21,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .errors import RunError
+from .core.errors import RunError
 
 __all__ = ["RESULT_FORMAT", "is_empty", "read_result", "write_result"]
 

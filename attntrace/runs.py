@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import RunError
+from .core.errors import RunError
 
 __all__ = ["ItemResults", "RunResults", "read_observer_folder"]
 

@@ -125,7 +125,7 @@ def test_validate_accepts_a_good_file(pipe_dir: Path, tmp_path: Path, capsys: py
 
 
 def test_text_model_refuses_pipeline_inputs() -> None:
-    from attntrace.errors import ConfigError
+    from attntrace import ConfigError
 
     with pytest.raises(ConfigError, match=r"^inputs\.negative_prompt: "):
         Experiment.from_data({"name": "t", "model": {"pipeline": "AutoModel", "path": "."},

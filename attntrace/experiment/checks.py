@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from .spec import Experiment
 
 __all__ = ["check_experiment", "resolve_model_path", "run_steps"]

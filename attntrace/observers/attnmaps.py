@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..call import AttentionCall
-from ..observer import Observer
+from ..core.call import AttentionCall
+from ..core.observer import Observer
 
 __all__ = ["AttnMaps", "AttnMapsParams", "site_group"]
 

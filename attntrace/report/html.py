@@ -15,7 +15,8 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from ..errors import RunError
+from ..core.errors import RunError
+from ..core.messages import MANIFEST
 from .explorer import build_payload
 
 __all__ = ["find_runs", "write_report"]
@@ -63,10 +64,10 @@ def find_runs(root: Path) -> list[Path]:
     """`root` itself if it holds a run's `manifest.json`, else every folder below it that does (sorted)."""
     from ..runs import is_run_manifest, read_json
 
-    if (root / "manifest.json").is_file():
+    if (root / MANIFEST).is_file():
         return [root]
     found = []
-    for man in sorted(root.rglob("manifest.json")):
+    for man in sorted(root.rglob(MANIFEST)):
         if "items" in man.relative_to(root).parts[:-1]:
             continue  # a `save` observer's manifest inside an item, not a run
         if is_run_manifest(read_json(man)):
@@ -88,7 +89,7 @@ def write_report(run_dir: str | Path, *, max_mb: float = 100.0) -> Path:
         raise RunError(f"{base} holds no run (no manifest.json); run `attntrace run EXP.yaml` first")
     for r in runs:
         try:
-            json.loads((r / "manifest.json").read_text(encoding="utf-8"))
+            json.loads((r / MANIFEST).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise RunError(f"cannot read {r / 'manifest.json'}: {exc}") from None
     payload, _ = build_payload(runs, base, max_mb=max_mb)
