@@ -219,6 +219,7 @@ def _item(run: Path, iid: str, rec: dict[str, Any], opts: dict[str, Any]) -> dic
     out: dict[str, Any] = {
         "id": iid,
         "prompt": rec.get("prompt"),
+        "prompts": rec.get("prompts"),  # one per image when an item holds several (edit groups)
         "negative_prompt": rec.get("negative_prompt"),
         "seed": rec.get("seed"),
         "status": rec.get("status"),

@@ -84,6 +84,11 @@
   function item(which) { var i = which === "b" ? state.b : state.a; return i >= 0 ? run().items[i] : null; }
   function items() { return [item("a"), item("b")].filter(function (x) { return x; }); }
   function title(it) { return it.id + (it.seed !== null && it.seed !== undefined ? " (seed " + it.seed + ")" : ""); }
+  function rowLabel(it, r, rows) {  // "image 1 · “a dog on a mat” · " when an item has several images
+    if (rows < 2) return "";
+    var p = it.prompts && it.prompts[r] ? " \u201c" + it.prompts[r] + "\u201d" : "";
+    return "image " + r + p + " \u00b7 ";
+  }
 
   // -- words: the union of the selected items' words (by position in their own list) ------------------
   function wordList() {
@@ -118,7 +123,7 @@
       for (var r = 0; r < rows; r++) {
         var fig = el("figure");
         overlay(fig, it.images[r] || it.images[0], packedMap(hm, r * W + w), side,
-          (rows > 1 ? "image " + r + " · " : "") + "word \u201c" + hm.words[w] + "\u201d" + note + " · mean over " +
+          rowLabel(it, r, rows) + "word \u201c" + hm.words[w] + "\u201d" + note + " · mean over " +
           "every traced step and layer (" + hm.label + ")");
         col.appendChild(fig);
       }
@@ -159,7 +164,7 @@
       for (var r = 0; r < am.shape[2]; r++) {
         var fig = el("figure"), map = stepMaps(am, r, w);
         overlay(fig, it.images[r] || it.images[0], map, am.shape[5],
-          "word \u201c" + am.words[w] + "\u201d · " + span + " · " + where + (map ? "" : " (nothing recorded there)"));
+          rowLabel(it, r, am.shape[2]) + "word \u201c" + am.words[w] + "\u201d · " + span + " · " + where + (map ? "" : " (nothing recorded there)"));
         col.appendChild(fig);
       }
       if (am.dropped && am.dropped.length) col.appendChild(el("p", { "class": "muted" }, "left out to fit the page: " + am.dropped.join(", ")));
