@@ -1,4 +1,4 @@
-"""Reading runs written by the `save` observer: `load_run(path)` -> `SavedRun`, lazily and without pickle.
+"""Reading runs written by the `save` observer (`attntrace.load_run(path)` -> `SavedRun`), lazily and without pickle.
 
 ```python
 run = attntrace.load_run("runs/exp1/save")
@@ -19,7 +19,7 @@ import torch
 from .core.errors import RunError
 from .core.messages import MANIFEST
 
-__all__ = ["RunEntry", "SavedRun", "load_run", "load_saved_run"]
+__all__ = ["RunEntry", "SavedRun", "find_manifest", "load_saved_run"]
 
 _FIELDS = ("site", "step", "index", "tensor", "shape", "dtype", "file", "key")
 
@@ -101,7 +101,7 @@ class SavedRun:
         return f"SavedRun({where!r}, sites={len(self.sites)}, steps={self.steps}, tensors={self.tensors})"
 
 
-def _find_manifest(path: Path) -> Path:
+def find_manifest(path: Path) -> Path:
     if path.is_file():
         return path
     if (path / MANIFEST).is_file():
@@ -119,27 +119,6 @@ def _find_manifest(path: Path) -> Path:
             "or a run saved by the 'save' observer"
         )
     raise RunError(f"{path} does not exist")
-
-
-def load_run(path: str | Path) -> Any:
-    """Open what a run left at `path`.
-
-    - an experiment run directory (the folder `attntrace run` prints) -> `RunResults`;
-    - one item's directory (`<run>/items/<id>`) -> `ItemResults`;
-    - one observer's folder in an item -> its results (`attntrace.runs.read_observer_folder`);
-    - a folder saved by the `save` observer (or its `manifest.json`), or a tracer's output folder holding
-      exactly one such folder -> `SavedRun`.
-    """
-    from .runs import open_path, read_observer_folder
-
-    p = Path(path)
-    opened = open_path(p)
-    if opened is not None:
-        return opened
-    known = ("result.json", "stats.csv", "stats.parquet", "shapes.json", "heatmap.safetensors", "attnmaps.safetensors")
-    if p.is_dir() and not (p / MANIFEST).is_file() and any((p / k).is_file() for k in known):
-        return read_observer_folder(p)  # an observer folder outside a run (written by tracer.save)
-    return load_saved_run(_find_manifest(p))
 
 
 def load_saved_run(manifest: Path) -> SavedRun:

@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from .core.errors import RunError
+from .core.messages import MANIFEST
+from .runio import find_manifest, load_saved_run
 
-__all__ = ["ItemResults", "RunResults", "read_observer_folder"]
+__all__ = ["ItemResults", "RunResults", "load_run", "read_observer_folder"]
 
-RUN_MANIFEST = "manifest.json"
 
 
 def read_json(path: Path) -> Any:
@@ -62,12 +63,11 @@ def _number(text: str) -> Any:
 def read_observer_folder(folder: str | Path) -> Any:
     """The results one observer left in `folder` (see the module doc for what each format gives)."""
     from .results import JSON_NAME, read_result
-    from .runio import load_saved_run
 
     d = Path(folder)
     if not d.is_dir():
         raise RunError(f"no observer folder at {d}")
-    man = d / RUN_MANIFEST
+    man = d / MANIFEST
     if man.is_file() and isinstance(read_json(man), dict) and "entries" in read_json(man):
         return load_saved_run(man)
     if (d / JSON_NAME).is_file():
@@ -184,26 +184,45 @@ class RunResults:
 
 def open_path(path: Path) -> Any | None:
     """A run, an item or an observer folder at `path`; None when `path` is none of them."""
-    if path.is_file() and path.name == RUN_MANIFEST:
+    if path.is_file() and path.name == MANIFEST:
         doc = read_json(path)
         return RunResults(path.parent, doc) if is_run_manifest(doc) else None
     if not path.is_dir():
         return None
-    man = path / RUN_MANIFEST
+    man = path / MANIFEST
     if man.is_file():
         doc = read_json(man)
         if is_run_manifest(doc):
             return RunResults(path, doc)
         return None  # a `save` manifest: the caller's job
-    run_man = path.parent.parent / RUN_MANIFEST
+    run_man = path.parent.parent / MANIFEST
     if path.parent.name == "items" and run_man.is_file():
         doc = read_json(run_man)
         if is_run_manifest(doc) and path.name in doc["items"]:
             return ItemResults(path, path.name, doc["items"][path.name])
     item_dir = path.parent
-    item_man = item_dir.parent.parent / RUN_MANIFEST
+    item_man = item_dir.parent.parent / MANIFEST
     if item_dir.parent.name == "items" and item_man.is_file():
         doc = read_json(item_man)
         if is_run_manifest(doc) and item_dir.name in doc["items"]:
             return read_observer_folder(path)
     return None
+
+
+def load_run(path: str | Path) -> Any:
+    """Open what a run left at `path`.
+
+    - an experiment run directory (the folder `attntrace run` prints) -> `RunResults`;
+    - one item's directory (`<run>/items/<id>`) -> `ItemResults`;
+    - one observer's folder in an item -> its results (`attntrace.runs.read_observer_folder`);
+    - a folder saved by the `save` observer (or its `manifest.json`), or a tracer's output folder holding
+      exactly one such folder -> `SavedRun`.
+    """
+    p = Path(path)
+    opened = open_path(p)
+    if opened is not None:
+        return opened
+    known = ("result.json", "stats.csv", "stats.parquet", "shapes.json", "heatmap.safetensors", "attnmaps.safetensors")
+    if p.is_dir() and not (p / MANIFEST).is_file() and any((p / k).is_file() for k in known):
+        return read_observer_folder(p)  # an observer folder outside a run (written by tracer.save)
+    return load_saved_run(find_manifest(p))

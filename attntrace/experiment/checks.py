@@ -46,11 +46,11 @@ def resolve_model_path(raw: str) -> str:
         return raw
     name = raw.removeprefix("attntrace:")
     if name == "demo":
-        from ..demo import build_demo_pipeline
+        from ..bundled import build_demo_pipeline
 
         return str(build_demo_pipeline())
     if name == "minilm":
-        from ..demo import minilm_path
+        from ..bundled import minilm_path
 
         path = minilm_path()
         if path is None:
