@@ -126,7 +126,8 @@ class Heatmap(Observer):
         images = getattr(images, "images", images)
         batched = isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4
         if isinstance(images, (list, tuple)) or batched:
-            self._images = list(images)
+            # Latents (output_type="latent") are not pictures to draw on.
+            self._images = [im if _is_picture(im) else None for im in images]
 
     def _rows(self, batch: int) -> slice:
         gen = self._generation
@@ -417,3 +418,10 @@ class Heatmap(Observer):
         self._image = None  # the generated image handed over by set_image
         self._images = []
         self._generation = None
+
+
+def _is_picture(image: Any) -> bool:
+    if hasattr(image, "convert"):
+        return True
+    shape = tuple(getattr(image, "shape", ()))
+    return len(shape) == 3 and (shape[0] in (1, 3) or shape[-1] in (1, 3))
