@@ -63,28 +63,32 @@ def traced_generation(
     steps: int = 20,
     guidance: float = 5.0,
     latents: torch.Tensor | None = None,
-    heatmap: dict[str, Any] | None = None,
+    heatmap: dict[str, Any] | bool = True,
     match: str = "*attn2",
     extra: list[tuple[Observer, str, str | None]] | None = None,
 ) -> Traced:
-    """Generate `prompts` in one batch with a `heatmap` on `match` (plus `extra` (observer, match, kind))."""
+    """Generate `prompts` in one batch with a `heatmap` on `match` (plus `extra` (observer, match, kind)).
+
+    `heatmap` is True (defaults: maps at image resolution), False (no maps) or the observer's params.
+    """
     from ..tracer import Tracer
 
     tracer = Tracer({"rules": []})
-    params = {"resolution": pipe.unet.config.sample_size * pipe.vae_scale_factor, **(heatmap or {})}
-    hm = tracer.add(Heatmap(params), match=match, kind="cross") if heatmap is not False else None
+    hm = None
+    if heatmap is not False:
+        params = {"resolution": pipe.unet.config.sample_size * pipe.vae_scale_factor}
+        params.update(heatmap if isinstance(heatmap, dict) else {})
+        hm = tracer.add(Heatmap(params), match=match, kind="cross")
     for obs, m, kind in extra or []:
         tracer.add(obs, match=m, kind=kind)
     gen = torch.Generator().manual_seed(seed)
-    with tracer.attach(pipe), torch.no_grad():
-        out = pipe(
-            prompts,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            generator=gen,
-            latents=latents,
-            output_type="np",
-        )
+    kwargs = {"num_inference_steps": steps, "guidance_scale": guidance, "generator": gen, "latents": latents}
+    with torch.no_grad():
+        if tracer.observers:
+            with tracer.attach(pipe):
+                out = pipe(prompts, output_type="np", **kwargs)
+        else:
+            out = pipe(prompts, output_type="np", **kwargs)
     maps = hm.result()["maps"] if hm is not None else None
     tracer.close()
     return Traced(list(prompts), out.images, maps, pipe.tokenizer)
