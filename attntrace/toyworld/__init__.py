@@ -5,6 +5,7 @@ named shapes in the named colours in any image; `model` loads the shipped `Stabl
 `train` is the script that made it (`python -m attntrace.toyworld.train --out DIR`).
 """
 
+from .model import load_pipeline, random_pipeline
 from .segment import Found, colour_masks, contains, find_objects
 from .world import (
     COLOURS,
@@ -31,7 +32,9 @@ __all__ = [
     "colour_masks",
     "contains",
     "find_objects",
+    "load_pipeline",
     "parse_prompt",
+    "random_pipeline",
     "render_scene",
     "sample_scene",
 ]

@@ -102,13 +102,17 @@ def word_positions(tokenizer: Any, prompt: str, word: str) -> list[int]:
     raise KeyError(f"{word!r} is not a word of {prompt!r}")
 
 
-def object_masks(image: np.ndarray, prompt: str) -> dict[str, np.ndarray]:
-    """shape word -> mask of the generated object, for each named object the image really holds."""
+def object_masks(image: np.ndarray, prompt: str, *, same_shape: bool = False) -> dict[str, np.ndarray]:
+    """shape word -> mask of the generated object: the region in the colour the prompt gives it.
+
+    Objects are found by colour (each prompt names distinct colours); `same_shape` also requires the
+    region to have the named shape. Named objects the image does not hold are left out.
+    """
     found = {f.colour: f for f in find_objects(image)}
     out = {}
     for colour, shape in parse_prompt(prompt):
         f = found.get(colour)
-        if f is not None and f.shape == shape:
+        if f is not None and (f.shape == shape or not same_shape):
             out[shape] = f.mask
     return out
 

@@ -5,7 +5,7 @@ attntrace's tests. Everything is a stock diffusers/transformers part, so the res
 `StableDiffusionPipeline.from_pretrained(DIR)`:
 
 1. tokenizer   a real `CLIPTokenizer` whose vocab.json/merges.txt hold the world's words, one token each;
-2. VAE         a small `AutoencoderKL` (32x32 RGB -> 4x16x16 latents), trained briefly on reconstruction;
+2. VAE         a small `AutoencoderKL` (32x32 RGB -> 8x16x16 latents), trained briefly on reconstruction;
 3. latents     a fixed pool of rendered scenes is encoded once (the UNet never pays for the encoder);
 4. diffusion   a small `UNet2DConditionModel` (cross-attention at 16x16 and 8x8) and a small
                `CLIPTextModel`, trained jointly with the epsilon loss (min-SNR weighted), captions
@@ -49,7 +49,7 @@ class Settings:
     seed: int = 0
     threads: int = 2
     pool: int = 12000  # rendered training scenes (encoded once)
-    vae_steps: int = 400
+    vae_steps: int = 800
     vae_batch: int = 16
     steps: int = 1500
     batch: int = 32
@@ -59,7 +59,12 @@ class Settings:
     caption_dropout: float = 0.1
     unet_channels: tuple[int, int] = (32, 32)
     vae_channels: tuple[int, int] = (16, 32)
+    latent_channels: int = 8  # 4 blurred the crosses' arms and the squares' corners (measured)
     text_width: int = 64
+    # No transformer layers: each word's embedding holds only that word (and its position). With a
+    # contextual (causal) encoder the end-of-text/padding tokens carry the whole caption, and the
+    # small UNet learned to attend uniformly to every token: maps 0.09 max vs 0.06 mean, pointing 0/10.
+    text_layers: int = 0
     eval_prompts: int = 100
     eval_steps: int = 20
     guidance: float = 5.0
@@ -155,7 +160,7 @@ def build_models(tok: Any, s: Settings) -> tuple[Any, Any, Any]:
             vocab_size=len(tok),
             hidden_size=s.text_width,
             intermediate_size=2 * s.text_width,
-            num_hidden_layers=2,
+            num_hidden_layers=s.text_layers,
             num_attention_heads=4,
             max_position_embeddings=MAX_TOKENS,
             projection_dim=s.text_width,
@@ -171,15 +176,15 @@ def build_models(tok: Any, s: Settings) -> tuple[Any, Any, Any]:
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
         block_out_channels=s.vae_channels,
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=s.latent_channels,
         norm_num_groups=8,
         sample_size=32,
         mid_block_add_attention=False,
     )
     unet = UNet2DConditionModel(
         sample_size=16,
-        in_channels=4,
-        out_channels=4,
+        in_channels=s.latent_channels,
+        out_channels=s.latent_channels,
         block_out_channels=s.unet_channels,
         layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),  # cross-attention at 16x16, 8x8
@@ -241,7 +246,7 @@ def train_vae(vae: Any, rng: np.random.Generator, s: Settings, log: Any) -> floa
 
 
 def encode_pool(vae: Any, scenes: list[Scene]) -> torch.Tensor:
-    """Latent means of the scenes, unscaled (N, 4, 16, 16)."""
+    """Latent means of the scenes, unscaled (N, C, 16, 16)."""
     out = []
     with torch.no_grad():
         for i in range(0, len(scenes), 256):
