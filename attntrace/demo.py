@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from . import registry
-from .errors import PluginError, UnknownObserverError
+from .core.errors import PluginError, UnknownObserverError
 
 __all__ = [
     "DEMO_PROMPT",
