@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import RunError
+from ..core.errors import RunError
 
 __all__ = ["MODEL_DIR", "load_pipeline", "model_dir", "random_pipeline", "training_record"]
 

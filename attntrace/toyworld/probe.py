@@ -16,8 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..observer import Observer
-from ..observers.heatmap import Heatmap, word_tokens
+from ..core.observer import Observer
+from ..core.words import resolve_words
+from ..observers.heatmap import Heatmap
 from .segment import colour_masks, find_objects
 from .world import SHAPES, parse_prompt
 
@@ -95,11 +96,8 @@ def traced_generation(
 
 
 def word_positions(tokenizer: Any, prompt: str, word: str) -> list[int]:
-    """Token positions of the first `word` in `prompt` (as the text encoder sees them)."""
-    for w, idx in word_tokens(tokenizer, prompt):
-        if w == word:
-            return idx
-    raise KeyError(f"{word!r} is not a word of {prompt!r}")
+    """Token positions of `word` in `prompt` (as the text encoder sees them; `WordError` if absent)."""
+    return resolve_words(tokenizer, prompt, [word])[0]
 
 
 def object_masks(image: np.ndarray, prompt: str, *, same_shape: bool = False) -> dict[str, np.ndarray]:

@@ -15,7 +15,8 @@ attntrace's tests. Everything is a stock diffusers/transformers part, so the res
                in the named colours?
 
 A fixed seed makes the run repeatable on the same software; metrics, the command and the time
-taken are written to `training.json` next to the weights.
+taken are written to `training.json` next to the weights. The recipe is one file of about 460 lines
+on purpose: it is meant to be read top to bottom as an example.
 """
 
 from __future__ import annotations
