@@ -31,7 +31,7 @@ from attntrace.toyworld.semantics import (
 def main() -> None:
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    prompts = heldout_prompts(12)
+    prompts = heldout_prompts(24)
     rows: list[tuple[str, str, str]] = []
     pipes = {"trained": load_pipeline(), "random": random_pipeline(seed=0)}
     loc = {"trained": measure_localisation(pipes["trained"], prompts)}
@@ -59,6 +59,8 @@ def main() -> None:
     rows.append(("reweight colour word x2: share raised", *(f"{rw[k]['raised']:.3f}" for k in pipes)))
     ab = {k: measure_ablation(p, EDIT_PROMPTS) for k, p in pipes.items()}
     rows.append(("prompt following, no edit", *(f"{ab[k]['following']:.3f}" for k in pipes)))
+    rows.append(("named colours drawn, no edit", *(f"{ab[k]['colours']:.3f}" for k in pipes)))
+    rows.append(("named colours drawn, every cross head ablated", *(f"{ab[k]['colours_ablated']:.3f}" for k in pipes)))
     rows.append(("prompt following, every cross head ablated", *(f"{ab[k]['following_ablated']:.3f}" for k in pipes)))
     rows.append(
         (
@@ -70,8 +72,8 @@ def main() -> None:
     print("# Toy-world semantic measurements (what the semantic tests' thresholds come from)\n")
     print(
         f"Shipped model: prompt following {rec['prompt_following']['rate']:.3f} on "
-        f"{rec['prompt_following']['n']} held-out captions at training time. Checks: 12 held-out captions, "
-        "seed 0, 15 DDIM steps, CFG 5; random twin = same tokenizer/VAE/scheduler, random UNet and text encoder.\n"
+        f"{rec['prompt_following']['n']} held-out captions at training time. Checks: 24 held-out captions, "
+        "seed 0, 20 DDIM steps, CFG 5; random twin = same tokenizer/VAE/scheduler, random UNet and text encoder.\n"
     )
     print("| measurement | trained | random twin |\n|---|---|---|")
     for r in rows:

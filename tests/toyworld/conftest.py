@@ -37,7 +37,7 @@ def random_pipe() -> Any:
 def prompts() -> list[str]:
     from attntrace.toyworld.semantics import heldout_prompts
 
-    return heldout_prompts(12)
+    return heldout_prompts(24)
 
 
 @pytest.fixture(scope="session")
