@@ -29,7 +29,7 @@ class Observer:
     """Base class for observers and editors.
 
     Subclasses set `needs` (a subset of `NEEDS`: probabilities are computed only where some observer
-    needs them), implement `on_call(call)`, and may override `on_attach`, `on_step_end`, `result`,
+    needs them), implement `on_call(call)`, and may override `on_attach`, `on_step_end`, `on_skip`, `result`,
     `save` and `close`. Observers used from YAML declare a pydantic `Params` model; its validated
     instance is `self.params`. Keyword arguments to the constructor are those params.
     """
@@ -67,6 +67,9 @@ class Observer:
 
     def on_step_end(self, step: int) -> None:
         """Called after each top-level forward of the traced model."""
+
+    def on_skip(self, site: str, step: int) -> None:
+        """Called at the end of `step` for a matched site that ran no attention then (cached or skipped)."""
 
     def result(self) -> Any:
         """What this observer collected (a table, a dict of tensors...)."""

@@ -111,6 +111,11 @@ class SiteBinding:
         self.text_first: bool | None = None
         self.replaced = False
         self._cache: tuple[int, int, list[Observer]] = (-1, -1, [])
+        # Which steps the site ran at: a caching hook (FirstBlockCache, PAB, TaylorSeer...) or layer skip
+        # runs no attention at some steps; `Tracer.activity()` reports those as skipped, not as silence.
+        self.ran_at = -1
+        self.steps_ran = 0
+        self.skipped_steps: list[int] = []
 
     def call_processor(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Entry point of a proxy's `__call__`."""
@@ -120,6 +125,9 @@ class SiteBinding:
     def observers_at(self, step: int) -> list[Observer]:
         """The observers that run at this site at `step` (empty: the layer runs untouched)."""
         att = self.attachment
+        if step != self.ran_at and step >= 0:
+            self.ran_at = step
+            self.steps_ran += 1
         cached_step, generation, observers = self._cache
         if cached_step == step and generation == att.generation:
             return observers
@@ -229,6 +237,7 @@ class Attachment:
             self._step_end(self.step)
 
     def _step_end(self, step: int) -> None:
+        self._account_skips(step)
         for entry in self.tracer.entries:
             if entry.observer in self.disabled:
                 continue
@@ -236,6 +245,26 @@ class Attachment:
                 entry.observer.on_step_end(step)
             except Exception as exc:
                 self.observer_failed(entry.observer, "(step end)", step, exc)
+
+    def _account_skips(self, step: int) -> None:
+        """Sites due at `step` whose attention did not run (cached or skipped blocks): record and tell observers."""
+        for binding in self.bindings.values():
+            if binding.ran_at == step:
+                continue
+            due = [e.observer for e in binding.entries if step in e.steps and e.observer not in self.disabled]
+            if not due:
+                continue
+            binding.skipped_steps.append(step)
+            for observer in due:
+                try:
+                    observer.on_skip(binding.site.name, step)
+                except Exception as exc:
+                    self.observer_failed(observer, binding.site.name, step, exc)
+
+    def activity(self) -> dict[str, dict[str, Any]]:
+        """Per traced site: steps at which it ran, and the steps at which it was due but ran no attention."""
+        return {name: {"steps_ran": b.steps_ran, "steps_skipped": len(b.skipped_steps),
+                       "skipped_steps": list(b.skipped_steps)} for name, b in self.bindings.items()}  # fmt: skip
 
     # -- failure policy --------------------------------------------------------------------------
     def observer_failed(self, observer: Observer, site: str, step: int, exc: Exception) -> None:
@@ -276,6 +305,7 @@ class Attachment:
                     del _attached[self.model]
             if self.tracer._attachment is self:
                 self.tracer._attachment = None
+                self.tracer._activity = self.activity()
             if errors:
                 raise AttachError(f"detach could not undo everything: {errors[0]!r}") from errors[0]
 
@@ -313,6 +343,7 @@ class Tracer:
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.entries: list[RuleEntry] = []
         self._attachment: Attachment | None = None
+        self._activity: dict[str, dict[str, Any]] = {}
         for i, rule in enumerate(self.config.rules):
             cls = registry.get(rule.use)
             observer = cls(cls.validate_params(rule.with_, field=f"rules.{i}.with"))
@@ -382,6 +413,17 @@ class Tracer:
     def results(self) -> dict[str, Any]:
         """Each observer's `result()`, by label."""
         return {e.label: e.observer.result() for e in self.entries}
+
+    def activity(self) -> dict[str, dict[str, Any]]:
+        """Per traced site of the current (or last) attachment: `steps_ran`, `steps_skipped`, `skipped_steps`.
+
+        A site that exists but ran no attention at a step its rules were due (a block cached by
+        FirstBlockCache/TaylorSeer/MagCache, attention reused by PyramidAttentionBroadcast/FasterCache, a
+        layer skipped by layer-skip guidance) is counted as skipped at that step; observers are told through
+        `Observer.on_skip`. A site that does not exist is never here (its rule warns at attach).
+        """
+        att = self._attachment
+        return att.activity() if att is not None else {k: dict(v) for k, v in self._activity.items()}
 
     def save(self, directory: str | Path | None = None) -> list[Path]:
         """Ask every observer to write its results under `directory/<label>/`."""
