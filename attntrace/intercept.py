@@ -184,6 +184,10 @@ class KernelInterceptor(TorchFunctionMode):
             finally:
                 self.passthrough = prev
         q, k, v, mask, dropout_p, is_causal, scale, gqa = _bind_sdpa(*args, **kwargs)
+        if _scores_skipped(q, v):
+            # Layer-skip guidance (skip_attention_scores) replaces the kernel by `value`: no attention ran
+            # here, so observers get no call and the site counts as skipped at this step.
+            return self._guard(lambda: _SDPA(*args, **kwargs))()
         three_d = q.dim() == 3
 
         def canon(t: torch.Tensor) -> torch.Tensor:
@@ -373,6 +377,13 @@ def _block_mask_probs(block_mask: Any) -> Callable[[AttentionCall, slice | None]
                                       enable_gqa=call.enable_gqa)  # fmt: skip
 
     return probs_fn
+
+
+def _scores_skipped(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether an outer diffusers `AttentionScoreSkipFunctionMode` (layer skip, PAG) returns `value` for this call."""
+    if q.dim() < 3 or q.shape[2] != v.shape[2]:  # the mode's own test: it skips only when these agree
+        return False
+    return any(type(m).__name__ == "AttentionScoreSkipFunctionMode" for m in _get_current_function_mode_stack())
 
 
 def _flat_mask(mask: torch.Tensor, bh: int) -> torch.Tensor:

@@ -125,9 +125,6 @@ class SiteBinding:
     def observers_at(self, step: int) -> list[Observer]:
         """The observers that run at this site at `step` (empty: the layer runs untouched)."""
         att = self.attachment
-        if step != self.ran_at and step >= 0:
-            self.ran_at = step
-            self.steps_ran += 1
         cached_step, generation, observers = self._cache
         if cached_step == step and generation == att.generation:
             return observers
@@ -140,6 +137,9 @@ class SiteBinding:
 
     def dispatch(self, call: AttentionCall, observers: Sequence[Observer]) -> None:
         """Hand `call` to `observers` in rule order, applying the error policy."""
+        if call.step != self.ran_at:  # the site ran attention at this step (not cached, not skipped)
+            self.ran_at = call.step
+            self.steps_ran += 1
         for observer in observers:
             if observer in self.attachment.disabled:
                 continue

@@ -3,8 +3,9 @@
 - transparency: a passive observer that reads probs and output leaves the pipeline's images
   `torch.equal` to the untraced run with the same feature;
 - sites and steps: the (site, step) pairs the observer saw equal those where the attention kernel ran,
-  recorded by `KernelOracle` (module pre-hooks naming the running attention module plus a patch of
-  `F.scaled_dot_product_attention`, with no attntrace involved); sites due but not run are reported skipped;
+  recorded by `KernelOracle` (module pre-hooks naming the running attention module plus a torch-function
+  mode catching `F.scaled_dot_product_attention`, with no attntrace involved); sites due but not run are
+  reported skipped;
 - edits: an editor halving the attention output at the sites matching a glob gives the images the oracle
   gives by halving the kernel's output at those sites itself;
 - detach: every module of every component (hooks, processors, `_diffusers_hook` registries, accelerate
@@ -21,11 +22,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from attntrace import Observer, Tracer, find_sites
 from attntrace.call import AttentionCall
 from attntrace.tracer import resolve_model
 
+_SDPA = torch.nn.functional.scaled_dot_product_attention
 _PRIMITIVE = (int, float, str, bool, type(None), torch.device, torch.dtype)
 
 
@@ -64,6 +67,8 @@ class Halve(Observer):
 class KernelOracle:
     """Records which attention module ran the SDPA kernel at which denoiser forward, without attntrace.
 
+    Module pre-hooks name the running attention module; a `TorchFunctionMode` catches the kernel.
+
     With `edit`, halves the kernel output at modules whose name matches that glob.
     """
 
@@ -80,22 +85,23 @@ class KernelOracle:
             m, name = site.module, site.name
             handles.append(m.register_forward_pre_hook(lambda *_, n=name: self._enter(n)))
             handles.append(m.register_forward_hook(lambda *_: self._leave(), always_call=True))
-        fn = torch.nn.functional
-        original = fn.scaled_dot_product_attention
+        oracle = self
 
-        def sdpa(*a: Any, **kw: Any) -> torch.Tensor:
-            out = original(*a, **kw)
-            if self._stack:
-                self.seen[(self._stack[-1], self.step)] += 1
-                if self.edit is not None and fnmatch.fnmatchcase(self._stack[-1], self.edit):
-                    out = out * 0.5
-            return out
+        class Mode(TorchFunctionMode):
+            # A mode, not a patch of `F.scaled_dot_product_attention`: diffusers' own modes (layer skip) compare
+            # the function they catch with that attribute, and see calls before this outer mode does.
+            def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+                out = func(*args, **(kwargs or {}))
+                if func is _SDPA and oracle._stack:
+                    oracle.seen[(oracle._stack[-1], oracle.step)] += 1
+                    if oracle.edit is not None and fnmatch.fnmatchcase(oracle._stack[-1], oracle.edit):
+                        out = out * 0.5
+                return out
 
-        fn.scaled_dot_product_attention = sdpa
         try:
-            yield self
+            with Mode():
+                yield self
         finally:
-            fn.scaled_dot_product_attention = original
             for h in handles:
                 h.remove()
 
@@ -212,7 +218,7 @@ def check_feature(
     assert torch.equal(out, ref), f"traced output differs by {float((out - ref).abs().max())}"
     assert rec.seen == expected, f"seen {sorted(rec.seen.items())[:6]} vs kernel calls {sorted(expected.items())[:6]}"
     assert rec.max_err < probs_tol, rec.max_err
-    steps = sorted({s for _, s in oracle.seen})
+    steps = list(range(oracle.step + 1))  # every denoiser forward, including ones where all attention was cached
     sites = [s.name for s in find_sites(denoiser) if fnmatch.fnmatchcase(s.name, match) and s.probs]
     expected_skips = {(s, t) for s in sites for t in steps if (s, t) not in oracle.seen}
     assert rec.skipped == expected_skips, (sorted(rec.skipped)[:6], sorted(expected_skips)[:6])

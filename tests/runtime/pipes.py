@@ -100,7 +100,52 @@ def flux_call(pipe: Any, steps: int = FLUX_STEPS, **kw: Any) -> torch.Tensor:
         return pipe(**args).images
 
 
+def sd3(seed: int = 0) -> Any:
+    """A tiny StableDiffusion3Pipeline (the coverage sweep's SD3 transformer, 2 joint blocks), no text encoders."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
+    ).eval()  # fmt: skip
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, shift_factor=0.0, scaling_factor=1.0, use_quant_conv=False, use_post_quant_conv=False,
+    ).eval()  # fmt: skip
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None,
+        tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sd3_call(pipe: Any, steps: int = 2, **kw: Any) -> torch.Tensor:
+    """`steps` steps with classifier-free guidance at 16x16 px (8x8 latent, 16 image tokens), 7 text tokens."""
+    g = torch.Generator().manual_seed(0)
+    dtype = pipe.transformer.dtype
+    args: dict[str, Any] = {
+        "prompt_embeds": torch.randn(1, 7, 32, generator=g).to(dtype),
+        "negative_prompt_embeds": torch.randn(1, 7, 32, generator=g).to(dtype),
+        "pooled_prompt_embeds": torch.randn(1, 16, generator=g).to(dtype),
+        "negative_pooled_prompt_embeds": torch.randn(1, 16, generator=g).to(dtype),
+        "num_inference_steps": steps, "height": 16, "width": 16, "output_type": "pt",
+        "generator": torch.Generator().manual_seed(1), "guidance_scale": 5.0,
+    }  # fmt: skip
+    args.update(kw)
+    with torch.no_grad():
+        return pipe(**args).images
+
+
 PIPES: dict[str, tuple[Callable[..., Any], Callable[..., torch.Tensor]]] = {
     "sd": (sd, sd_call),
     "flux": (flux, flux_call),
+    "sd3": (sd3, sd3_call),
 }
