@@ -98,10 +98,30 @@ class KernelOracle:
                         out = out * 0.5
                 return out
 
+        def backend(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+            # diffusers' dispatcher backends that never reach F.sdpa (flex, flash, sage...): caught at the registry.
+            def run(**kw: Any) -> torch.Tensor:
+                out = fn(**kw)
+                if oracle._stack:
+                    oracle.seen[(oracle._stack[-1], oracle.step)] += 1
+                    if oracle.edit is not None and fnmatch.fnmatchcase(oracle._stack[-1], oracle.edit):
+                        out = out * 0.5
+                return out
+
+            return run
+
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+        registry = _AttentionBackendRegistry._backends
+        saved = dict(registry)
+        for name, fn in saved.items():
+            if not getattr(name, "value", name).startswith(("native", "_native_")):
+                registry[name] = backend(fn)
         try:
             with Mode():
                 yield self
         finally:
+            registry.update(saved)
             for h in handles:
                 h.remove()
 
