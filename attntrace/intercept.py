@@ -36,6 +36,10 @@ __all__ = ["KernelInterceptor", "LayerCall", "infer_hw", "install_dispatch_wrapp
 _SDPA = F.scaled_dot_product_attention
 _BMM = (torch.bmm, torch.Tensor.bmm, torch.matmul, torch.Tensor.matmul)
 _CAT = (torch.cat, torch.concat, torch.concatenate)
+# Tensor methods written in Python that call `super()`: Dynamo cannot trace that call when a torch-function mode
+# hands it the method (a graph break, an error under fullgraph=True: Flux's `query.unflatten(...)`). While
+# compiling, the mode calls the equivalent builtin instead.
+_UNFLATTEN = torch.Tensor.unflatten
 
 
 def _bind_sdpa(
@@ -144,6 +148,8 @@ class KernelInterceptor(TorchFunctionMode):
     # -- torch function dispatch ---------------------------------------------------------------
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        if func is _UNFLATTEN and torch.compiler.is_compiling():
+            func = torch.unflatten
         layer = self.layer
         if layer is None or self.passthrough:
             return func(*args, **kwargs)

@@ -42,17 +42,26 @@ _DENOISER_ATTRS = ("unet", "transformer", "prior", "decoder", "model")
 
 
 def resolve_model(model: Any) -> torch.nn.Module:
-    """The module to trace: the model itself, or a pipeline's denoiser (`unet`, `transformer`...)."""
+    """The module to trace: the model itself, or a pipeline's denoiser (`unet`, `transformer`...).
+
+    A `torch.compile` wrapper (`OptimizedModule`) is traced through the module it wraps, so site names are the
+    model's own (not `_orig_mod.`-prefixed) and the compiled wrapper picks the interception up when it recompiles.
+    """
     if isinstance(model, torch.nn.Module):
-        return model
+        return _uncompiled(model)
     for attr in _DENOISER_ATTRS:
         sub = getattr(model, attr, None)
         if isinstance(sub, torch.nn.Module):
-            return sub
+            return _uncompiled(sub)
     raise AttachError(
         f"cannot trace a {type(model).__name__}: pass a torch.nn.Module or a pipeline with a "
         f"'unet' or 'transformer' component"
     )
+
+
+def _uncompiled(module: torch.nn.Module) -> torch.nn.Module:
+    inner = getattr(module, "_orig_mod", None)
+    return inner if isinstance(inner, torch.nn.Module) and type(module).__name__ == "OptimizedModule" else module
 
 
 def find_sites(model: Any) -> list[Site]:
