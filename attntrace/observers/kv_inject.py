@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..call import AttentionCall
-from ..errors import EditError
-from ..observer import Observer
+from ..core.call import AttentionCall
+from ..core.errors import EditError
+from ..core.observer import Observer
 from .replace import batch_groups
 
 __all__ = ["KVInject", "KVInjectParams"]

@@ -17,9 +17,9 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..call import AttentionCall
-from ..errors import EditError
-from ..observer import Observer
+from ..core.call import AttentionCall
+from ..core.errors import EditError
+from ..core.observer import Observer
 
 __all__ = ["Replace", "ReplaceParams", "batch_groups"]
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..call import AttentionCall
-from ..errors import EditError
-from ..observer import Observer
+from ..core.call import AttentionCall
+from ..core.errors import EditError
+from ..core.observer import Observer
 
 __all__ = ["Reweight", "ReweightParams"]
 

@@ -25,7 +25,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from attntrace import Observer, Tracer, find_sites
-from attntrace.call import AttentionCall
+from attntrace.core.call import AttentionCall
 from attntrace.tracer import resolve_model
 
 _SDPA = torch.nn.functional.scaled_dot_product_attention

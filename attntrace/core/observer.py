@@ -3,20 +3,39 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import ConfigError
+from .messages import short_repr, unknown_parameter
+from .site import Site
 
 if TYPE_CHECKING:
     from .call import AttentionCall
-    from .tracer import Attachment
+    from .generation import Generation
 
-__all__ = ["NEEDS", "NoParams", "Observer", "batch_rows"]
+__all__ = ["NEEDS", "AttachmentView", "NoParams", "Observer", "batch_rows"]
 
 #: What an observer may read from a call; `probs` is the costly one.
 NEEDS = frozenset({"query", "key", "value", "probs", "output"})
+
+
+class AttachmentView(Protocol):
+    """What an observer sees of the attachment in `on_attach` (`attntrace.Attachment` is one)."""
+
+    model: torch.nn.Module
+    sites: list[Site]
+
+    @property
+    def step(self) -> int: ...
+
+    @property
+    def traced_sites(self) -> list[str]: ...
+
+    @property
+    def output_dir(self) -> Path | None: ...
 
 
 class NoParams(BaseModel):
@@ -29,9 +48,10 @@ class Observer:
     """Base class for observers and editors.
 
     Subclasses set `needs` (a subset of `NEEDS`: probabilities are computed only where some observer
-    needs them), implement `on_call(call)`, and may override `on_attach`, `on_step_end`, `on_skip`, `result`,
-    `save` and `close`. Observers used from YAML declare a pydantic `Params` model; its validated
-    instance is `self.params`. Keyword arguments to the constructor are those params.
+    needs them), implement `on_call(call)`, and may override `on_attach`, `on_step_end`, `on_skip`,
+    `on_generation_start` / `on_generation_end`, `result`, `save` and `close`.
+    Observers used from YAML declare a pydantic `Params` model; its validated instance is
+    `self.params`. Keyword arguments to the constructor are those params.
     """
 
     #: Name used in YAML rules (`use: NAME`); set by the registry for plugins.
@@ -59,7 +79,7 @@ class Observer:
         except ValidationError as exc:
             raise ConfigError(_first_error(exc, cls), field=_error_path(exc, field)) from None
 
-    def on_attach(self, attachment: Attachment) -> None:
+    def on_attach(self, attachment: AttachmentView) -> None:
         """Called once when the tracer attaches, with the attachment (sites, model, output dir)."""
 
     def on_call(self, call: AttentionCall) -> None:
@@ -70,6 +90,12 @@ class Observer:
 
     def on_skip(self, site: str, step: int) -> None:
         """Called at the end of `step` for a matched site that ran no attention then (cached or skipped)."""
+
+    def on_generation_start(self, generation: Generation) -> None:
+        """Called before each generation (a `pipe(...)` call under an attached pipeline); steps restart at 0."""
+
+    def on_generation_end(self, generation: Generation, images: Any | None) -> None:
+        """Called after each generation with its output images (None when unknown)."""
 
     def result(self) -> Any:
         """What this observer collected (a table, a dict of tensors...)."""
@@ -108,8 +134,5 @@ def _first_error(exc: ValidationError, cls: type[Observer]) -> str:
     err = exc.errors()[0]
     msg = str(err.get("msg", "invalid value"))
     if err.get("type") == "extra_forbidden":
-        allowed = ", ".join(cls.Params.model_fields) or "none"
-        return f"unknown parameter for observer {cls.name or cls.__name__!r} (allowed: {allowed})"
-    from .config import short_repr  # bounded: never walks a whole alias-bomb value
-
+        return unknown_parameter(cls.name or cls.__name__, cls.Params.model_fields)
     return f"{msg} (got {short_repr(err.get('input'))})"
