@@ -61,7 +61,9 @@ CACHES = list(_configs())
 @pytest.mark.parametrize("name", CACHES)
 def test_cache(name: str) -> None:
     """`pipe.transformer.enable_cache(<Config>)` with settings that make it skip within 4 steps; the tracer sees
-    every attention call that ran, at its step, and reports the cached (site, step) pairs as skipped."""
+    every attention call that ran, at its step, and reports the cached (site, step) pairs as skipped (took: per-site
+    ran/skipped accounting, `Observer.on_skip`, `Tracer.activity()`). SeaCache skips nothing here: FluxPipeline
+    0.42.1 passes no step_index/sigma to `cache_context`, so SeaCache runs fail-open (checked as such)."""
     pipe = pipes.flux()
     uncached = pipes.flux_call(pipe, steps=STEPS)
     pipe.transformer.enable_cache(_configs()[name](pipe))

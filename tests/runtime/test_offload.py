@@ -75,7 +75,7 @@ def test_group_offload_use_stream_needs_an_accelerator() -> None:
 
 
 @pytest.mark.feature("layerwise casting", "precision")
-@pytest.mark.parametrize("compute", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("compute", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("family", ["sd", "flux"])
 def test_layerwise_casting_fp8(family: str, compute: torch.dtype) -> None:
     """`enable_layerwise_casting(storage_dtype=float8_e4m3fn, compute_dtype=...)` on the denoiser of a
@@ -92,7 +92,7 @@ def test_layerwise_casting_fp8(family: str, compute: torch.dtype) -> None:
 
 
 @pytest.mark.feature("bfloat16 / float16 pipelines", "precision")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("family", ["sd", "flux"])
 def test_half_precision(family: str, dtype: torch.dtype) -> None:
     """The whole pipeline in bfloat16 or float16 (`pipe.to(dtype)`; CPU has SDPA, conv and matmul kernels for
