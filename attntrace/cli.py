@@ -58,10 +58,13 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 # -- commands -----------------------------------------------------------------------------------
 def cmd_validate(args: argparse.Namespace) -> int:
+    from .experiment.checks import check_experiment
+    from .experiment.runner import plan_items
     from .experiment.spec import load_experiment
 
     exp = load_experiment(args.experiment, args.set)
-    items = len(exp.inputs.texts) if exp.is_text_model else len(exp.inputs.prompts) * len(exp.inputs.seeds)
+    check_experiment(exp)  # missing model folder, unknown classes/kwargs, unreachable steps: exit 2
+    items = len(plan_items(exp))
     rules = ", ".join(r.label for r in exp.trace.rules) or "no rules"
     print(
         f"{args.experiment}: valid experiment {exp.name!r}: {items} item(s), observers: {rules}, "
@@ -246,8 +249,9 @@ def cmd_observers(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .report.html import write_report
 
-    index = write_report(args.run_dir)
-    print(f"report: {index}")
+    index = write_report(args.run_dir, max_mb=args.max_mb)
+    size = index.stat().st_size / 1e6
+    print(f"report: {index}  ({size:.1f} MB, self-contained: open it in a browser, no server needed)")
     return 0
 
 
@@ -300,8 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schema", help="print the JSON Schema of experiment files")
     p.set_defaults(func=cmd_schema)
 
-    p = sub.add_parser("report", help="write a static index.html for a run directory")
+    p = sub.add_parser("report", help="write a static, self-contained HTML explorer (index.html) for a run directory")
     p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument(
+        "--max-mb",
+        type=float,
+        default=100.0,
+        help="bound on the page's size; per-head and per-step detail is thinned to fit (default 100)",
+    )
     p.set_defaults(func=cmd_report)
     return parser
 
