@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from attntrace.demo import DATA
+from attntrace.bundled import DATA
 
 SD_STEPS = 2
 SIZE = 64
