@@ -46,17 +46,26 @@ _DENOISER_ATTRS = ("unet", "transformer", "prior", "decoder", "model")
 
 
 def resolve_model(model: Any) -> torch.nn.Module:
-    """The module to trace: the model itself, or a pipeline's denoiser (`unet`, `transformer`...)."""
+    """The module to trace: the model itself, or a pipeline's denoiser (`unet`, `transformer`...).
+
+    A `torch.compile` wrapper (`OptimizedModule`) is traced through the module it wraps, so site names are the
+    model's own (not `_orig_mod.`-prefixed) and the compiled wrapper picks the interception up when it recompiles.
+    """
     if isinstance(model, torch.nn.Module):
-        return model
+        return _uncompiled(model)
     for attr in _DENOISER_ATTRS:
         sub = getattr(model, attr, None)
         if isinstance(sub, torch.nn.Module):
-            return sub
+            return _uncompiled(sub)
     raise AttachError(
         f"cannot trace a {type(model).__name__}: pass a torch.nn.Module or a pipeline with a "
         f"'unet' or 'transformer' component"
     )
+
+
+def _uncompiled(module: torch.nn.Module) -> torch.nn.Module:
+    inner = getattr(module, "_orig_mod", None)
+    return inner if isinstance(inner, torch.nn.Module) and type(module).__name__ == "OptimizedModule" else module
 
 
 def find_sites(model: Any) -> list[Site]:
@@ -170,6 +179,7 @@ class Attachment:
             self._step_end(self.step)
 
     def _step_end(self, step: int) -> None:
+        self._account_skips(step)
         for entry in self.tracer.entries:
             if entry.observer in self.disabled:
                 continue
@@ -177,6 +187,26 @@ class Attachment:
                 entry.observer.on_step_end(step)
             except Exception as exc:
                 self.observer_failed(entry.observer, "(step end)", step, exc)
+
+    def _account_skips(self, step: int) -> None:
+        """Sites due at `step` whose attention did not run (cached or skipped blocks): record and tell observers."""
+        for binding in self.bindings.values():
+            if binding.ran_at == step:
+                continue
+            due = [e.observer for e in binding.entries if step in e.steps and e.observer not in self.disabled]
+            if not due:
+                continue
+            binding.skipped_steps.append(step)
+            for observer in due:
+                try:
+                    observer.on_skip(binding.site.name, step)
+                except Exception as exc:
+                    self.observer_failed(observer, binding.site.name, step, exc)
+
+    def activity(self) -> dict[str, dict[str, Any]]:
+        """Per traced site: steps at which it ran, and the steps at which it was due but ran no attention."""
+        return {name: {"steps_ran": b.steps_ran, "steps_skipped": len(b.skipped_steps),
+                       "skipped_steps": list(b.skipped_steps)} for name, b in self.bindings.items()}  # fmt: skip
 
     # -- failure policy --------------------------------------------------------------------------
     def observer_failed(self, observer: Observer, site: str, step: int, exc: Exception) -> None:
@@ -217,6 +247,7 @@ class Attachment:
                     del _attached[self.model]
             if self.tracer._attachment is self:
                 self.tracer._attachment = None
+                self.tracer._activity = self.activity()
             if errors:
                 raise AttachError(f"detach could not undo everything: {errors[0]!r}") from errors[0]
 
@@ -254,6 +285,7 @@ class Tracer:
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.entries: list[RuleEntry] = []
         self._attachment: Attachment | None = None
+        self._activity: dict[str, dict[str, Any]] = {}
         for i, rule in enumerate(self.config.rules):
             cls = registry.get(rule.use)
             observer = cls(cls.validate_params(rule.with_, field=f"rules.{i}.with"))
@@ -322,6 +354,17 @@ class Tracer:
     def results(self) -> dict[str, Any]:
         """Each observer's `result()`, by label."""
         return {e.label: e.observer.result() for e in self.entries}
+
+    def activity(self) -> dict[str, dict[str, Any]]:
+        """Per traced site of the current (or last) attachment: `steps_ran`, `steps_skipped`, `skipped_steps`.
+
+        A site that exists but ran no attention at a step its rules were due (a block cached by
+        FirstBlockCache/TaylorSeer/MagCache, attention reused by PyramidAttentionBroadcast/FasterCache, a
+        layer skipped by layer-skip guidance) is counted as skipped at that step; observers are told through
+        `Observer.on_skip`. A site that does not exist is never here (its rule warns at attach).
+        """
+        att = self._attachment
+        return att.activity() if att is not None else {k: dict(v) for k, v in self._activity.items()}
 
     def save(self, directory: str | Path | None = None) -> list[Path]:
         """Ask every observer to write its results under `directory/<label>/`.

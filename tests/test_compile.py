@@ -88,11 +88,11 @@ def test_custom_op_matches_its_fake_implementation() -> None:
     # Inductor checks sizes and strides against the fake implementation: opcheck runs the same checks.
     from attntrace.tracing import compiled
 
-    # A (B, H, L, D) view of a (B, L, H, D) tensor, as diffusers' processors pass it; site key 0 is no
-    # site (the plain-kernel branch), whose kernel returns a non-contiguous output for this input.
+    # A (B, H, L, D) view of a (B, L, H, D) tensor, as diffusers' processors pass it; site key 0 (a 0-d tensor,
+    # so its value is no guard) is no site (the plain-kernel branch), whose kernel returns a non-contiguous output.
     q = torch.randn(2, 1024, 8, 8).transpose(1, 2)
     k, v = torch.randn(2, 77, 8, 8).transpose(1, 2), torch.randn(2, 77, 8, 8).transpose(1, 2)
-    args = (q, k, v, None, 0.0, False, None, False, 0, 0, 0, 0, 0)
+    args = (q, k, v, None, 0.0, False, None, False, torch.tensor(0), 0, 0, 0, 0)
     torch.library.opcheck(compiled._sdpa_op, args)
     out = torch.ops.attntrace.sdpa(*args)
     assert out.is_contiguous()

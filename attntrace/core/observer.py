@@ -48,7 +48,7 @@ class Observer:
     """Base class for observers and editors.
 
     Subclasses set `needs` (a subset of `NEEDS`: probabilities are computed only where some observer
-    needs them), implement `on_call(call)`, and may override `on_attach`, `on_step_end`,
+    needs them), implement `on_call(call)`, and may override `on_attach`, `on_step_end`, `on_skip`,
     `on_generation_start` / `on_generation_end`, `result`, `save` and `close`.
     Observers used from YAML declare a pydantic `Params` model; its validated instance is
     `self.params`. Keyword arguments to the constructor are those params.
@@ -87,6 +87,9 @@ class Observer:
 
     def on_step_end(self, step: int) -> None:
         """Called after each top-level forward of the traced model."""
+
+    def on_skip(self, site: str, step: int) -> None:
+        """Called at the end of `step` for a matched site that ran no attention then (cached or skipped)."""
 
     def on_generation_start(self, generation: Generation) -> None:
         """Called before each generation (a `pipe(...)` call under an attached pipeline); steps restart at 0."""

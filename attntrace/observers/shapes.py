@@ -35,6 +35,7 @@ class Shapes(Observer):
     def __init__(self, params: Any = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
         self.rows: dict[tuple[str, int, tuple[Any, ...]], dict[str, Any]] = {}
+        self.skipped: dict[str, int] = {}  # steps at which a site ran no attention (cached/skipped blocks)
 
     def on_call(self, call: AttentionCall) -> None:
         q, k, v = call.query.shape, call.key.shape, call.value.shape
@@ -57,9 +58,18 @@ class Shapes(Observer):
         else:
             row["calls"] += 1
 
+    def on_skip(self, site: str, step: int) -> None:
+        self.skipped[site] = self.skipped.get(site, 0) + 1
+
     def result(self) -> list[dict[str, Any]]:
-        """One dict per distinct (site, index, shapes)."""
-        return list(self.rows.values())
+        """One dict per distinct (site, index, shapes), with `steps_skipped` (steps the site ran no attention).
+
+        A site that was due but never ran (every step cached or skipped) has one row with `calls: 0`.
+        """
+        rows = [dict(r, steps_skipped=self.skipped.get(r["site"], 0)) for r in self.rows.values()]
+        ran = {r["site"] for r in rows}
+        rows += [{"site": s, "calls": 0, "steps_skipped": n} for s, n in self.skipped.items() if s not in ran]
+        return rows
 
     def table(self) -> str:
         """A compact text table."""
@@ -71,7 +81,8 @@ class Shapes(Observer):
         def fmt(v: Any) -> str:
             return "x".join(map(str, v)) if isinstance(v, tuple) else str(v)
 
-        cells = [[fmt(r[c]) for c in cols] for r in rows]
+        cols.append("steps_skipped")
+        cells = [[fmt(r.get(c, "-")) for c in cols] for r in rows]
         widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
         lines += ["  ".join(x.ljust(w) for x, w in zip(row, widths)) for row in cells]
@@ -87,3 +98,4 @@ class Shapes(Observer):
 
     def close(self) -> None:
         self.rows.clear()
+        self.skipped.clear()

@@ -79,6 +79,17 @@ class SiteBinding:
     entries: list[RuleEntry]
     attachment: Session
     _cache: tuple[int, int, list[Observer]] = field(default=(-1, -1, []), repr=False)
+    # The steps at which attention ran here: a caching hook (FirstBlockCache, PAB, TaylorSeer...) or layer skip
+    # runs none at some steps, and the tracer reports those as skipped (`Tracer.activity()`), not by silence.
+    ran_at: int = field(default=-1, repr=False)
+    steps_ran: int = 0
+    skipped_steps: list[int] = field(default_factory=list)
+
+    def mark_ran(self, step: int) -> None:
+        """Record that a kernel call of this site reached its observers at `step`."""
+        if step != self.ran_at:
+            self.ran_at = step
+            self.steps_ran += 1
 
     def observers_at(self, step: int) -> list[Observer]:
         """The observers that run at this site at `step` (empty: the layer runs untouched)."""

@@ -33,11 +33,16 @@ _interceptors: weakref.WeakValueDictionary[int, SdpaTarget] = weakref.WeakValueD
 _keys = itertools.count(1)
 
 
-def register(interceptor: SdpaTarget) -> int:
-    """A key the compiled graph carries as a constant to find `interceptor` at run time."""
+def register(interceptor: SdpaTarget) -> torch.Tensor:
+    """The key the compiled graph passes to find `interceptor` at run time: a 0-d tensor, not an int.
+
+    An int read from the site would be a constant of the graph and a guard: the blocks of a regionally compiled
+    model (`compile_repeated_blocks`) share one compiled block, and each block's key would recompile it (past
+    Dynamo's recompile limit on a real Flux). A tensor is a graph input whose value is not guarded.
+    """
     key = next(_keys)
     _interceptors[key] = interceptor
-    return key
+    return torch.tensor(key, dtype=torch.int64)
 
 
 @torch.library.custom_op("attntrace::sdpa", mutates_args=())
@@ -50,7 +55,7 @@ def _sdpa_op(
     is_causal: bool,
     scale: float | None,
     enable_gqa: bool,
-    site_key: int,
+    site_key: torch.Tensor,
     image_len: int,
     text_len: int,
     image_h: int,
@@ -58,7 +63,7 @@ def _sdpa_op(
 ) -> torch.Tensor:
     kwargs = {"attn_mask": attn_mask, "dropout_p": dropout_p, "is_causal": is_causal, "scale": scale,
               "enable_gqa": enable_gqa}  # fmt: skip
-    interceptor = _interceptors.get(site_key)
+    interceptor = _interceptors.get(int(site_key))
     if interceptor is None:  # detached since compilation: the plain kernel
         return torch.nn.functional.scaled_dot_product_attention(query, key, value, **kwargs).contiguous()
     hints = LayerCall(observers=(), step=-1, timestep=None, image_len=image_len or None, text_len=text_len or None,
@@ -77,7 +82,9 @@ def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *rest: Any) -
     return query.new_empty((*query.shape[:-1], value.shape[-1]))
 
 
-def traced_sdpa(site_key: int, args: tuple[Any, ...], kwargs: dict[str, Any], layer: LayerCall) -> torch.Tensor:
+def traced_sdpa(
+    site_key: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], layer: LayerCall
+) -> torch.Tensor:
     """The call Dynamo puts in the graph in place of a traced site's SDPA."""
     q, k, v, mask, dropout_p, is_causal, scale, gqa = sdpa_arguments(*args, **kwargs)
     hw = layer.image_hw or (0, 0)

@@ -29,6 +29,10 @@ __all__ = ["SDPA", "KernelInterceptor", "active_interceptor"]
 
 #: The function every SDPA catch is keyed on.
 SDPA = F.scaled_dot_product_attention
+# `Tensor.unflatten` is written in Python and calls `super().unflatten`, which Dynamo cannot trace when a
+# torch-function mode hands it the method (a graph break; an error under fullgraph=True: Flux's
+# `query.unflatten(...)`). While compiling, the mode calls the equivalent builtin instead.
+_UNFLATTEN = torch.Tensor.unflatten
 
 
 class KernelInterceptor(TorchFunctionMode):
@@ -79,6 +83,8 @@ class KernelInterceptor(TorchFunctionMode):
     # -- torch function dispatch -------------------------------------------------------------------
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        if func is _UNFLATTEN and torch.compiler.is_compiling():
+            func = torch.unflatten
         layer = self.layer
         if layer is None or self.passthrough:
             return func(*args, **kwargs)
@@ -97,6 +103,11 @@ class KernelInterceptor(TorchFunctionMode):
             with self.silenced():
                 return compiled.traced_sdpa(self.compiled_key, args, kwargs, layer)
         q, k, v, mask, dropout_p, is_causal, scale, gqa = kernel.sdpa_arguments(*args, **kwargs)
+        if _scores_skipped(q, v):
+            # Layer-skip guidance (skip_attention_scores) replaces the kernel by `value`: no attention runs
+            # here, so observers get no call and the site counts as skipped at this step.
+            with self.silenced():
+                return SDPA(*args, **kwargs)
         three_d = q.dim() == 3
 
         def canon(t: torch.Tensor) -> torch.Tensor:
@@ -170,6 +181,13 @@ class KernelInterceptor(TorchFunctionMode):
                 return fn(*a)
 
         return run
+
+
+def _scores_skipped(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether an outer diffusers `AttentionScoreSkipFunctionMode` (layer skip, PAG) returns `value` for this call."""
+    if q.dim() < 3 or q.shape[2] != v.shape[2]:  # the mode's own test: it skips only when these agree
+        return False
+    return any(type(m).__name__ == "AttentionScoreSkipFunctionMode" for m in _get_current_function_mode_stack())
 
 
 def active_interceptor() -> KernelInterceptor | None:

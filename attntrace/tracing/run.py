@@ -70,6 +70,7 @@ class Outcome:
 def dispatch(binding: SiteBinding, call: AttentionCall, observers: Sequence[Observer]) -> None:
     """Hand `call` to `observers` in rule order, applying the error policy."""
     session = binding.attachment
+    binding.mark_ran(call.step)
     for observer in observers:
         if observer in session.disabled:
             continue

@@ -78,6 +78,23 @@ class ProcessorSite:
         return self.interceptor.run(layer, self.original, args, kwargs)
 
 
+def _refuse_context_parallel(model: torch.nn.Module) -> None:
+    """Context parallelism (`enable_parallelism(ContextParallelConfig(...))`) splits every attention call across
+    ranks: Ulysses runs each rank's kernel on a share of the heads, ring on chunks of the keys merged by
+    log-sum-exp outside any kernel call. No rank sees a whole call, so attaching is refused, by name."""
+    config = getattr(model, "_parallel_config", None)
+    cp = getattr(config, "context_parallel_config", None)
+    if cp is None:
+        return
+    ring, ulysses = getattr(cp, "ring_degree", None), getattr(cp, "ulysses_degree", None)
+    raise AttachError(
+        f"{type(model).__name__} runs with context parallelism (ring_degree={ring}, ulysses_degree={ulysses}): "
+        "each rank's attention kernel sees only part of every call (Ulysses: a share of the heads; ring: key chunks "
+        "merged by log-sum-exp), so attntrace cannot give whole calls or probabilities; trace a run without "
+        "enable_parallelism(...)"
+    )
+
+
 class DiffusersAdapter(Adapter):
     """Traces diffusers attention modules (`Attention`, `AttentionModuleMixin` and kin) through their processors."""
 
@@ -114,6 +131,7 @@ class DiffusersAdapter(Adapter):
         return sites
 
     def prepare(self, model: torch.nn.Module, bindings: list[SiteBinding]) -> Undo | None:
+        _refuse_context_parallel(model)
         return install_dispatch_wrappers()
 
     def install(self, binding: SiteBinding) -> Undo:

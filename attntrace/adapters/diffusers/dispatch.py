@@ -63,7 +63,9 @@ class ProcessorInterceptor(KernelInterceptor):
         if classic is not None and func in _BMM and args and args[0] is classic.probs:
             self.classic = None
             return self._on_classic_bmm(layer, classic, args, kwargs, func)
-        if func in _CAT and self.text_first is None and layer.text_len:
+        # Compiling, the order is noted on every trace without reading `text_first` first: reading a value that
+        # the first call changes would make it a guard (one recompile per block of a regionally compiled model).
+        if func in _CAT and layer.text_len and (torch.compiler.is_compiling() or self.text_first is None):
             self._note_order(layer, args, kwargs)
         return func(*args, **kwargs)
 

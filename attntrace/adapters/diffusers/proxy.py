@@ -4,8 +4,8 @@ A proxy shares the wrapped processor's instance `__dict__`, so every attribute r
 (`set_attention_backend` writing `_attention_backend`, IP-Adapter's `scale`...) reaches the wrapped
 object, an `nn.Module` processor keeps its parameters visible to `.to()` and `state_dict()` under the
 same keys, and `isinstance(proxy, WrappedClass)` stays true. Its `__call__` mirrors the wrapped
-`__call__`'s signature, because diffusers filters `cross_attention_kwargs` by that signature; a
-class-level signature (not an instance attribute) keeps `torch.compile` free of graph breaks.
+`__call__`'s signature (through `__wrapped__`), because diffusers filters `cross_attention_kwargs` by that
+signature; a class-level `__call__` (not an instance attribute) keeps `torch.compile` free of graph breaks.
 """
 
 from __future__ import annotations
@@ -43,16 +43,20 @@ def _proxy_class(cls: type) -> type:
     if proxy_cls is not None:
         return proxy_cls
     try:
-        signature = inspect.signature(cls.__call__)
+        inspect.signature(cls.__call__)
+        has_signature = True
     except (TypeError, ValueError):
-        signature = None
+        has_signature = False
 
     def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
         target: ProxyTarget = self._attntrace
         return target.call_processor(args, kwargs)
 
-    if signature is not None:
-        __call__.__signature__ = signature  # type: ignore[attr-defined]
+    if has_signature:
+        # `inspect.signature` follows `__wrapped__` to the wrapped class's own `__call__`, as it does untraced. A
+        # stored `__signature__` would work eagerly, but Dynamo graph-breaks reading its parameters (a mappingproxy)
+        # after any dict mutation in the frame: an error under fullgraph=True (Flux's attention forward).
+        __call__.__wrapped__ = cls.__call__  # type: ignore[attr-defined]
     __call__.__doc__ = getattr(cls.__call__, "__doc__", None)
     namespace = {
         "__slots__": ("_attntrace",),
