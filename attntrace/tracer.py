@@ -9,12 +9,13 @@ observer raises under `on_error: raise`.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,10 @@ from .adapters import Adapter, adapters_for
 from .call import AttentionCall
 from .config import TraceConfig
 from .errors import AttachError, ConfigError, SelectionError
+from .generation import Generation
+from .lifecycle import GenerationLifecycle
 from .observer import NEEDS, Observer
+from .pipeline import PipelineHook, is_pipeline
 from .selection import StepSelector, closest_sites, kind_matches, match_sites, pattern_matches, validate_kinds
 from .site import Site
 
@@ -143,8 +147,8 @@ class SiteBinding:
                 self.attachment.observer_failed(observer, self.site.name, call.step, exc)
 
 
-class Attachment:
-    """A tracer attached to one model: sites, bindings, step counter. A context manager."""
+class Attachment(GenerationLifecycle):
+    """A tracer attached to one model: sites, bindings, step counter, generations. A context manager."""
 
     def __init__(self, tracer: Tracer, model: torch.nn.Module, sites: list[Site]) -> None:
         self.tracer = tracer
@@ -162,6 +166,7 @@ class Attachment:
         self._timestep_index: int | None = None
         self._last_timestep: Any = None
         self._forward_depth = 0
+        self._init_lifecycle()
 
     @property
     def step(self) -> int:
@@ -215,6 +220,8 @@ class Attachment:
         first = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
         if isinstance(first, torch.Tensor) and first.dim() >= 4:
             self.root_hw = (int(first.shape[-2]), int(first.shape[-1]))
+        if self.active:
+            self.start_if_pending(first)
         if self.tracer.config.step_by == "timestep" and self._step >= 0 and _same_timestep(t, self._last_timestep):
             return
         if self.tracer.config.step_by == "timestep" and self._step >= 0:
@@ -227,6 +234,8 @@ class Attachment:
         self._forward_depth = max(0, self._forward_depth - 1)
         if self._forward_depth == 0 and self.tracer.config.step_by == "forward" and self.active:
             self._step_end(self.step)
+        if self._forward_depth == 0 and self.active:
+            self.end_per_call()
 
     def _step_end(self, step: int) -> None:
         for entry in self.tracer.entries:
@@ -313,6 +322,9 @@ class Tracer:
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.entries: list[RuleEntry] = []
         self._attachment: Attachment | None = None
+        #: The generations seen since attach or `reset()`, in order.
+        self.generations: list[Generation] = []
+        self._generation_results: list[dict[str, Any]] = []
         for i, rule in enumerate(self.config.rules):
             cls = registry.get(rule.use)
             observer = cls(cls.validate_params(rule.with_, field=f"rules.{i}.with"))
@@ -379,9 +391,91 @@ class Tracer:
         """For each site of `model`, the labels of the rules that match it."""
         return {s.name: [e.label for e in self.entries if e.matches(s)] for s in find_sites(model)}
 
-    def results(self) -> dict[str, Any]:
-        """Each observer's `result()`, by label."""
-        return {e.label: e.observer.result() for e in self.entries}
+    def results(self, generation: int | None = None) -> dict[str, Any]:
+        """Each observer's `result()`, by label: now, or as it was at the end of generation `generation`.
+
+        Observers that accumulate hold what they were asked to (per generation or across generations,
+        by their own parameter); the tracer keeps each generation's results apart as they were when it
+        ended (`generation_results()`).
+        """
+        if generation is None:
+            return {e.label: e.observer.result() for e in self.entries}
+        for kept in self._generation_results:
+            if kept["generation"].index == generation:
+                return dict(kept["results"])
+        seen = [k["generation"].index for k in self._generation_results]
+        raise ConfigError(f"no generation {generation} (generations seen: {seen or 'none'})", field="generation")
+
+    def generation_results(self) -> list[dict[str, Any]]:
+        """One `{"generation": Generation, "results": {label: result}}` per finished generation."""
+        return [dict(k) for k in self._generation_results]
+
+    def keep_generation_results(self, generation: Generation) -> None:
+        """Snapshot every observer's result at the end of `generation` (called by the attachment)."""
+        results = {e.label: e.observer.result() for e in self.entries}
+        self._generation_results.append({"generation": generation, "results": results})
+
+    def reset(self) -> None:
+        """Forget generations, kept results and observer state without detaching; steps restart at 0."""
+        self.generations.clear()
+        self._generation_results.clear()
+        for e in self.entries:
+            e.observer.reset()
+        att = self._attachment
+        if att is not None:
+            att._pending = None
+            att.current = None
+            att._step = -1
+            att._last_timestep = None
+            att.generation += 1
+
+    @contextlib.contextmanager
+    def generation(
+        self,
+        prompts: Sequence[str] = (),
+        *,
+        negative_prompts: Sequence[str] = (),
+        tokenizers: Sequence[Any] = (),
+        cfg: bool = False,
+        num_steps: int | None = None,
+        group: Sequence[int] | None = None,
+        text_layout: Sequence[tuple[int, int, int]] = (),
+    ) -> Iterator[None]:
+        """Mark the model calls inside the block as one generation (for bare models; pipelines do it alone).
+
+        ```python
+        with tracer.attach(unet), tracer.generation(["a cat", "a dog"], tokenizers=[tok], cfg=True, group=[0, 1]):
+            for t in timesteps: ...   # steps restart at 0
+        ```
+        """
+        att = self._attachment
+        if att is None:
+            raise AttachError("attach the tracer before opening a generation")
+        att.begin_generation({
+            "prompts": tuple(prompts) or None, "negative_prompts": tuple(negative_prompts) or None,
+            "tokenizers": tuple(tokenizers), "cfg": cfg, "num_steps": num_steps,
+            "group": tuple(group) if group is not None else None, "text_layout": tuple(text_layout),
+        })  # fmt: skip
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            att.end_generation(None, failed=not ok)
+
+    @contextlib.contextmanager
+    def edit_group(self, enabled: bool = True) -> Iterator[None]:
+        """Inside the block every pipeline call is (or, with False, is not) an edit group: image 0 is the
+        source, the others are edited, and all start from the source's latents. Without it, a call with
+        two or more prompts is a group when some observer is a group editor (replace, reweight...)."""
+        att = self._attachment
+        if att is None:
+            raise AttachError("attach the tracer before marking edit groups")
+        old, att.force_group = att.force_group, enabled
+        try:
+            yield
+        finally:
+            att.force_group = old
 
     def save(self, directory: str | Path | None = None) -> list[Path]:
         """Ask every observer to write its results under `directory/<label>/`."""
@@ -399,8 +493,13 @@ class Tracer:
         return self._attachment
 
     # -- life cycle ------------------------------------------------------------------------------
-    def attach(self, model: Any) -> Attachment:
-        """Install interception on `model` (or a pipeline's denoiser); returns the attachment."""
+    def attach(self, model: Any, *, generation_per_call: bool = False) -> Attachment:
+        """Install interception on `model` (or a pipeline's denoiser); returns the attachment.
+
+        On a pipeline, each `pipe(...)` call is one generation (its prompts, tokenizers, CFG layout and
+        images are learned from the call). On a bare model, `generation_per_call=True` makes each
+        top-level call one generation; `tracer.generation(...)` marks one by hand.
+        """
         if self._attachment is not None:
             raise AttachError(
                 f"this tracer is already attached to a {type(self._attachment.model).__name__}; "
@@ -446,6 +545,11 @@ class Tracer:
             for b in attachment.bindings.values():
                 attachment._undos.append(b.adapter.install(b))
             attachment._install_step_hooks()
+            attachment.per_call = generation_per_call
+            if is_pipeline(model):
+                attachment._undos.append(PipelineHook(model, attachment).install())
+            self.generations.clear()
+            self._generation_results.clear()
             with _attached_lock:
                 _attached[module] = attachment
             self._attachment = attachment
