@@ -49,6 +49,9 @@ class Observer:
     #: True for editors that work across the images of an edit group (source and edited prompts):
     #: a pipeline call with two or more prompts then becomes one edit group sharing start latents.
     group_editor: ClassVar[bool] = False
+    #: True for editors that only make sense on an edit group (replace, local_blend...): a YAML item that
+    #: is a single prompt is then an error at validation, not a silent no-op.
+    requires_group: ClassVar[bool] = False
 
     def __init__(self, params: BaseModel | dict[str, Any] | None = None, **kwargs: Any) -> None:
         self.params = self.validate_params(params if params is not None else kwargs)

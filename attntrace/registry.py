@@ -30,6 +30,7 @@ BUILTINS: dict[str, str] = {
     "heatmap": "attntrace.observers.heatmap:Heatmap",
     "reweight": "attntrace.observers.reweight:Reweight",
     "replace": "attntrace.observers.replace:Replace",
+    "local_blend": "attntrace.observers.local_blend:LocalBlend",
     "kv_inject": "attntrace.observers.kv_inject:KVInject",
     "ablate": "attntrace.observers.ablate:Ablate",
     "temperature": "attntrace.observers.temperature:Temperature",

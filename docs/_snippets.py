@@ -24,3 +24,14 @@ def tiny_unet() -> tuple[torch.nn.Module, dict[str, Any]]:
     inputs = {"sample": torch.randn(2, 4, 16, 16), "timestep": torch.tensor(10),
               "encoder_hidden_states": torch.randn(2, 7, 32)}  # fmt: skip
     return unet, inputs
+
+
+def tiny_pipeline() -> Any:
+    """The demo's tiny StableDiffusionPipeline (random weights, shipped configs), built once and cached."""
+    from diffusers import StableDiffusionPipeline
+
+    from attntrace.demo import build_demo_pipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(build_demo_pipeline())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -7,11 +7,11 @@ import warnings
 from typing import Any
 
 import pytest
-import tiny_pipes as pipes
 import torch
 
 from attntrace import ConfigError, Observer, Tracer
 from attntrace.generation import Generation
+from tests import tiny_pipes as pipes
 
 
 class Recorder(Observer):

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AttnTraceError, ConfigError, OutputWriteError, RunError
-from .spec import Experiment
+from .spec import Experiment, group_prompts
 
 __all__ = ["Item", "RunResult", "load_model", "plan_items", "run_experiment", "write_json_atomic"]
 
@@ -44,12 +44,14 @@ FORMAT = 1
 
 @dataclass
 class Item:
-    """One unit of work: a prompt (or text) with a seed."""
+    """One unit of work: a prompt (or text), or an edit group of prompts, with a seed."""
 
     id: str
     index: int
     prompt: str
     seed: int | None
+    #: An edit group's prompts, source first (one batch sharing start latents); None for one prompt.
+    group: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -68,9 +70,11 @@ def plan_items(exp: Experiment) -> list[Item]:
     if exp.is_text_model:
         return [Item(f"t{i:03d}", i, text, None) for i, text in enumerate(exp.inputs.texts)]
     items = []
-    for p, prompt in enumerate(exp.inputs.prompts):
+    for p, entry in enumerate(exp.inputs.prompts):
+        group = group_prompts(entry)
+        prompt = group[0] if group is not None else str(entry)
         for seed in exp.inputs.seeds:
-            items.append(Item(f"p{p:03d}-s{seed}", len(items), prompt, seed))
+            items.append(Item(f"p{p:03d}-s{seed}", len(items), prompt, seed, group))
     return items
 
 
@@ -569,7 +573,7 @@ def _run_item(
                         save_file({"last_hidden_state": hidden.float().cpu().contiguous()}, str(path))
                     files.append(path)
             else:
-                files += _run_pipeline(exp, model, it, item_dir, bar)
+                files += _run_pipeline(exp, model, it, item_dir, bar, tracer)
                 _hand_image_to_observers(tracer, files)
         for label, obs in tracer.observers.items():  # tracer.save, one observer at a time (names who failed)
             where = item_dir / label.replace("#", "_")
@@ -636,7 +640,9 @@ def _tokens(model: Any, tokenizer: Any, prompt: str) -> list[str] | None:
         return None
 
 
-def _run_pipeline(exp: Experiment, pipe: Any, it: Item, item_dir: Path, bar: Progress) -> list[Path]:
+def _run_pipeline(
+    exp: Experiment, pipe: Any, it: Item, item_dir: Path, bar: Progress, tracer: Any = None
+) -> list[Path]:
     import inspect
 
     import torch
@@ -645,7 +651,7 @@ def _run_pipeline(exp: Experiment, pipe: Any, it: Item, item_dir: Path, bar: Pro
     device = getattr(pipe, "device", torch.device("cpu"))
     gen_device = "cpu" if str(device) in ("cpu", "mps") else device
     kwargs: dict[str, Any] = {
-        "prompt": it.prompt,
+        "prompt": list(it.group) if it.group is not None else it.prompt,
         "num_inference_steps": inp.steps,
         "guidance_scale": inp.guidance_scale,
         "generator": torch.Generator(gen_device).manual_seed(int(it.seed or 0)),
@@ -664,7 +670,11 @@ def _run_pipeline(exp: Experiment, pipe: Any, it: Item, item_dir: Path, bar: Pro
         kwargs["callback_on_step_end"] = on_step_end
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)  # our own bar shows the steps
-    result = pipe(**kwargs)
+    if it.group is not None and tracer is not None:
+        with tracer.edit_group():  # one batch from the source's start latents, source first
+            result = pipe(**kwargs)
+    else:
+        result = pipe(**kwargs)
     images = getattr(result, "images", None)
     if images is None and isinstance(result, tuple):
         images = result[0]

@@ -23,7 +23,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..config import TraceConfig, config_error_from, load_yaml, text_keys
 from ..errors import ConfigError
 
-__all__ = ["Experiment", "InputsSpec", "ModelSpec", "apply_overrides", "experiment_schema", "load_experiment"]
+__all__ = [
+    "EditGroup",
+    "Experiment",
+    "InputsSpec",
+    "ModelSpec",
+    "apply_overrides",
+    "experiment_schema",
+    "group_prompts",
+    "load_experiment",
+]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -59,12 +68,43 @@ class ModelSpec(BaseModel):
         return v
 
 
+class EditGroup(BaseModel):
+    """One item that is an edit group: a source prompt and edited prompts run as one batch from the same
+    start latents (prompt-to-prompt), or a source and a target image (MasaCtrl)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(description="the source prompt (image 0 of the batch)")
+    edits: list[str] = Field(min_length=1, description="the edited (or target) prompts, images 1, 2, ...")
+
+
+def group_prompts(entry: str | list[str] | EditGroup) -> tuple[str, ...] | None:
+    """The prompts of an edit-group item, source first; None for a plain prompt."""
+    if isinstance(entry, EditGroup):
+        return (entry.source, *entry.edits)
+    if isinstance(entry, list):
+        return tuple(entry)
+    return None
+
+
 class InputsSpec(BaseModel):
     """What to run: every prompt x seed (pipelines) or every text (text models)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    prompts: list[str] = Field(default_factory=list, description="prompts for a diffusion pipeline")
+    prompts: list[str | list[str] | EditGroup] = Field(
+        default_factory=list,
+        description="prompts for a diffusion pipeline; an item may be an edit group, one batch sharing start "
+        "latents: [source, edited, ...] or {source: ..., edits: [...]}",
+    )
+
+    @field_validator("prompts")
+    @classmethod
+    def _groups(cls, v: list[Any]) -> list[Any]:
+        for entry in v:
+            if isinstance(entry, list) and len(entry) < 2:
+                raise ValueError("an edit group [source, edited, ...] needs a source and at least one edited prompt")
+        return v
     seeds: list[int] = Field(
         default_factory=lambda: [0], min_length=1, description="one item per prompt x seed"
     )
@@ -135,7 +175,33 @@ class Experiment(BaseModel):
                 raise ConfigError("a transformers model needs at least one text", field="inputs.texts")
         elif not exp.inputs.prompts:
             raise ConfigError("a pipeline needs at least one prompt", field="inputs.prompts")
+        else:
+            _check_groups(exp)
         return exp
+
+
+def _check_groups(exp: Experiment) -> None:
+    """An editor that edits a source into edited images needs group items: never a silent no-op."""
+    from .. import registry
+
+    needing = []
+    for i, rule in enumerate(exp.trace.rules):
+        try:
+            cls = registry.get(rule.use)
+        except Exception:  # unknown names are reported by the trace validation
+            continue
+        if getattr(cls, "requires_group", False):
+            needing.append((i, rule.use))
+    if not needing:
+        return
+    i, use = needing[0]
+    for n, entry in enumerate(exp.inputs.prompts):
+        if group_prompts(entry) is None:
+            raise ConfigError(
+                f"trace.rules.{i} ({use}) edits a source prompt into edited ones, but this item is a single prompt "
+                f"{entry!r}; write it as an edit group: [source, edited] or {{source: ..., edits: [...]}}",
+                field=f"inputs.prompts.{n}",
+            )
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
