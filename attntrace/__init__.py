@@ -10,9 +10,11 @@ with tracer.attach(unet):
 
 from __future__ import annotations
 
-from .call import AttentionCall
+import sys as _sys
+
 from .config import Rule, TraceConfig
-from .errors import (
+from .core.call import AttentionCall
+from .core.errors import (
     AttachError,
     AttnTraceError,
     ConfigError,
@@ -23,13 +25,34 @@ from .errors import (
     SelectionError,
     UnknownObserverError,
 )
-from .observer import Observer
+from .core.generation import Generation
+from .core.observer import Observer
+from .core.site import Site
 from .registry import register as register_observer
 from .runio import RunEntry, SavedRun, load_run
-from .site import Site
 from .tracer import Attachment, Tracer, find_sites
 
 __version__ = "0.1.0"
+
+# Module paths before the core/tracing split (issue 13) stay importable for code written against them;
+# attntrace's own modules use the new paths (tests/test_architecture.py checks).
+from .adapters.diffusers import proxy as _proxy
+from .core import call as _call
+from .core import errors as _errors
+from .core import generation as _generation
+from .core import kernel as _kernel
+from .core import observer as _observer
+from .core import selection as _selection
+from .core import site as _site
+from .core import words as _words
+from .tracing import compiled as _compiled
+from .tracing import intercept as _intercept
+
+for _old, _module in {"call": _call, "errors": _errors, "kernel": _kernel, "observer": _observer,
+                      "selection": _selection, "site": _site,
+                      "generation": _generation, "words": _words, "compiled": _compiled, "intercept": _intercept,
+                      "proxy": _proxy}.items():  # fmt: skip
+    _sys.modules.setdefault(f"{__name__}.{_old}", _module)
 
 __all__ = [
     "AttachError",
@@ -38,6 +61,7 @@ __all__ = [
     "AttnTraceError",
     "ConfigError",
     "EditError",
+    "Generation",
     "Observer",
     "OutputWriteError",
     "PluginError",

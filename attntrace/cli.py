@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import AttnTraceError, ConfigError, PluginError, RunError, SelectionError
+from .core.errors import AttnTraceError, ConfigError, PluginError, RunError, SelectionError
 
 __all__ = ["main"]
 
@@ -149,7 +149,7 @@ def _load_for_sites(target: str, overrides: list[str] | None) -> tuple[Any, Any]
 
 
 def cmd_sites(args: argparse.Namespace) -> int:
-    from .selection import pattern_matches
+    from .core.selection import pattern_matches
     from .tracer import find_sites
 
     _quiet_libraries()

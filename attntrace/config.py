@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,8 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from . import registry
-from .errors import ConfigError, PluginError, UnknownObserverError
-from .selection import StepSelector, validate_kinds
+from .core.errors import ConfigError, PluginError, UnknownObserverError
+from .core.messages import EMPTY_GLOB, short_repr, unknown_parameter
+from .core.selection import StepSelector, validate_kinds
 
 __all__ = ["Rule", "TraceConfig", "config_error_from", "load_yaml", "short_repr", "text_keys"]
 
@@ -43,17 +43,6 @@ def config_error_from(exc: ValidationError, prefix: str = "") -> ConfigError:
     elif kind not in ("unknown_observer", "observer_params", "plugin", "config"):
         msg = f"{msg} (got {short_repr(err.get('input'))})"
     return ConfigError(msg, field=path)
-
-
-_repr = reprlib.Repr()
-_repr.maxlevel, _repr.maxlist, _repr.maxtuple, _repr.maxdict, _repr.maxset = 2, 4, 4, 4, 4
-_repr.maxstring, _repr.maxother, _repr.maxlong = 40, 40, 40
-
-
-def short_repr(value: Any, limit: int = 60) -> str:
-    """A one-line repr of at most `limit` characters that never walks a whole (possibly alias-bomb) value."""
-    shown = " ".join(_repr.repr(value).split())
-    return shown[: limit - 3] + "..." if len(shown) > limit else shown
 
 
 # pydantic puts union members and validator tags into error locations (`rules.0.kind.str`,
@@ -173,8 +162,7 @@ class Rule(BaseModel):
     def _patterns(cls, v: str | list[str]) -> str | list[str]:
         items = [v] if isinstance(v, str) else v
         if not items or any(not p.strip() for p in items):
-            msg = "empty glob; use '*' for every site or a pattern like '*attn2'"
-            raise PydanticCustomError("config", msg)
+            raise PydanticCustomError("config", EMPTY_GLOB)
         return v
 
     @field_validator("kind")
@@ -208,8 +196,7 @@ class Rule(BaseModel):
             err = exc.errors(include_url=False)[0]
             sub = ".".join(str(p) for p in err.get("loc", ()))
             if err.get("type") == "extra_forbidden":
-                allowed = ", ".join(obs_cls.Params.model_fields) or "none"
-                msg = f"unknown parameter for observer {use!r} (allowed: {allowed})"
+                msg = unknown_parameter(use, obs_cls.Params.model_fields)
             else:
                 msg = f"{err.get('msg')} (got {short_repr(err.get('input'))})"
             raise PydanticCustomError("observer_params", msg, {"subpath": sub}) from None

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import registry
-from .errors import PluginError, UnknownObserverError
+from .core.errors import PluginError, UnknownObserverError
 
 __all__ = ["DEMO_PROMPT", "DEMO_SENTENCE", "build_demo_pipeline", "demo_rules", "minilm_path", "run_demo"]
 

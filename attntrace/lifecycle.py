@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from .errors import ConfigError
-from .generation import Generation
-from .observer import Observer
-
-if TYPE_CHECKING:
-    from .tracer import Tracer
+from .core.errors import ConfigError
+from .core.generation import Generation
+from .core.observer import Observer
 
 __all__ = ["GenerationLifecycle"]
 
@@ -28,7 +25,7 @@ __all__ = ["GenerationLifecycle"]
 class GenerationLifecycle:
     """Mixed into `Attachment`: the generation bookkeeping (state lives on the tracer)."""
 
-    tracer: Tracer
+    tracer: Any  # the Tracer (typed loosely: tracer.py imports this module)
     active: bool
     generation: int  # the dispatch-cache counter of the attachment
     _step: int

@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import ConfigError
+from .core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from .tracer import Attachment
+    from .lifecycle import GenerationLifecycle as Attachment
 
 __all__ = ["PipelineHook", "is_pipeline", "text_layout"]
 

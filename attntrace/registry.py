@@ -15,8 +15,9 @@ from importlib import metadata
 
 from pydantic import BaseModel
 
-from .errors import PluginError, UnknownObserverError
-from .observer import NEEDS, Observer
+from .core.errors import PluginError, UnknownObserverError
+from .core.messages import unknown_needs
+from .core.observer import NEEDS, Observer
 
 __all__ = ["ENTRY_POINT_GROUP", "ObserverEntry", "available", "get", "register"]
 
@@ -70,7 +71,7 @@ class ObserverEntry:
         needs = obj.needs
         bad = set(needs) - NEEDS if isinstance(needs, (set, frozenset, tuple, list)) else {needs}
         if bad:
-            self.error = f"{obj.__name__}.needs has unknown items {sorted(map(str, bad))}"
+            self.error = unknown_needs(obj.__name__, map(str, bad), NEEDS)
             raise PluginError(f"{where} is invalid: {self.error}")
         if not (isinstance(obj.Params, type) and issubclass(obj.Params, BaseModel)):
             self.error = f"{obj.__name__}.Params must be a pydantic BaseModel subclass"

@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from .errors import RunError
+from .core.errors import RunError
+from .core.messages import MANIFEST
 
 __all__ = ["RunEntry", "SavedRun", "load_run"]
 
-MANIFEST = "manifest.json"
 _FIELDS = ("site", "step", "index", "tensor", "shape", "dtype", "file", "key")
 
 

@@ -5,6 +5,10 @@ model's sites through the framework adapters, installs interception only at site
 matches, and counts top-level forwards as steps. Detaching restores the very same objects; it runs
 on leaving the `with` block, on `detach()` (idempotent), when attaching fails half-way, and when an
 observer raises under `on_error: raise`.
+
+Adapters see an attachment only through `attntrace.tracing.binding` (`SiteBinding`, `Session`); this
+module is the facade on top and nothing below imports it. (It holds both `Tracer` and `Attachment`,
+about 460 lines: they share the attach/detach life cycle and the step counting.)
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +27,18 @@ import torch
 
 from . import registry
 from .adapters import Adapter, adapters_for
-from .call import AttentionCall
 from .config import TraceConfig
-from .errors import AttachError, ConfigError, SelectionError
-from .generation import Generation
+from .core.errors import AttachError, ConfigError, OutputWriteError, SelectionError, describe_failure, write_failure
+from .core.generation import Generation
+from .core.messages import EMPTY_GLOB, unknown_needs
+from .core.observer import NEEDS, Observer
+from .core.selection import StepSelector, closest_sites, kind_matches, match_sites, pattern_matches, validate_kinds
+from .core.site import Site
 from .lifecycle import GenerationLifecycle
-from .observer import NEEDS, Observer
 from .pipeline import PipelineHook, is_pipeline
-from .selection import StepSelector, closest_sites, kind_matches, match_sites, pattern_matches, validate_kinds
-from .site import Site
+from .tracing.binding import RuleEntry, SiteBinding
 
-__all__ = ["Attachment", "SiteBinding", "Tracer", "find_sites", "resolve_model"]
+__all__ = ["Attachment", "RuleEntry", "Tracer", "find_sites", "resolve_model"]
 
 log = logging.getLogger("attntrace")
 
@@ -82,69 +86,6 @@ def _claimed_sites(module: torch.nn.Module, adapters: Sequence[Adapter]) -> list
                     seen.add(id(site.module))
                     claimed.append((site, adapter))
     return claimed
-
-
-@dataclass
-class RuleEntry:
-    """A rule bound to its observer instance."""
-
-    label: str
-    observer: Observer
-    patterns: list[str]
-    kinds: tuple[str, ...] | None
-    steps: StepSelector
-
-    def matches(self, site: Site) -> bool:
-        return kind_matches(self.kinds, site.kind) and any(pattern_matches(p, site.name) for p in self.patterns)
-
-
-class SiteBinding:
-    """Everything the interception at one site needs: the site, its rules, the attachment."""
-
-    def __init__(self, site: Site, entries: list[RuleEntry], attachment: Attachment, adapter: Adapter) -> None:
-        self.site = site
-        self.entries = entries
-        self.attachment = attachment
-        self.adapter = adapter
-        # Filled by the adapter at install time.
-        self.original: Any = None
-        self.proxy: Any = None
-        self.interceptor: Any = None
-        self.handler: Callable[[tuple[Any, ...], dict[str, Any]], Any] | None = None
-        self.classic_scores: Callable[..., torch.Tensor] | None = None
-        self.text_first: bool | None = None
-        self.replaced = False
-        self._cache: tuple[int, int, list[Observer]] = (-1, -1, [])
-
-    def call_processor(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """Entry point of a proxy's `__call__`."""
-        assert self.handler is not None
-        return self.handler(args, kwargs)
-
-    def observers_at(self, step: int) -> list[Observer]:
-        """The observers that run at this site at `step` (empty: the layer runs untouched)."""
-        att = self.attachment
-        cached_step, generation, observers = self._cache
-        if cached_step == step and generation == att.generation:
-            return observers
-        if not att.active:
-            observers = []
-        else:
-            observers = [e.observer for e in self.entries if step in e.steps and e.observer not in att.disabled]
-        self._cache = (step, att.generation, observers)
-        return observers
-
-    def dispatch(self, call: AttentionCall, observers: Sequence[Observer]) -> None:
-        """Hand `call` to `observers` in rule order, applying the error policy."""
-        for observer in observers:
-            if observer in self.attachment.disabled:
-                continue
-            state = call._checkpoint()
-            try:
-                observer.on_call(call)
-            except Exception as exc:
-                call._rollback(state)  # a failed observer's half-done edits are not kept (warn policy)
-                self.attachment.observer_failed(observer, self.site.name, call.step, exc)
 
 
 class Attachment(GenerationLifecycle):
@@ -354,7 +295,7 @@ class Tracer:
             raise ConfigError("params go to the observer's constructor when passing an instance", field="params")
         patterns = [match] if isinstance(match, str) else list(match)
         if not patterns or any(not isinstance(p, str) or not p.strip() for p in patterns):
-            raise ConfigError("empty glob; use '*' for every site or a pattern like '*attn2'", field="match")
+            raise ConfigError(EMPTY_GLOB, field="match")
         kinds = validate_kinds(kind, "kind")
         self._add_entry(observer, patterns, kinds, StepSelector.parse(steps), name or observer.name or
                         type(observer).__name__.lower())  # fmt: skip
@@ -365,8 +306,7 @@ class Tracer:
     ) -> None:
         unknown = set(observer.needs) - NEEDS
         if unknown:
-            name = type(observer).__name__
-            raise ConfigError(f"{name}.needs has unknown items {sorted(unknown)}; use {sorted(NEEDS)}")
+            raise ConfigError(unknown_needs(type(observer).__name__, unknown, NEEDS))
         taken = {e.label for e in self.entries}
         base, n = label, 2
         while label in taken:
@@ -478,13 +418,26 @@ class Tracer:
             att.force_group = old
 
     def save(self, directory: str | Path | None = None) -> list[Path]:
-        """Ask every observer to write its results under `directory/<label>/`."""
+        """Ask every observer to write its results under `directory/<label>/`.
+
+        A failed write (disk full, file too large, read-only) is an `OutputWriteError` naming the observer.
+        """
         root = Path(directory) if directory is not None else self.output_dir
         if root is None:
             raise ConfigError("no directory: pass one or set Tracer(output_dir=...)", field="output_dir")
         files: list[Path] = []
         for e in self.entries:
-            files += e.observer.save(root / e.label.replace("#", "_"))
+            where = root / e.label.replace("#", "_")
+            try:
+                files += e.observer.save(where)
+            except Exception as exc:
+                broken = write_failure(exc)
+                if broken is None or isinstance(broken, OutputWriteError):
+                    raise
+                raise OutputWriteError(
+                    f"observer {e.label!r} could not write its results under {where}: {describe_failure(broken)}",
+                    path=str(where),
+                ) from exc
         return files
 
     @property
@@ -528,22 +481,21 @@ class Tracer:
         plan = self._plan(sites)
         attachment = Attachment(self, module, sites)
         try:
+            by_adapter: dict[int, list[SiteBinding]] = {}
             for site in sites:
                 entries = plan.get(site.name)
                 if entries:
-                    attachment.bindings[site.name] = SiteBinding(site, entries, attachment, owner[site.name])
-            by_adapter: dict[int, list[SiteBinding]] = {}
-            for b in attachment.bindings.values():
-                by_adapter.setdefault(id(b.adapter), []).append(b)
+                    binding = attachment.bindings[site.name] = SiteBinding(site, entries, attachment)
+                    by_adapter.setdefault(id(owner[site.name]), []).append(binding)
             for adapter in adapters:
                 group = by_adapter.get(id(adapter))
                 if group:
-                    undo = adapter.prepare(module, attachment, group)
+                    undo = adapter.prepare(module, group)
                     if undo is not None:
                         attachment._undos.append(undo)
             attachment.active = True
             for b in attachment.bindings.values():
-                attachment._undos.append(b.adapter.install(b))
+                attachment._undos.append(owner[b.site.name].install(b))
             attachment._install_step_hooks()
             attachment.per_call = generation_per_call
             if is_pipeline(model):

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from attntrace import AttentionCall, Observer, Tracer, registry
-from attntrace.errors import UnknownObserverError
+from attntrace.core.errors import UnknownObserverError
 
 
 def build_unet(workload: str) -> tuple[torch.nn.Module, dict[str, Any]]:

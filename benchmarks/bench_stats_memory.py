@@ -40,9 +40,9 @@ def run_case(case: str, mib: float) -> dict[str, float]:
     torch.set_num_threads(2)
     root = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(root))
-    from attntrace.call import AttentionCall
+    from attntrace.core.call import AttentionCall
+    from attntrace.core.site import Site
     from attntrace.observers.stats import Stats
-    from attntrace.site import Site
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(B, H, L, D) for _ in range(3))

@@ -2,7 +2,7 @@
 softmax inline (the `transformers-manual` adapter's sites), which are refused and why.
 
 Imports every `transformers.models.<family>.modeling_<family>` module (no model is built) and applies the
-adapter's own class rule (`_classify`) plus the name/head-count rule `find_sites` uses. Run:
+adapter's own class rule (`classify`) plus the name/head-count rule `find_sites` uses. Run:
 `python benchmarks/hf_manual_census.py > benchmarks/hf_manual_census.md`.
 """
 
@@ -18,8 +18,8 @@ from collections import defaultdict
 import torch
 import transformers
 
-from attntrace.adapters.base import forward_mentions
-from attntrace.adapters.hf_manual import _classify
+from attntrace.adapters.detect import forward_mentions
+from attntrace.adapters.hf_manual import classify
 
 warnings.filterwarnings("ignore")
 root = os.path.join(os.path.dirname(transformers.__file__), "models")
@@ -45,7 +45,7 @@ for fam in sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root
             if cls.forward is not torch.nn.Module.forward and forward_mentions(cls, "ALL_ATTENTION_FUNCTIONS"):
                 registry.add(fam)
                 continue
-            ok, note = _classify(cls)
+            ok, note = classify(cls)
             if not ok or "att" not in cls_name.lower():
                 continue
             if note:

@@ -86,7 +86,7 @@ def test_compiled_traced_model_runs_observers_every_step_without_recompiling() -
 
 def test_custom_op_matches_its_fake_implementation() -> None:
     # Inductor checks sizes and strides against the fake implementation: opcheck runs the same checks.
-    from attntrace import compiled
+    from attntrace.tracing import compiled
 
     # A (B, H, L, D) view of a (B, L, H, D) tensor, as diffusers' processors pass it; site key 0 is no
     # site (the plain-kernel branch), whose kernel returns a non-contiguous output for this input.

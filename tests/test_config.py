@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from attntrace import ConfigError, TraceConfig, Tracer, UnknownObserverError
-from attntrace.selection import StepSelector, pattern_matches
+from attntrace.core.selection import StepSelector, pattern_matches
 
 GOOD = """
 strict: false

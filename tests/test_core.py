@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tiny import FAMILIES, run
 
 from attntrace import AttachError, AttentionCall, Observer, SelectionError, Tracer, kernel
-from attntrace.proxy import AttentionProxy
+from attntrace.adapters.diffusers.proxy import AttentionProxy
 
 
 class Recorder(Observer):
@@ -123,7 +123,7 @@ def test_probs_computed_only_when_needed_and_edit_runs_attention_once() -> None:
         needs = frozenset({"query"})
 
         def on_call(self, call: AttentionCall) -> None:
-            assert call._probs is None
+            assert call.computed_probs is None
             call.query.shape  # noqa: B018
 
     class Scale(Observer):

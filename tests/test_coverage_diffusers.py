@@ -25,10 +25,10 @@ import pytest
 import torch
 
 from attntrace import Observer, Tracer, find_sites
+from attntrace.adapters.detect import weight_children
 from attntrace.adapters.diffusers import DiffusersAdapter
-from attntrace.adapters.torch_manual import _weight_children
-from attntrace.call import AttentionCall
-from attntrace.site import Site
+from attntrace.core.call import AttentionCall
+from attntrace.core.site import Site
 from tests.coverage_models import (
     CASES,
     NO_ATTENTION,
@@ -132,7 +132,7 @@ def transparency(name: str, builder: Any) -> dict[str, Any]:
     # No double claim: a site outside processors neither is nor wraps a diffusers processor module, except a
     # child its forward uses only for its weights (never called: SD3's IPAdapterTimeImageProjectionBlock.attn).
     for s in outside:
-        containers = set(_weight_children(s.module)) if s.adapter == "torch-manual" else set()
+        containers = set(weight_children(s.module)) if s.adapter == "torch-manual" else set()
         wrapped = [
             n for n, m in s.module.named_modules() if getattr(m, "processor", None) is not None and n not in containers
         ]

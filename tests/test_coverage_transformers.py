@@ -38,8 +38,8 @@ from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
 from transformers.modeling_utils import AttentionInterface  # noqa: E402
 
 from attntrace import Observer, Tracer, find_sites  # noqa: E402
-from attntrace.call import AttentionCall  # noqa: E402
-from attntrace.errors import AttachError  # noqa: E402
+from attntrace.core.call import AttentionCall  # noqa: E402
+from attntrace.core.errors import AttachError  # noqa: E402
 from tests import coverage_transformers as ct  # noqa: E402
 
 ATOL = 1e-5
@@ -182,11 +182,11 @@ def _ask_weights(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[st
 
 def _torch_mha(model: torch.nn.Module) -> list[str]:
     """Classes whose forward calls torch's functional multi-head attention (WavLM's gated relative bias)."""
-    from attntrace.adapters.hf_manual import _attention_source  # forward plus its self.method helpers
+    from attntrace.adapters.hf_manual import attention_source  # forward plus its self.method helpers
 
     names = set()
     for m in list(model.modules())[1:]:
-        if "multi_head_attention_forward(" in _attention_source(type(m)):
+        if "multi_head_attention_forward(" in attention_source(type(m)):
             names.add(type(m).__name__)
     return sorted(names)
 

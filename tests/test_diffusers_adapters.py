@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from attntrace import Observer, Tracer
-from attntrace.call import AttentionCall
+from attntrace.core.call import AttentionCall
 from tests import tiny
 from tests.test_coverage_diffusers import transparency
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from attntrace import Observer, Tracer
-from attntrace.call import AttentionCall
+from attntrace.core.call import AttentionCall
 from tests import tiny
 
 dispatch = pytest.importorskip("diffusers.models.attention_dispatch")

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from attntrace import ConfigError, Tracer
-from attntrace.selection import pattern_matches
+from attntrace.core.selection import pattern_matches
 from tests.tiny import FAMILIES, run
 
 Edit = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, str, int], torch.Tensor]

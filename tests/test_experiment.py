@@ -13,9 +13,9 @@ from PIL import Image
 
 import attntrace
 from attntrace import ConfigError, Observer, RunError
+from attntrace.core.kernel import attention_probs
 from attntrace.experiment import Experiment, apply_overrides, experiment_schema, load_experiment
 from attntrace.experiment.runner import plan_items, read_manifest, run_experiment
-from attntrace.kernel import attention_probs
 
 pytest.importorskip("diffusers")
 

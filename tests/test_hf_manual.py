@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("transformers")
 
 from attntrace import Observer, Tracer
-from attntrace.errors import AttachError, EditError, SelectionError
+from attntrace.core.errors import AttachError, EditError, SelectionError
 from attntrace.tracer import find_sites
 from tests.hf_manual_models import FAMILIES, SMOKE, build
 
@@ -342,12 +342,12 @@ def test_sdpa_branch_of_a_hand_written_module_is_caught_at_the_same_site() -> No
 def test_deformable_attention_is_classified_as_refused() -> None:
     from transformers.models.deformable_detr import modeling_deformable_detr as dd
 
-    from attntrace.adapters.hf_manual import _classify
+    from attntrace.adapters.hf_manual import classify
 
-    ok, note = _classify(dd.DeformableDetrMultiscaleDeformableAttention)
+    ok, note = classify(dd.DeformableDetrMultiscaleDeformableAttention)
     assert ok and "deformable" in note and "sampling points" in note
     # Its registry-based self-attention in the same model is not claimed by this adapter.
-    assert _classify(dd.DeformableDetrSelfAttention) == (False, "")
+    assert classify(dd.DeformableDetrSelfAttention) == (False, "")
 
 
 def test_cli_sites_lists_refused_attention_with_its_note(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -392,9 +392,9 @@ def test_softmax_not_over_keys_is_classified_as_refused(module: str, cls: str, w
     # not an (Lq, Lk) probability matrix: listed with the reason, refused at attach (not crashing mid-call).
     import importlib
 
-    from attntrace.adapters.hf_manual import _classify
+    from attntrace.adapters.hf_manual import classify
 
-    ok, note = _classify(getattr(importlib.import_module(f"transformers.models.{module}"), cls))
+    ok, note = classify(getattr(importlib.import_module(f"transformers.models.{module}"), cls))
     assert ok and why in note
 
 

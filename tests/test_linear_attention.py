@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from attntrace import Observer, Tracer
-from attntrace.call import AttentionCall
-from attntrace.errors import AttachError, ConfigError, EditError, SelectionError
+from attntrace.core.call import AttentionCall
+from attntrace.core.errors import AttachError, ConfigError, EditError, SelectionError
 from tests.coverage_models import run, sana
 
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attntrace import Observer, Tracer
-from attntrace.errors import AttachError
+from attntrace.core.errors import AttachError
 
 
 class Record(Observer):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attntrace import Observer, Tracer
-from attntrace.errors import AttachError, SelectionError
+from attntrace.core.errors import AttachError, SelectionError
 from attntrace.tracer import find_sites
 
 DIM, HEADS, HEAD, SEQ = 32, 4, 1, 6

@@ -399,7 +399,7 @@ def test_llama_edits_round_trip(impl: str) -> None:
 
 
 def test_gpt2_upcast_eager_refused_and_unsupported_impl() -> None:
-    from attntrace.errors import AttachError
+    from attntrace.core.errors import AttachError
 
     torch.manual_seed(0)
     cfg = _gpt2_cfg(attn_implementation="eager", reorder_and_upcast_attn=True)

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from attntrace import ConfigError
-from attntrace.generation import Generation
-from attntrace.words import WordError, resolve_words, special_positions, token_labels
+from attntrace.core.generation import Generation
+from attntrace.core.words import WordError, resolve_words, special_positions, token_labels
 
 DEMO_TOKENIZER = Path(__file__).resolve().parents[1] / "attntrace" / "data" / "demo" / "tokenizer"
 

@@ -15,73 +15,33 @@ the output goes through `out_proj` as the module would.
 
 from __future__ import annotations
 
-import inspect
-import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from ..call import AttentionCall
-from ..errors import AttachError
-from ..intercept import KernelInterceptor
-from ..site import Site
-from .base import Adapter, Undo, forward_mentions
-
-if TYPE_CHECKING:
-    from ..tracer import SiteBinding
+from ..core.call import AttentionCall
+from ..core.errors import AttachError
+from ..core.layout import Layout
+from ..core.site import Site
+from ..tracing.binding import LayerCall, SiteBinding
+from ..tracing.intercept import KernelInterceptor
+from ..tracing.run import KernelCall, run_call
+from .base import Adapter, Undo
+from .detect import head_count, is_sdpa_module
 
 __all__ = ["TorchAdapter"]
 
 
+@dataclass(eq=False)
+class _MHAState:
+    """Per-site state of a traced `nn.MultiheadAttention`: a result the encoder-layer path hands down."""
 
-_SDPA = "scaled_dot_product_attention("
-_helper_cache: dict[type, bool] = {}
-
-
-def _calls_sdpa(cls: type) -> bool:
-    """Whether `cls.forward` calls `scaled_dot_product_attention`, directly or through a helper method of
-    the class it calls as `self.<name>(...)` (e.g. diffusers' `VidTokAttnBlock.attention`); cached per class."""
-    if forward_mentions(cls, _SDPA):
-        return True
-    cached = _helper_cache.get(cls)
-    if cached is None:
-        cached = _helper_cache[cls] = _helper_calls_sdpa(cls)
-    return cached
-
-
-def _helper_calls_sdpa(cls: type) -> bool:
-    try:
-        source = inspect.getsource(cls.forward)  # type: ignore[attr-defined]
-    except (OSError, TypeError):
-        return False
-    for name in set(re.findall(r"self\.(\w+)\(", source)):
-        # Only methods of the class itself: a submodule attribute lives on the instance and is a site of its own.
-        helper = inspect.getattr_static(cls, name, None)
-        if isinstance(helper, (staticmethod, classmethod)):
-            helper = helper.__func__
-        if not inspect.isfunction(helper) or helper.__name__ == "forward":
-            continue
-        try:
-            if _SDPA in inspect.getsource(helper):
-                return True
-        except (OSError, TypeError):
-            continue
-    return False
-
-
-def _is_candidate(module: torch.nn.Module) -> bool:
-    from .torch_manual import hand_written
-
-    return isinstance(module, torch.nn.MultiheadAttention) or (
-        type(module).forward is not torch.nn.Module.forward
-        and _calls_sdpa(type(module))
-        # A module with both an F.sdpa branch and a hand-written softmax branch is the torch-manual
-        # adapter's: its interceptor catches F.sdpa too.
-        and not hand_written(module)
-    )
+    # None: dispatch as usual; "skip": run the module untouched (already dispatched); a tuple: return it.
+    override: Any = None
 
 
 class TorchAdapter(Adapter):
@@ -93,7 +53,7 @@ class TorchAdapter(Adapter):
         return isinstance(model, torch.nn.Module)
 
     def find_sites(self, model: torch.nn.Module) -> list[Site]:
-        candidates = [(n, m) for n, m in model.named_modules() if _is_candidate(m)]
+        candidates = [(n, m) for n, m in model.named_modules() if is_sdpa_module(m)]
         names = [n for n, _ in candidates]
         sites = []
         for name, module in candidates:
@@ -111,7 +71,7 @@ class TorchAdapter(Adapter):
                     module=module,
                     adapter=self.name,
                     processor_class="MultiheadAttention" if mha else "F.scaled_dot_product_attention",
-                    heads=getattr(module, "num_heads", None) or getattr(module, "heads", None),
+                    heads=head_count(module),
                     # probs stays True: `install` refuses with the real reason, not as "linear attention".
                     note=note,
                 )
@@ -131,12 +91,12 @@ class TorchAdapter(Adapter):
                     f"site {binding.site.name!r}: nn.MultiheadAttention with bias_k/bias_v or add_zero_attn "
                     "is not supported by attntrace"
                 )
-            forward = _mha_forward(binding, module)
-            binding.mha_override = None
-            undo_layer = _patch_encoder_layer(binding, module)
+            state = _MHAState()
+            forward = _mha_forward(binding, module, state)
+            undo_layer = _patch_encoder_layer(binding, module, state)
         else:
             undo_layer = None
-            forward = _sdpa_forward(binding, module)
+            forward = KernelInterceptor(binding).forward_for(module.forward)
         module.forward = forward  # an instance attribute shadows the class's forward
 
         def undo() -> None:
@@ -148,7 +108,7 @@ class TorchAdapter(Adapter):
         return undo
 
 
-def _patch_encoder_layer(binding: SiteBinding, mha: torch.nn.MultiheadAttention) -> Undo | None:
+def _patch_encoder_layer(binding: SiteBinding, mha: torch.nn.MultiheadAttention, state: _MHAState) -> Undo | None:
     name = binding.site.name
     if not name.endswith("self_attn"):
         return None
@@ -161,7 +121,7 @@ def _patch_encoder_layer(binding: SiteBinding, mha: torch.nn.MultiheadAttention)
         return None
     if "forward" in vars(parent):
         raise AttachError(f"module {parent_name!r} already has an instance-level forward; remove it first")
-    forward = _encoder_layer_forward(binding, parent)
+    forward = _encoder_layer_forward(binding, parent, state)
     parent.forward = forward
 
     def undo() -> None:
@@ -169,13 +129,6 @@ def _patch_encoder_layer(binding: SiteBinding, mha: torch.nn.MultiheadAttention)
             del parent.forward
 
     return undo
-
-
-def _sdpa_forward(binding: SiteBinding, module: torch.nn.Module) -> Any:
-    original = module.forward
-    binding.original = original
-    interceptor = binding.interceptor = KernelInterceptor(binding)
-    return interceptor.forward_for(original)
 
 
 def _bind_mha(
@@ -208,12 +161,13 @@ class _SlowPath(TorchFunctionMode):
 
 def _mha_call(
     binding: SiteBinding,
+    layer: LayerCall,
     mha: torch.nn.MultiheadAttention,
-    step: int,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> tuple[AttentionCall, Callable[[], tuple[torch.Tensor, torch.Tensor | None]]]:
-    """Rebuild the call of `mha(*args, **kwargs)` from its weights; `finish()` gives the edited result."""
+    """Rebuild the call of `mha(*args, **kwargs)` from its weights and dispatch it; `finish()` gives the
+    edited result (through `out_proj`, as the module would)."""
     query, key, value, kpm, need_weights, attn_mask, average = _bind_mha(*args, **kwargs)
     unbatched = query.dim() == 2
     if unbatched:
@@ -252,11 +206,10 @@ def _mha_call(
     ) -> torch.Tensor:
         return F.scaled_dot_product_attention(q2, k2, v2, attn_mask=m2)
 
-    call = AttentionCall(
-        site=binding.site, step=step, timestep=binding.attachment.timestep, query=q, key=k, value=v,
-        attn_mask=mask, scale=None, is_causal=False, enable_gqa=False, kernel_fn=kernel_fn,
-        image_tokens=slice(0, lq),
-    )  # fmt: skip
+    call = run_call(binding, layer, KernelCall(
+        query=q, key=k, value=v, attn_mask=mask, scale=None, is_causal=False, enable_gqa=False,
+        kernel_fn=kernel_fn, layout=Layout("self", image=slice(0, lq)),
+    ), result=False).call  # fmt: skip
 
     def finish() -> tuple[torch.Tensor, torch.Tensor | None]:
         out = call.output.permute(2, 0, 1, 3).reshape(lq, b, e).to(query.dtype)
@@ -277,33 +230,30 @@ def _mha_call(
     return call, finish
 
 
-def _mha_forward(binding: SiteBinding, mha: torch.nn.MultiheadAttention) -> Any:
+def _mha_forward(binding: SiteBinding, mha: torch.nn.MultiheadAttention, state: _MHAState) -> Any:
     original = mha.forward
-    binding.original = original
-    attachment = binding.attachment
 
     def forward(*args: Any, **kwargs: Any) -> Any:
-        override = binding.mha_override
+        override = state.override
         if override is not None:
-            binding.mha_override = None
+            state.override = None
             return original(*args, **kwargs) if override == "skip" else override
-        step = attachment.step
-        observers = binding.observers_at(step)
-        if not observers:
+        layer = binding.enter()
+        if layer is None:
             return original(*args, **kwargs)
-        call, finish = _mha_call(binding, mha, step, args, kwargs)
-        binding.dispatch(call, observers)
+        call, finish = _mha_call(binding, layer, mha, args, kwargs)
         # Untouched: the module's own forward (fast path or not) gives the result, bit for bit.
         return original(*args, **kwargs) if not call.edited else finish()
 
     return forward
 
 
-def _encoder_layer_forward(binding: SiteBinding, layer: torch.nn.TransformerEncoderLayer) -> Any:
+def _encoder_layer_forward(
+    binding: SiteBinding, encoder: torch.nn.TransformerEncoderLayer, state: _MHAState
+) -> Any:
     """`TransformerEncoderLayer` in eval without grad runs one fused op and never calls its `self_attn`."""
-    original = layer.forward
-    attachment = binding.attachment
-    mha = layer.self_attn
+    original = encoder.forward
+    mha = encoder.self_attn
 
     def forward(
         src: torch.Tensor,
@@ -311,25 +261,23 @@ def _encoder_layer_forward(binding: SiteBinding, layer: torch.nn.TransformerEnco
         src_key_padding_mask: torch.Tensor | None = None,
         is_causal: bool = False,
     ) -> torch.Tensor:
-        step = attachment.step
-        observers = binding.observers_at(step)
-        if not observers:
+        layer = binding.enter()
+        if layer is None:
             return original(src, src_mask, src_key_padding_mask, is_causal=is_causal)
-        x = layer.norm1(src) if layer.norm_first else src
+        x = encoder.norm1(src) if encoder.norm_first else src
         kw = {"attn_mask": src_mask, "key_padding_mask": src_key_padding_mask, "need_weights": False}
-        call, finish = _mha_call(binding, mha, step, (x, x, x), kw)
-        binding.dispatch(call, observers)
+        call, finish = _mha_call(binding, layer, mha, (x, x, x), kw)
         if not call.edited:
-            binding.mha_override = "skip"  # the slow path must not dispatch this call a second time
+            state.override = "skip"  # the slow path must not dispatch this call a second time
             try:
                 return original(src, src_mask, src_key_padding_mask, is_causal=is_causal)
             finally:
-                binding.mha_override = None
-        binding.mha_override = finish()
+                state.override = None
+        state.override = finish()
         try:
             with _SlowPath():  # the edited attention result must go through `self_attn`
                 return original(src, src_mask, src_key_padding_mask, is_causal=is_causal)
         finally:
-            binding.mha_override = None
+            state.override = None
 
     return forward

@@ -19,29 +19,23 @@ import re
 import sys
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from ..call import AttentionCall
-from ..errors import AttachError
-from ..site import Kind, Site
-from .base import Adapter, Undo, forward_mentions
-
-if TYPE_CHECKING:
-    from ..tracer import Attachment, SiteBinding
+from ..core.call import AttentionCall
+from ..core.errors import AttachError
+from ..core.layout import Layout
+from ..core.site import Site
+from ..tracing.binding import LayerCall, SiteBinding
+from ..tracing.run import KernelCall, run_call
+from .base import Adapter, Undo
+from .detect import calls_registry, head_count, is_transformers_model, kind_by_name
 
 __all__ = ["TransformersAdapter"]
 
 _SUPPORTED = ("sdpa", "eager")
 _counter = itertools.count()
-# Names of cross-attention submodules in encoder-decoder families (T5, BART/Whisper/Marian...).
-_CROSS_NAMES = ("EncDecAttention", "encoder_attn", "crossattention", "cross_attn")
-
-
-def _is_attention_class(cls: type) -> bool:
-    """Whether `cls.forward` calls the attention-function registry (the rule transformers itself uses)."""
-    return forward_mentions(cls, "ALL_ATTENTION_FUNCTIONS")
 
 
 def _branches_on_implementation(cls: type) -> bool:
@@ -51,25 +45,6 @@ def _branches_on_implementation(cls: type) -> bool:
     except (OSError, TypeError):
         return False
     return re.search(r"_attn_implementation\s*(==|!=|in\s*\()", source) is not None
-
-
-def _kind(name: str, module: torch.nn.Module) -> Kind:
-    if getattr(module, "is_cross_attention", False) is True or "CrossAttention" in type(module).__name__:
-        return "cross"
-    parts = name.split(".")
-    if any(p in _CROSS_NAMES for p in parts[-2:]):
-        return "cross"
-    return "self"
-
-
-def _heads(module: torch.nn.Module) -> int | None:
-    for attr in ("num_heads", "num_attention_heads", "n_heads", "n_head"):
-        v = getattr(module, attr, None)
-        if isinstance(v, int):
-            return v
-    config = getattr(module, "config", None)
-    v = getattr(config, "num_attention_heads", None)
-    return v if isinstance(v, int) else None
 
 
 def _eager_fn(module: torch.nn.Module) -> Callable[..., Any]:
@@ -141,12 +116,10 @@ class _Registration:
                 return original(module, query, key, value, attention_mask, *args, **kwargs)
             if args:  # rare: extra arguments passed by position; name them as the original function does
                 kwargs = _as_keywords(original, module, query, key, value, attention_mask, args, kwargs)
-            observers = binding.observers_at(binding.attachment.step)
-            if not observers:
+            layer = binding.enter()
+            if layer is None:
                 return original(module, query, key, value, attention_mask, **kwargs)
-            return _traced(
-                binding, observers, impl, original, module, query, key, value, attention_mask, kwargs
-            )
+            return _traced(binding, layer, impl, original, module, query, key, value, attention_mask, kwargs)
 
         attention.__name__ = f"attntrace_{impl}_attention"
         return attention
@@ -154,7 +127,7 @@ class _Registration:
 
 def _traced(
     binding: SiteBinding,
-    observers: list[Any],
+    layer: LayerCall,
     impl: str,
     original: Callable[..., Any],
     module: torch.nn.Module,
@@ -184,7 +157,7 @@ def _traced(
     eager = _eager_fn(module)
 
     def probs_fn(call: AttentionCall, rows: slice | None) -> torch.Tensor:
-        if rows is None and native_weights and native_weights[0] is not None and not call._inputs_edited:
+        if rows is None and native_weights and native_weights[0] is not None and not call.inputs_edited:
             return native_weights[0].float()
         q = call.query
         m = call.attn_mask
@@ -208,21 +181,22 @@ def _traced(
         weights = eager(module, q, call.key, call.value, m, scaling=call.scale, dropout=0.0, **kw)[1]
         return weights.float()
 
-    call = AttentionCall(
-        site=binding.site, step=binding.attachment.step, timestep=binding.attachment.timestep,
+    kind = binding.site.kind
+    outcome = run_call(binding, layer, KernelCall(
         query=query, key=key, value=value, attn_mask=mask, scale=scale, is_causal=is_causal,
         enable_gqa=key.shape[1] != query.shape[1], kernel_fn=kernel_fn, native_fn=native,
         to_canonical=lambda t: t.transpose(1, 2), probs_fn=probs_fn,
-        image_tokens=slice(0, q_len) if binding.site.kind == "self" else None,
-        text_tokens=slice(0, key.shape[-2]) if binding.site.kind == "cross" else None,
-    )  # fmt: skip
-    binding.dispatch(call, observers)
-    out, raw = call._result()
-    if not raw:
+        layout=Layout(kind, text=slice(0, key.shape[-2]) if kind == "cross" else None,
+                      image=slice(0, q_len) if kind == "self" else None),
+    ))  # fmt: skip
+    out, call = outcome.output, outcome.call
+    assert out is not None
+    if not outcome.native:
         out = out.transpose(1, 2).contiguous()
-    if call._probs is not None:
-        weights: torch.Tensor | None = call._probs.to(value.dtype)
-    elif raw and native_weights:
+    probs = call.computed_probs
+    if probs is not None:
+        weights: torch.Tensor | None = probs.to(value.dtype)
+    elif outcome.native and native_weights:
         weights = native_weights[0]
     else:
         weights = None
@@ -235,39 +209,31 @@ class TransformersAdapter(Adapter):
     name = "transformers"
 
     def applies_to(self, model: torch.nn.Module) -> bool:
-        if "transformers" not in sys.modules:
-            return False
-        try:
-            from transformers import PreTrainedModel
-        except ImportError:
-            return False
         # Also a transformers model nested in another framework's model (diffusers' UniDiffuserTextDecoder
         # holds a GPT-2, AutoencoderRAE a DINOv2 encoder): its attention modules read the registry all the same.
-        return any(isinstance(m, PreTrainedModel) for m in model.modules())
+        return is_transformers_model(model, nested=True)
 
     def find_sites(self, model: torch.nn.Module) -> list[Site]:
         sites = []
         for name, module in model.named_modules():
-            if not name or getattr(module, "config", None) is None or not _is_attention_class(type(module)):
+            if not name or getattr(module, "config", None) is None or not calls_registry(type(module)):
                 continue
             impl = getattr(module.config, "_attn_implementation", None)
             ok = impl in _SUPPORTED or (isinstance(impl, str) and impl.startswith("attntrace_"))
             sites.append(
                 Site(
                     name=name,
-                    kind=_kind(name, module),
+                    kind=kind_by_name(name, module),
                     module=module,
                     adapter=self.name,
                     processor_class=impl if isinstance(impl, str) else None,
-                    heads=_heads(module),
+                    heads=head_count(module),
                     note="" if ok else f"attn_implementation {impl!r}: load with 'sdpa' or 'eager' to trace",
                 )
             )
         return sites
 
-    def prepare(
-        self, model: torch.nn.Module, attachment: Attachment, bindings: list[SiteBinding]
-    ) -> Undo | None:
+    def prepare(self, model: torch.nn.Module, bindings: list[SiteBinding]) -> Undo | None:
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
         from transformers.modeling_utils import AttentionInterface
 
@@ -316,9 +282,6 @@ class TransformersAdapter(Adapter):
             saved.append((config, impl))
             # The internal attribute: the public setter would overwrite sub-configs' own settings.
             config._attn_implementation_internal = name
-        for b in bindings:
-            b.original = reg.names
-
         done = False
 
         def undo() -> None:

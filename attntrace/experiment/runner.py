@@ -12,17 +12,19 @@ Run directory layout (`runs/<name>/`):
 - Multi-process (`torchrun`/`accelerate launch`, env `RANK`/`WORLD_SIZE`): item *i* runs on rank
   *i % world*; each rank writes `manifest.rank<k>.json`; rank 0 merges them into `manifest.json`
   after a barrier (gloo on CPU, nccl on CUDA).
+
+About 680 lines: planning, the manifest, distributed shards and the per-item loop all read and write
+the one manifest format. Splitting it by concern (model loading, manifest I/O, the item loop) is the
+next step once the concurrent experiment changes have landed (issue 13's closing note).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import errno
 import json
 import os
 import platform
-import re
 import shutil
 import sys
 import tempfile
@@ -33,12 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import AttnTraceError, ConfigError, OutputWriteError, RunError
+from ..core.errors import AttnTraceError, ConfigError, OutputWriteError, RunError, describe_failure, write_failure
+from ..core.messages import MANIFEST
 from .spec import Experiment, group_prompts
 
 __all__ = ["Item", "RunResult", "load_model", "plan_items", "run_experiment", "write_json_atomic"]
 
-MANIFEST = "manifest.json"
 FORMAT = 1
 
 
@@ -123,35 +125,6 @@ def check_writable(out: Path) -> None:
         raise ConfigError(
             f"the run directory {out} is not writable: {exc.strerror or exc}", field="output"
         ) from None
-
-
-# errno values that mean "the output cannot take more data": a run stops at the first one.
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
-
-
-def write_failure(exc: BaseException) -> BaseException | None:
-    """The write failure (disk full, file too large, read-only...) in `exc`'s chain, or None."""
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OutputWriteError):
-            return e
-        if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
-            return e
-        # safetensors reports I/O errors as SafetensorError("... (os error 28)").
-        m = re.search(r"os error (\d+)", str(e)) if type(e).__name__ == "SafetensorError" else None
-        if m and int(m.group(1)) in _WRITE_ERRNOS:
-            return e
-        e = e.__cause__ or e.__context__
-    return None
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and not isinstance(exc, OutputWriteError):
-        where = f": {exc.filename}" if exc.filename else ""
-        return f"{exc.strerror or exc}{where}"
-    return " ".join(str(exc).split())
 
 
 def read_manifest(path: Path) -> dict[str, Any] | None:
@@ -466,10 +439,10 @@ def run_experiment(
                     if broken is not None:
                         # Disk full / file too large / read-only: every later item would fail the same way.
                         # Stop at the first failed write; finished items stay listed and intact.
-                        rec.update(status="failed", error=f"write failed: {_describe(broken)}", finished=_now())
+                        rec.update(status="failed", error=f"write failed: {describe_failure(broken)}", finished=_now())
                         done = sum(r.get("status") == "done" for r in manifest["items"].values())
                         raise OutputWriteError(
-                            f"item {it.id}: writing results failed: {_describe(broken)}; the run stopped "
+                            f"item {it.id}: writing results failed: {describe_failure(broken)}; the run stopped "
                             f"({done} finished item(s) are kept in {shard_path}; free space and re-run to resume)",
                             path=getattr(broken, "path", None) or getattr(broken, "filename", None),
                         ) from None
@@ -575,18 +548,7 @@ def _run_item(
             else:
                 files += _run_pipeline(exp, model, it, item_dir, bar, tracer)
                 _hand_image_to_observers(tracer, files)
-        for label, obs in tracer.observers.items():  # tracer.save, one observer at a time (names who failed)
-            where = item_dir / label.replace("#", "_")
-            try:
-                files += obs.save(where)
-            except Exception as exc:
-                broken = write_failure(exc)
-                if broken is None or isinstance(broken, OutputWriteError):
-                    raise
-                raise OutputWriteError(
-                    f"observer {label!r} could not write its results under {where}: {_describe(broken)}",
-                    path=str(where),
-                ) from exc
+        files += tracer.save(item_dir)  # a failed write names the observer (OutputWriteError)
     finally:
         tracer.close()
     return files, extra
@@ -603,7 +565,7 @@ def _writing(path: Path) -> Iterator[None]:
             raise
         with contextlib.suppress(OSError):
             path.unlink()
-        raise OutputWriteError(f"cannot write {path}: {_describe(broken)}", path=str(path)) from exc
+        raise OutputWriteError(f"cannot write {path}: {describe_failure(broken)}", path=str(path)) from exc
 
 
 def _discard(item_dir: Path) -> None:

@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..config import TraceConfig, config_error_from, load_yaml, text_keys
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 
 __all__ = [
     "EditGroup",

@@ -13,9 +13,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..call import AttentionCall
-from ..errors import EditError
-from ..observer import Observer
+from ..core.call import AttentionCall
+from ..core.errors import EditError
+from ..core.observer import Observer
 
 __all__ = ["Ablate", "AblateParams"]
 

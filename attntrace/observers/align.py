@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
-from ..words import token_ids, whitespace_word_tokens
+from ..core.errors import ConfigError
+from ..core.words import token_ids, whitespace_word_tokens
 
 __all__ = ["refinement_mapper", "replacement_mapper"]
 

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..call import AttentionCall
-from ..errors import RunError
-from ..observer import Observer
+from ..core.call import AttentionCall
+from ..core.errors import RunError
+from ..core.observer import Observer
 
 __all__ = ["Heatmap", "HeatmapParams", "render", "word_maps", "word_tokens"]
 

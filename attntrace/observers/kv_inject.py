@@ -15,10 +15,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..call import AttentionCall
-from ..errors import EditError
-from ..generation import Generation
-from ..observer import Observer
+from ..core.call import AttentionCall
+from ..core.errors import EditError
+from ..core.generation import Generation
+from ..core.observer import Observer
 from .replace import batch_groups
 
 __all__ = ["KVInject", "KVInjectParams"]

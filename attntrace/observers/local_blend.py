@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 
-from ..call import AttentionCall
-from ..errors import ConfigError, EditError
-from ..generation import Generation
+from ..core.call import AttentionCall
+from ..core.errors import ConfigError, EditError
+from ..core.generation import Generation
 from .p2p import GroupEdit, P2PParams
 
 __all__ = ["LocalBlend", "LocalBlendParams"]

@@ -25,11 +25,11 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..call import AttentionCall
-from ..errors import ConfigError, EditError
-from ..generation import Generation
-from ..observer import Observer
-from ..words import generation_positions
+from ..core.call import AttentionCall
+from ..core.errors import ConfigError, EditError
+from ..core.generation import Generation
+from ..core.observer import Observer
+from ..core.words import generation_positions
 
 __all__ = ["GroupEdit", "GroupRows", "P2PParams", "Window"]
 

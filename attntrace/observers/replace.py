@@ -21,10 +21,10 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from ..call import AttentionCall
-from ..errors import ConfigError, EditError
-from ..generation import Generation
-from ..words import segments
+from ..core.call import AttentionCall
+from ..core.errors import ConfigError, EditError
+from ..core.generation import Generation
+from ..core.words import segments
 from .align import refinement_mapper, replacement_mapper
 from .p2p import GroupEdit, GroupRows, P2PParams
 

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from pydantic import Field, model_validator
 
-from ..call import AttentionCall
-from ..errors import EditError
+from ..core.call import AttentionCall
+from ..core.errors import EditError
 from .p2p import GroupEdit, GroupRows, P2PParams
 
 __all__ = ["Reweight", "ReweightParams"]

@@ -29,13 +29,13 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..call import AttentionCall
-from ..errors import ConfigError, OutputWriteError
-from ..observer import Observer, batch_rows
+from ..core.call import AttentionCall
+from ..core.errors import ConfigError, OutputWriteError
+from ..core.messages import MANIFEST
+from ..core.observer import Observer, batch_rows
 
 __all__ = ["MANIFEST", "Save", "SaveParams"]
 
-MANIFEST = "manifest.json"
 TENSORS = ("query", "key", "value", "probs", "output")
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _STOP = object()

@@ -12,8 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..call import AttentionCall
-from ..observer import Observer
+from ..core.call import AttentionCall
+from ..core.observer import Observer
 
 __all__ = ["Shapes"]
 

@@ -20,9 +20,9 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..call import AttentionCall
-from ..errors import ConfigError
-from ..observer import Observer, batch_rows
+from ..core.call import AttentionCall
+from ..core.errors import ConfigError
+from ..core.observer import Observer, batch_rows
 
 __all__ = ["Stats", "StatsParams"]
 

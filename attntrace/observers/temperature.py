@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..call import AttentionCall
-from ..observer import Observer
+from ..core.call import AttentionCall
+from ..core.observer import Observer
 
 __all__ = ["Temperature", "TemperatureParams"]
 

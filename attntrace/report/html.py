@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from ..errors import RunError
+from ..core.errors import RunError
+from ..core.messages import MANIFEST
 
 __all__ = ["find_runs", "write_report"]
 
@@ -42,9 +43,9 @@ _CHECK_SCRIPT = (
 
 def find_runs(root: Path) -> list[Path]:
     """`root` itself if it holds a `manifest.json`, else every folder below it that does (sorted)."""
-    if (root / "manifest.json").is_file():
+    if (root / MANIFEST).is_file():
         return [root]
-    return sorted(p.parent for p in root.rglob("manifest.json"))
+    return sorted(p.parent for p in root.rglob(MANIFEST))
 
 
 def _src(path: Path, base: Path) -> str:
@@ -58,7 +59,7 @@ def _figure(path: Path, base: Path, caption: str | None = None) -> str:
 
 def _run_section(run: Path, base: Path) -> str:
     try:
-        manifest: dict[str, Any] = json.loads((run / "manifest.json").read_text(encoding="utf-8"))
+        manifest: dict[str, Any] = json.loads((run / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise RunError(f"cannot read {run / 'manifest.json'}: {exc}") from None
     items: dict[str, Any] = manifest.get("items", {})

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import re
+
 
 class AttnTraceError(Exception):
     """Root of every error attntrace raises on purpose."""
@@ -45,3 +48,33 @@ class OutputWriteError(RunError):
     def __init__(self, message: str, *, path: str | None = None) -> None:
         self.path = path
         super().__init__(message)
+
+
+# errno values that mean "the output cannot take more data": a run stops at the first one.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def write_failure(exc: BaseException) -> BaseException | None:
+    """The write failure (disk full, file too large, read-only...) in `exc`'s chain, or None."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OutputWriteError):
+            return e
+        if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
+            return e
+        # safetensors reports I/O errors as SafetensorError("... (os error 28)").
+        m = re.search(r"os error (\d+)", str(e)) if type(e).__name__ == "SafetensorError" else None
+        if m and int(m.group(1)) in _WRITE_ERRNOS:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line for a write failure: the OS message and file, or the error's text."""
+    if isinstance(exc, OSError) and not isinstance(exc, OutputWriteError):
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror or exc}{where}"
+    return " ".join(str(exc).split())

@@ -3,23 +3,41 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import ConfigError
+from .messages import short_repr, unknown_parameter
+from .site import Site
 
 if TYPE_CHECKING:
     import torch
 
     from .call import AttentionCall
     from .generation import Generation
-    from .tracer import Attachment
 
-__all__ = ["NEEDS", "NoParams", "Observer", "batch_rows"]
+__all__ = ["NEEDS", "AttachmentView", "NoParams", "Observer", "batch_rows"]
 
 #: What an observer may read from a call; `probs` is the costly one.
 NEEDS = frozenset({"query", "key", "value", "probs", "output"})
+
+
+class AttachmentView(Protocol):
+    """What an observer sees of the attachment in `on_attach` (`attntrace.Attachment` is one)."""
+
+    model: torch.nn.Module
+    sites: list[Site]
+
+    @property
+    def step(self) -> int: ...
+
+    @property
+    def traced_sites(self) -> list[str]: ...
+
+    @property
+    def output_dir(self) -> Path | None: ...
 
 
 class NoParams(BaseModel):
@@ -69,7 +87,7 @@ class Observer:
         except ValidationError as exc:
             raise ConfigError(_first_error(exc, cls), field=_error_path(exc, field)) from None
 
-    def on_attach(self, attachment: Attachment) -> None:
+    def on_attach(self, attachment: AttachmentView) -> None:
         """Called once when the tracer attaches, with the attachment (sites, model, output dir)."""
 
     def on_call(self, call: AttentionCall) -> None:
@@ -130,8 +148,5 @@ def _first_error(exc: ValidationError, cls: type[Observer]) -> str:
     err = exc.errors()[0]
     msg = str(err.get("msg", "invalid value"))
     if err.get("type") == "extra_forbidden":
-        allowed = ", ".join(cls.Params.model_fields) or "none"
-        return f"unknown parameter for observer {cls.name or cls.__name__!r} (allowed: {allowed})"
-    from .config import short_repr  # bounded: never walks a whole alias-bomb value
-
+        return unknown_parameter(cls.name or cls.__name__, cls.Params.model_fields)
     return f"{msg} (got {short_repr(err.get('input'))})"

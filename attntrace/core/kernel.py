@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -18,7 +19,22 @@ __all__ = [
     "expand_kv_heads",
     "iter_attention_probs",
     "output_from_probs",
+    "sdpa_arguments",
 ]
+
+
+def sdpa_arguments(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> tuple[Any, ...]:
+    """`F.scaled_dot_product_attention`'s arguments, positional or keyword, as one tuple in order."""
+    return query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
 
 
 def expand_kv_heads(kv: torch.Tensor, query_heads: int) -> torch.Tensor:

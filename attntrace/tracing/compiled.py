@@ -13,20 +13,27 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from .intercept import KernelInterceptor
+from ..core.kernel import sdpa_arguments
+from .binding import LayerCall
 
-__all__ = ["register", "traced_sdpa"]
+__all__ = ["SdpaTarget", "register", "traced_sdpa"]
 
-_interceptors: weakref.WeakValueDictionary[int, KernelInterceptor] = weakref.WeakValueDictionary()
+
+class SdpaTarget(Protocol):
+    """What the op's body calls at run time (a site's `KernelInterceptor`)."""
+
+    def eager_sdpa(self, args: tuple[Any, ...], kwargs: dict[str, Any], hints: LayerCall) -> torch.Tensor: ...
+
+
+_interceptors: weakref.WeakValueDictionary[int, SdpaTarget] = weakref.WeakValueDictionary()
 _keys = itertools.count(1)
 
 
-def register(interceptor: KernelInterceptor) -> int:
+def register(interceptor: SdpaTarget) -> int:
     """A key the compiled graph carries as a constant to find `interceptor` at run time."""
     key = next(_keys)
     _interceptors[key] = interceptor
@@ -54,9 +61,9 @@ def _sdpa_op(
     interceptor = _interceptors.get(site_key)
     if interceptor is None:  # detached since compilation: the plain kernel
         return torch.nn.functional.scaled_dot_product_attention(query, key, value, **kwargs).contiguous()
-    out = interceptor.eager_sdpa(
-        (query, key, value), kwargs, image_len or None, text_len or None, (image_h, image_w) if image_h else None
-    )
+    hints = LayerCall(observers=(), step=-1, timestep=None, image_len=image_len or None, text_len=text_len or None,
+                      image_hw=(image_h, image_w) if image_h else None)  # fmt: skip
+    out = interceptor.eager_sdpa((query, key, value), kwargs, hints)
     # The compiled graph expects the fake implementation's layout (contiguous), and a custom op must not
     # return one of its inputs or a view of one.
     for t in (query, key, value):
@@ -70,13 +77,9 @@ def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *rest: Any) -
     return query.new_empty((*query.shape[:-1], value.shape[-1]))
 
 
-def traced_sdpa(
-    interceptor: KernelInterceptor, site_key: int, args: tuple[Any, ...], kwargs: dict[str, Any], layer: Any
-) -> torch.Tensor:
+def traced_sdpa(site_key: int, args: tuple[Any, ...], kwargs: dict[str, Any], layer: LayerCall) -> torch.Tensor:
     """The call Dynamo puts in the graph in place of a traced site's SDPA."""
-    from .intercept import _bind_sdpa
-
-    q, k, v, mask, dropout_p, is_causal, scale, gqa = _bind_sdpa(*args, **kwargs)
+    q, k, v, mask, dropout_p, is_causal, scale, gqa = sdpa_arguments(*args, **kwargs)
     hw = layer.image_hw or (0, 0)
     return torch.ops.attntrace.sdpa(
         q, k, v, mask, float(dropout_p), bool(is_causal), None if scale is None else float(scale), bool(gqa),

@@ -9,48 +9,22 @@ two modules), and the undo restores the very same processor object.
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from ..intercept import KernelInterceptor, LayerCall, install_dispatch_wrappers, patch_classic_path
-from ..proxy import AttentionProxy, make_proxy, unwrap
-from ..site import Kind, Site
-from .base import Adapter, Undo
+from ...core.errors import AttachError, EditError
+from ...core.layout import Layout
+from ...core.site import Site
+from ...tracing.binding import LayerCall, SiteBinding
+from ...tracing.run import KernelCall, run_call
+from ..base import Adapter, Undo
+from ..detect import head_count, is_processor_site, processor_kind
+from .dispatch import ProcessorInterceptor, install_dispatch_wrappers, patch_classic_path
+from .proxy import AttentionProxy, make_proxy
 
-if TYPE_CHECKING:
-    from ..tracer import Attachment, SiteBinding
-
-__all__ = ["DiffusersAdapter", "is_linear_processor"]
-
-# Linear attention keeps no (Lq, Lk) probability matrix: these processors are sites of kind `linear`.
-_LINEAR_MARKERS = ("LinearAttnProcessor", "MultiscaleAttnProcessor", "SanaLinear", "LiteLA")
-
-
-def is_linear_processor(processor: Any) -> bool:
-    """Whether a processor computes linear attention (no probabilities exist)."""
-    name = type(processor).__name__
-    return any(m in name for m in _LINEAR_MARKERS)
-
-
-def _is_site(module: torch.nn.Module) -> bool:
-    processor = getattr(module, "processor", None)
-    if processor is None:
-        return False
-    if hasattr(module, "set_processor") or hasattr(module, "get_processor"):
-        return True
-    # MochiAttention (diffusers 0.42) holds a processor but has no set_processor/get_processor.
-    return callable(processor) and "Processor" in type(unwrap(processor)).__name__
-
-
-def _kind(module: torch.nn.Module, processor: Any) -> Kind:
-    if is_linear_processor(processor):
-        return "linear"
-    if getattr(module, "is_cross_attention", False) is True:
-        return "cross"
-    if getattr(module, "added_kv_proj_dim", None) is not None or getattr(module, "add_k_proj", None) is not None:
-        return "joint"
-    return "self"
+__all__ = ["DiffusersAdapter"]
 
 
 def _self_in_cross_module(name: str, modules: dict[str, torch.nn.Module]) -> bool:
@@ -74,24 +48,54 @@ def _set_processor(module: torch.nn.Module, processor: Any) -> None:
         module.processor = processor
 
 
+@dataclass(eq=False)
+class ProcessorSite:
+    """One installed proxy: what the proxy forwards to (`original`, `call_processor`)."""
+
+    binding: SiteBinding
+    original: Any
+    interceptor: ProcessorInterceptor
+    replaced: bool = False
+
+    def call_processor(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The proxy's `__call__`: gate, then run the processor under the interceptor."""
+        binding = self.binding
+        layer = binding.enter(defer_compiled=binding.site.kind != "linear")
+        if layer is None:
+            return self.original(*args, **kwargs)
+        if binding.site.kind == "linear":
+            return _run_linear(binding, layer, self.original, args, kwargs)
+        hidden = args[1] if len(args) > 1 else kwargs.get("hidden_states")
+        context = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
+        if isinstance(hidden, torch.Tensor):
+            if hidden.dim() == 4:  # (B, C, H, W) spatial input
+                layer.image_hw = (int(hidden.shape[2]), int(hidden.shape[3]))
+                layer.image_len = layer.image_hw[0] * layer.image_hw[1]
+            elif hidden.dim() == 3:
+                layer.image_len = int(hidden.shape[1])
+        if isinstance(context, torch.Tensor) and context.dim() == 3:
+            layer.text_len = int(context.shape[1])
+        return self.interceptor.run(layer, self.original, args, kwargs)
+
+
 class DiffusersAdapter(Adapter):
     """Traces diffusers attention modules (`Attention`, `AttentionModuleMixin` and kin) through their processors."""
 
     name = "diffusers"
 
     def applies_to(self, model: torch.nn.Module) -> bool:
-        return any(_is_site(m) for m in model.modules())
+        return any(is_processor_site(m) for m in model.modules())
 
     def find_sites(self, model: torch.nn.Module) -> list[Site]:
         sites = []
         modules = dict(model.named_modules())
         for name, module in modules.items():
-            if not name or not _is_site(module):
+            if not name or not is_processor_site(module):
                 continue
             processor = module.processor
             if isinstance(processor, AttentionProxy):
                 processor = processor.wrapped_processor
-            kind = _kind(module, processor)
+            kind = processor_kind(module, processor)
             if kind == "cross" and _self_in_cross_module(name, modules):
                 kind = "self"
             sites.append(
@@ -101,7 +105,7 @@ class DiffusersAdapter(Adapter):
                     module=module,
                     adapter=self.name,
                     processor_class=type(processor).__name__,
-                    heads=getattr(module, "heads", None),
+                    heads=head_count(module),
                     probs=kind != "linear",
                     editable=kind != "linear",
                     note="linear attention: no probability matrix" if kind == "linear" else "",
@@ -109,26 +113,22 @@ class DiffusersAdapter(Adapter):
             )
         return sites
 
-    def prepare(self, model: torch.nn.Module, attachment: Attachment, bindings: list[SiteBinding]) -> Undo | None:
+    def prepare(self, model: torch.nn.Module, bindings: list[SiteBinding]) -> Undo | None:
         return install_dispatch_wrappers()
 
     def install(self, binding: SiteBinding) -> Undo:
         module = binding.site.module
         original = module.processor
         if isinstance(original, AttentionProxy):
-            from ..errors import AttachError
-
             raise AttachError(
                 f"site {binding.site.name!r} is already traced by another attached tracer; "
                 "detach it first or add your observers to that tracer"
             )
-        binding.original = original
-        binding.interceptor = KernelInterceptor(binding)
-        binding.handler = _processor_handler(binding)
-        proxy = make_proxy(original, binding)
-        binding.proxy = proxy
+        interceptor = ProcessorInterceptor(binding)
+        state = ProcessorSite(binding, original, interceptor)
+        proxy = make_proxy(original, state)
         _set_processor(module, proxy)
-        undo_classic = patch_classic_path(module, binding)
+        undo_classic = patch_classic_path(module, interceptor)
 
         def undo() -> None:
             if undo_classic is not None:
@@ -136,8 +136,8 @@ class DiffusersAdapter(Adapter):
             current = getattr(module, "processor", None)
             if current is proxy:
                 _set_processor(module, original)
-            elif current is not original and not binding.replaced:
-                binding.replaced = True
+            elif current is not original and not state.replaced:
+                state.replaced = True
                 warnings.warn(
                     f"attntrace: the processor of site {binding.site.name!r} was replaced while the tracer was "
                     f"attached (now {type(current).__name__}); leaving the new processor in place",
@@ -146,39 +146,6 @@ class DiffusersAdapter(Adapter):
                 )
 
         return undo
-
-
-def _processor_handler(binding: SiteBinding) -> Any:
-    original = binding.original
-    interceptor = binding.interceptor
-    attachment = binding.attachment
-
-    def handle(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if torch.compiler.is_compiling() and binding.site.kind != "linear":
-            # Reading the step here would make it a guard (a recompile per step): the SDPA call is
-            # compiled into an op that picks the observers at run time (attntrace.compiled).
-            step, observers = -1, [e.observer for e in binding.entries]
-        else:
-            step = attachment.step
-            observers = binding.observers_at(step)
-        if not observers:
-            return original(*args, **kwargs)
-        hidden = args[1] if len(args) > 1 else kwargs.get("hidden_states")
-        context = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
-        if binding.site.kind == "linear":
-            return _run_linear(binding, observers, step, original, args, kwargs)
-        layer = LayerCall(observers=observers, step=step, timestep=attachment.timestep)
-        if isinstance(hidden, torch.Tensor):
-            if hidden.dim() == 4:  # (B, C, H, W) spatial input
-                layer.image_hw = (int(hidden.shape[2]), int(hidden.shape[3]))
-                layer.image_len = layer.image_hw[0] * layer.image_hw[1]
-            elif hidden.dim() == 3:
-                layer.image_len = int(hidden.shape[1])
-        if isinstance(context, torch.Tensor) and context.dim() == 3:
-            layer.text_len = int(context.shape[1])
-        return interceptor.run(layer, original, args, kwargs)
-
-    return handle
 
 
 def _heads_view(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -191,12 +158,7 @@ def _heads_view(t: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _run_linear(
-    binding: SiteBinding,
-    observers: list[Any],
-    step: int,
-    original: Any,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
+    binding: SiteBinding, layer: LayerCall, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
     """Linear attention has no kernel to catch: q/k/v from the projections, output from to_out's input.
 
@@ -204,9 +166,6 @@ def _run_linear(
     the output is what enters `to_out` (heads not yet merged back by the projection); both in
     (B, H, L, D). They are read-only here: editors and probs are refused at attach for linear sites.
     """
-    from ..call import AttentionCall
-    from ..errors import EditError
-
     module = binding.site.module
     got: dict[str, torch.Tensor] = {}
     handles = []
@@ -234,11 +193,9 @@ def _run_linear(
         name = binding.site.name
         raise EditError(f"site {name!r} is linear attention: it has no probabilities and cannot be edited")
 
-    call = AttentionCall(
-        site=binding.site, step=step, timestep=binding.attachment.timestep, query=q, key=k, value=v,
-        attn_mask=None, scale=None, is_causal=False, enable_gqa=False, kernel_fn=no_kernel,
-        native_fn=lambda: out,
-        probs_fn=lambda c, rows: no_kernel(), image_tokens=slice(0, q.shape[-2]), extra={"linear": True},
-    )  # fmt: skip
-    binding.dispatch(call, observers)
+    run_call(binding, layer, KernelCall(
+        query=q, key=k, value=v, attn_mask=None, scale=None, is_causal=False, enable_gqa=False,
+        kernel_fn=no_kernel, native_fn=lambda: out, probs_fn=lambda c, rows: no_kernel(),
+        layout=Layout("linear", image=slice(0, q.shape[-2])), extra={"linear": True},
+    ), result=False)  # fmt: skip
     return result

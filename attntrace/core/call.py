@@ -15,6 +15,7 @@ import torch
 
 from . import kernel
 from .errors import EditError
+from .layout import Layout
 from .site import Site
 
 KernelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -51,9 +52,7 @@ class AttentionCall:
         probs_fn: ProbsFn | None = None,
         precomputed_probs: torch.Tensor | None = None,
         index: int = 0,
-        text_tokens: slice | None = None,
-        image_tokens: slice | None = None,
-        image_hw: tuple[int, int] | None = None,
+        layout: Layout | None = None,
         extra: dict[str, Any] | None = None,
     ) -> None:
         self._site = site
@@ -67,9 +66,7 @@ class AttentionCall:
         self.is_causal = is_causal
         self.enable_gqa = enable_gqa
         self.index = index
-        self.text_tokens = text_tokens
-        self.image_tokens = image_tokens
-        self.image_hw = image_hw
+        self.layout = layout if layout is not None else Layout(site.kind)
         self.extra: dict[str, Any] = extra or {}
         self._kernel_fn = kernel_fn
         self._native_fn = native_fn
@@ -89,10 +86,12 @@ class AttentionCall:
     _STATE = ("_query", "_key", "_value", "_attn_mask", "scale", "is_causal", "enable_gqa", "_probs", "_output",
               "_inputs_edited", "_probs_edited", "_output_edited")  # fmt: skip
 
-    def _checkpoint(self) -> tuple[Any, ...]:
+    def snapshot(self) -> tuple[Any, ...]:
+        """What observers may change, by reference (the tracer's rollback point before each observer)."""
         return tuple(getattr(self, name) for name in self._STATE)
 
-    def _rollback(self, state: tuple[Any, ...]) -> None:
+    def restore(self, state: tuple[Any, ...]) -> None:
+        """Undo the assignments made since `snapshot()` (a failed observer's half-done edits)."""
         for name, value in zip(self._STATE, state):
             setattr(self, name, value)
 
@@ -136,6 +135,21 @@ class AttentionCall:
             return None
 
     @property
+    def text_tokens(self) -> slice | None:
+        """Key positions of text tokens (for joint attention, query positions too); `layout.text`."""
+        return self.layout.text
+
+    @property
+    def image_tokens(self) -> slice | None:
+        """Query positions of image tokens; `layout.image`."""
+        return self.layout.image
+
+    @property
+    def image_hw(self) -> tuple[int, int] | None:
+        """(height, width) of the image-token grid (one frame); `layout.hw`."""
+        return self.layout.hw
+
+    @property
     def heads(self) -> int:
         """Number of query heads."""
         return int(self._query.shape[1])
@@ -144,6 +158,16 @@ class AttentionCall:
     def edited(self) -> bool:
         """Whether any observer changed this call."""
         return self._inputs_edited or self._probs_edited or self._output_edited
+
+    @property
+    def inputs_edited(self) -> bool:
+        """Whether query, key, value or the mask were assigned (probs must then be recomputed)."""
+        return self._inputs_edited
+
+    @property
+    def computed_probs(self) -> torch.Tensor | None:
+        """The probabilities if some observer read or assigned them, else None (never computes)."""
+        return self._probs
 
     # -- inputs --------------------------------------------------------------------------------
     @property
@@ -295,8 +319,9 @@ class AttentionCall:
             return self._to_canonical(raw) if self._to_canonical is not None else raw
         return self._kernel_fn(self._query, self._key, self._value, self._attn_mask)
 
-    def _result(self) -> tuple[torch.Tensor, bool]:
-        """(output, is_native_raw): the raw kernel result when nothing was edited."""
+    def result(self) -> tuple[torch.Tensor, bool]:
+        """(output, native): the kernel's own raw result when nothing was edited (native True),
+        else the canonical output in the value's dtype."""
         if not self.edited:
             if self._native_raw is None and self._native_fn is not None:
                 self._native_raw = self._native_fn()

@@ -11,12 +11,17 @@ class-level signature (not an instance attribute) keeps `torch.compile` free of 
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from .tracer import SiteBinding
+__all__ = ["AttentionProxy", "ProxyTarget", "make_proxy", "unwrap"]
 
-__all__ = ["AttentionProxy", "make_proxy", "unwrap"]
+
+class ProxyTarget(Protocol):
+    """What a proxy forwards to: the wrapped processor and the site's handler."""
+
+    original: Any
+
+    def call_processor(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any: ...
 
 
 class AttentionProxy:
@@ -43,8 +48,8 @@ def _proxy_class(cls: type) -> type:
         signature = None
 
     def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
-        binding: SiteBinding = self._attntrace
-        return binding.call_processor(args, kwargs)
+        target: ProxyTarget = self._attntrace
+        return target.call_processor(args, kwargs)
 
     if signature is not None:
         __call__.__signature__ = signature  # type: ignore[attr-defined]
@@ -61,7 +66,7 @@ def _proxy_class(cls: type) -> type:
     return proxy_cls
 
 
-def make_proxy(processor: Any, binding: SiteBinding) -> Any:
+def make_proxy(processor: Any, target: ProxyTarget) -> Any:
     """A proxy standing in for `processor` at one site (one proxy per site, never per object)."""
     if not hasattr(processor, "__dict__"):
         raise TypeError(f"{type(processor).__name__} has no instance __dict__ to share")
@@ -69,7 +74,7 @@ def make_proxy(processor: Any, binding: SiteBinding) -> Any:
     proxy = cls.__new__(cls)
     # Share, don't copy: reads, writes and nn.Module parameters stay those of the wrapped object.
     object.__setattr__(proxy, "__dict__", processor.__dict__)
-    object.__setattr__(proxy, "_attntrace", binding)
+    object.__setattr__(proxy, "_attntrace", target)
     return proxy
 
 
