@@ -217,20 +217,24 @@ def generation_positions(
     it is an error only when no encoder finds it.
     """
     prompt = generation.prompts[image]
+    segs = segments(generation, n_text)
     out: list[list[int]] = [[] for _ in words]
-    errors: list[WordError] = []
-    for tok, start, length in segments(generation, n_text):
+    first_error: dict[int, WordError] = {}
+    for tok, start, length in segs:
         for w, word in enumerate(words):
             try:
                 (pos,) = resolve_words(tok, prompt, [word], max_length=length, field=field)
             except WordError as exc:
-                errors.append(exc)
+                first_error.setdefault(w, exc)
                 continue
             out[w] += [start + p for p in pos if p < length]
     for w, word in enumerate(words):
         if not out[w]:
-            raise next((e for e in errors if repr(_NTH.sub(r"\1", word.strip())) in str(e)), errors[0] if errors else
-                       WordError(f"word {word!r} is not in the prompt {prompt!r}", field=field))  # fmt: skip
+            where = "; ".join(
+                f"{type(tok).__name__} at text positions {start}-{start + length - 1}" for tok, start, length in segs
+            )
+            detail = str(first_error[w]).removeprefix(f"{field}: ") if w in first_error else ""
+            raise WordError(f"{detail} (this denoiser attends to: {where})", field=field)
     return out
 
 
