@@ -8,18 +8,17 @@ observer raises under `on_error: raise`.
 
 Adapters see an attachment only through `attntrace.tracing.binding` (`SiteBinding`, `Session`); this
 module is the facade on top and nothing below imports it. (It holds both `Tracer` and `Attachment`,
-about 460 lines: they share the attach/detach life cycle and the step counting.)
+about 490 lines: they share the attach/detach life cycle and the step counting.)
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ from .core.messages import EMPTY_GLOB, unknown_needs
 from .core.observer import NEEDS, Observer
 from .core.selection import StepSelector, closest_sites, kind_matches, match_sites, pattern_matches, validate_kinds
 from .core.site import Site
-from .lifecycle import GenerationLifecycle
+from .lifecycle import GenerationLifecycle, TracerGenerations
 from .pipeline import PipelineHook, is_pipeline
 from .tracing.binding import RuleEntry, SiteBinding
 
@@ -241,7 +240,7 @@ def _same_timestep(a: Any, b: Any) -> bool:
         return False
 
 
-class Tracer:
+class Tracer(TracerGenerations):
     """Runs observers on the attention calls of a model.
 
     ```python
@@ -330,92 +329,6 @@ class Tracer:
     def matches(self, model: Any) -> dict[str, list[str]]:
         """For each site of `model`, the labels of the rules that match it."""
         return {s.name: [e.label for e in self.entries if e.matches(s)] for s in find_sites(model)}
-
-    def results(self, generation: int | None = None) -> dict[str, Any]:
-        """Each observer's `result()`, by label: now, or as it was at the end of generation `generation`.
-
-        Observers that accumulate hold what they were asked to (per generation or across generations,
-        by their own parameter); the tracer keeps each generation's results apart as they were when it
-        ended (`generation_results()`).
-        """
-        if generation is None:
-            return {e.label: e.observer.result() for e in self.entries}
-        for kept in self._generation_results:
-            if kept["generation"].index == generation:
-                return dict(kept["results"])
-        seen = [k["generation"].index for k in self._generation_results]
-        raise ConfigError(f"no generation {generation} (generations seen: {seen or 'none'})", field="generation")
-
-    def generation_results(self) -> list[dict[str, Any]]:
-        """One `{"generation": Generation, "results": {label: result}}` per finished generation."""
-        return [dict(k) for k in self._generation_results]
-
-    def keep_generation_results(self, generation: Generation) -> None:
-        """Snapshot every observer's result at the end of `generation` (called by the attachment)."""
-        results = {e.label: e.observer.result() for e in self.entries}
-        self._generation_results.append({"generation": generation, "results": results})
-
-    def reset(self) -> None:
-        """Forget generations, kept results and observer state without detaching; steps restart at 0."""
-        self.generations.clear()
-        self._generation_results.clear()
-        for e in self.entries:
-            e.observer.reset()
-        att = self._attachment
-        if att is not None:
-            att._pending = None
-            att.current = None
-            att._step = -1
-            att._last_timestep = None
-            att.generation += 1
-
-    @contextlib.contextmanager
-    def generation(
-        self,
-        prompts: Sequence[str] = (),
-        *,
-        negative_prompts: Sequence[str] = (),
-        tokenizers: Sequence[Any] = (),
-        cfg: bool = False,
-        num_steps: int | None = None,
-        group: Sequence[int] | None = None,
-        text_layout: Sequence[tuple[int, int, int]] = (),
-    ) -> Iterator[None]:
-        """Mark the model calls inside the block as one generation (for bare models; pipelines do it alone).
-
-        ```python
-        with tracer.attach(unet), tracer.generation(["a cat", "a dog"], tokenizers=[tok], cfg=True, group=[0, 1]):
-            for t in timesteps: ...   # steps restart at 0
-        ```
-        """
-        att = self._attachment
-        if att is None:
-            raise AttachError("attach the tracer before opening a generation")
-        att.begin_generation({
-            "prompts": tuple(prompts) or None, "negative_prompts": tuple(negative_prompts) or None,
-            "tokenizers": tuple(tokenizers), "cfg": cfg, "num_steps": num_steps,
-            "group": tuple(group) if group is not None else None, "text_layout": tuple(text_layout),
-        })  # fmt: skip
-        ok = False
-        try:
-            yield
-            ok = True
-        finally:
-            att.end_generation(None, failed=not ok)
-
-    @contextlib.contextmanager
-    def edit_group(self, enabled: bool = True) -> Iterator[None]:
-        """Inside the block every pipeline call is (or, with False, is not) an edit group: image 0 is the
-        source, the others are edited, and all start from the source's latents. Without it, a call with
-        two or more prompts is a group when some observer is a group editor (replace, reweight...)."""
-        att = self._attachment
-        if att is None:
-            raise AttachError("attach the tracer before marking edit groups")
-        old, att.force_group = att.force_group, enabled
-        try:
-            yield
-        finally:
-            att.force_group = old
 
     def save(self, directory: str | Path | None = None) -> list[Path]:
         """Ask every observer to write its results under `directory/<label>/`.

@@ -228,7 +228,7 @@ def generation_positions(
                 first_error.setdefault(w, exc)
                 continue
             out[w] += [start + p for p in pos if p < length]
-    for w, word in enumerate(words):
+    for w in range(len(words)):
         if not out[w]:
             where = "; ".join(
                 f"{type(tok).__name__} at text positions {start}-{start + length - 1}" for tok, start, length in segs
