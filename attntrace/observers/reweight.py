@@ -56,6 +56,12 @@ class Reweight(GroupEdit):
     requires_group = False  # one prompt: its own maps are scaled
 
     def _columns(self, image: int, n_text: int) -> list[int]:
+        cache = self.__dict__.setdefault("_cols", {})
+        if (image, n_text) not in cache:
+            cache[(image, n_text)] = self._find_columns(image, n_text)
+        return cache[(image, n_text)]
+
+    def _find_columns(self, image: int, n_text: int) -> list[int]:
         p = self.params
         if p.tokens is not None:
             bad = [t for t in p.tokens if not -n_text <= t < n_text]
@@ -72,8 +78,20 @@ class Reweight(GroupEdit):
             return f * count if len(f) == 1 else f
         return [f] * count
 
+    def prepare(self, generation: Any) -> None:
+        self._eq: dict[tuple[int, ...], torch.Tensor] = {}
+        self._cols: dict[tuple[int, int], list[int]] = {}
+
     def equalizer(self, rows: GroupRows, n_text: int) -> torch.Tensor:
-        """(edited, text) multipliers: `factor` on each edited prompt's chosen tokens, 1 elsewhere."""
+        """(edited, text) multipliers: `factor` on each edited prompt's chosen tokens, 1 elsewhere (once per
+        generation: words are resolved with the tokenizer once, not at every call)."""
+        cache = self.__dict__.setdefault("_eq", {})
+        key = (n_text, *rows.images)
+        if key not in cache:
+            cache[key] = self._equalizer(rows, n_text)
+        return cache[key]
+
+    def _equalizer(self, rows: GroupRows, n_text: int) -> torch.Tensor:
         factors = self._factors(len(rows.edited))
         eq = torch.ones(len(rows.edited), n_text)
         for e, image in enumerate(rows.images):
