@@ -109,6 +109,7 @@ class LocalBlend(GroupEdit):
         if gen.group is None:
             return
         hw = tuple(call.image_hw)
+        self.__dict__.setdefault("_grids", set()).add(hw)
         if not self._wanted(hw):  # type: ignore[arg-type]
             return
         text = call.text_tokens or slice(None)
@@ -166,7 +167,8 @@ class LocalBlend(GroupEdit):
         if not self.sums or self._hw is None:
             raise EditError(
                 "local_blend saw no cross maps of the chosen size "
-                f"({self.params.map_size or 'latent side / 4'}); set map_size to a grid side the model has"
+                f"({self.params.map_size or 'latent side / 4'}); set map_size to a grid side the model has "
+                f"(seen: {sorted(self.__dict__.get('_grids', set()))})"
             )
         h, w = self._hw
         parts = [s.reshape(s.shape[0], s.shape[1], 1, h, w, s.shape[-1]) for s in self.sums.values()]
