@@ -32,6 +32,7 @@ BUILTINS: dict[str, str] = {
     "attnmaps": "attntrace.observers.attnmaps:AttnMaps",
     "reweight": "attntrace.observers.reweight:Reweight",
     "replace": "attntrace.observers.replace:Replace",
+    "local_blend": "attntrace.observers.local_blend:LocalBlend",
     "kv_inject": "attntrace.observers.kv_inject:KVInject",
     "masactrl": "attntrace.observers.masactrl:MasaCtrl",
     "ablate": "attntrace.observers.ablate:Ablate",

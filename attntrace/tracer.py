@@ -8,7 +8,7 @@ observer raises under `on_error: raise`.
 
 Adapters see an attachment only through `attntrace.tracing.binding` (`SiteBinding`, `Session`); this
 module is the facade on top and nothing below imports it. (It holds both `Tracer` and `Attachment`,
-about 460 lines: they share the attach/detach life cycle and the step counting.)
+about 490 lines: they share the attach/detach life cycle and the step counting.)
 """
 
 from __future__ import annotations
@@ -28,10 +28,13 @@ from . import registry
 from .adapters import Adapter, adapters_for
 from .config import TraceConfig
 from .core.errors import AttachError, ConfigError, OutputWriteError, SelectionError, describe_failure, write_failure
+from .core.generation import Generation
 from .core.messages import EMPTY_GLOB, unknown_needs
 from .core.observer import NEEDS, Observer
 from .core.selection import StepSelector, closest_sites, kind_matches, match_sites, pattern_matches, validate_kinds
 from .core.site import Site
+from .lifecycle import GenerationLifecycle, TracerGenerations
+from .pipeline import PipelineHook, is_pipeline
 from .tracing.binding import RuleEntry, SiteBinding
 
 __all__ = ["Attachment", "RuleEntry", "Tracer", "find_sites", "resolve_model"]
@@ -93,8 +96,8 @@ def _claimed_sites(module: torch.nn.Module, adapters: Sequence[Adapter]) -> list
     return claimed
 
 
-class Attachment:
-    """A tracer attached to one model: sites, bindings, step counter. A context manager."""
+class Attachment(GenerationLifecycle):
+    """A tracer attached to one model: sites, bindings, step counter, generations. A context manager."""
 
     def __init__(self, tracer: Tracer, model: torch.nn.Module, sites: list[Site]) -> None:
         self.tracer = tracer
@@ -112,6 +115,7 @@ class Attachment:
         self._timestep_index: int | None = None
         self._last_timestep: Any = None
         self._forward_depth = 0
+        self._init_lifecycle()
 
     @property
     def step(self) -> int:
@@ -165,6 +169,8 @@ class Attachment:
         first = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
         if isinstance(first, torch.Tensor) and first.dim() >= 4:
             self.root_hw = (int(first.shape[-2]), int(first.shape[-1]))
+        if self.active:
+            self.start_if_pending(first)
         if self.tracer.config.step_by == "timestep" and self._step >= 0 and _same_timestep(t, self._last_timestep):
             return
         if self.tracer.config.step_by == "timestep" and self._step >= 0:
@@ -177,6 +183,8 @@ class Attachment:
         self._forward_depth = max(0, self._forward_depth - 1)
         if self._forward_depth == 0 and self.tracer.config.step_by == "forward" and self.active:
             self._step_end(self.step)
+        if self._forward_depth == 0 and self.active:
+            self.end_per_call()
 
     def _step_end(self, step: int) -> None:
         self._account_skips(step)
@@ -263,7 +271,7 @@ def _same_timestep(a: Any, b: Any) -> bool:
         return False
 
 
-class Tracer:
+class Tracer(TracerGenerations):
     """Runs observers on the attention calls of a model.
 
     ```python
@@ -286,6 +294,9 @@ class Tracer:
         self.entries: list[RuleEntry] = []
         self._attachment: Attachment | None = None
         self._activity: dict[str, dict[str, Any]] = {}
+        #: The generations seen since attach or `reset()`, in order.
+        self.generations: list[Generation] = []
+        self._generation_results: list[dict[str, Any]] = []
         for i, rule in enumerate(self.config.rules):
             cls = registry.get(rule.use)
             observer = cls(cls.validate_params(rule.with_, field=f"rules.{i}.with"))
@@ -351,10 +362,6 @@ class Tracer:
         """For each site of `model`, the labels of the rules that match it."""
         return {s.name: [e.label for e in self.entries if e.matches(s)] for s in find_sites(model)}
 
-    def results(self) -> dict[str, Any]:
-        """Each observer's `result()`, by label."""
-        return {e.label: e.observer.result() for e in self.entries}
-
     def activity(self) -> dict[str, dict[str, Any]]:
         """Per traced site of the current (or last) attachment: `steps_ran`, `steps_skipped`, `skipped_steps`.
 
@@ -395,8 +402,13 @@ class Tracer:
         return self._attachment
 
     # -- life cycle ------------------------------------------------------------------------------
-    def attach(self, model: Any) -> Attachment:
-        """Install interception on `model` (or a pipeline's denoiser); returns the attachment."""
+    def attach(self, model: Any, *, generation_per_call: bool = False) -> Attachment:
+        """Install interception on `model` (or a pipeline's denoiser); returns the attachment.
+
+        On a pipeline, each `pipe(...)` call is one generation (its prompts, tokenizers, CFG layout and
+        images are learned from the call). On a bare model, `generation_per_call=True` makes each
+        top-level call one generation; `tracer.generation(...)` marks one by hand.
+        """
         if self._attachment is not None:
             raise AttachError(
                 f"this tracer is already attached to a {type(self._attachment.model).__name__}; "
@@ -441,6 +453,11 @@ class Tracer:
             for b in attachment.bindings.values():
                 attachment._undos.append(owner[b.site.name].install(b))
             attachment._install_step_hooks()
+            attachment.per_call = generation_per_call
+            if is_pipeline(model):
+                attachment._undos.append(PipelineHook(model, attachment).install())
+            self.generations.clear()
+            self._generation_results.clear()
             with _attached_lock:
                 _attached[module] = attachment
             self._attachment = attachment

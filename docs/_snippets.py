@@ -26,6 +26,17 @@ def tiny_unet() -> tuple[torch.nn.Module, dict[str, Any]]:
     return unet, inputs
 
 
+def tiny_pipeline() -> Any:
+    """The demo's tiny StableDiffusionPipeline (random weights, shipped configs), built once and cached."""
+    from diffusers import StableDiffusionPipeline
+
+    from attntrace.demo import build_demo_pipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(build_demo_pipeline())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def demo_run(output: str = "runs/docs-demo") -> str:
     """Run a small experiment (heatmap + stats, 2 steps at 64 px) on the offline demo pipeline; its folder."""
     from attntrace.experiment.runner import run_experiment

@@ -202,6 +202,8 @@ def group_source(batch: int, cfg: bool, source: int) -> list[int]:
 def test_replace_cross_and_self(cfg: bool) -> None:
     batch, steps, cross_until, self_until, source = 4, 2, 2, 1, 1
     src = group_source(batch, cfg, source)
+    if cfg:  # prompt-to-prompt edits only the conditional half: the unconditional rows keep their own maps
+        src[: batch // 2] = list(range(batch // 2))
 
     def edit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, step: int) -> torch.Tensor:
         p = softmax_probs(q, k)
@@ -243,8 +245,11 @@ def test_replace_refine_with_mapper_and_fraction() -> None:
 def test_replace_params_validated() -> None:
     with pytest.raises(ConfigError, match="total_steps"):
         Tracer({"rules": [{"use": "replace", "with": {"steps_fraction": 0.5}}]})
-    with pytest.raises(ConfigError, match="mapper"):
-        Tracer({"rules": [{"use": "replace", "with": {"mode": "refine"}}]})
+    with pytest.raises(ConfigError, match="within"):
+        Tracer({"rules": [{"use": "replace", "with": {"cross_replace_steps": 1.5}}]})
+    with pytest.raises(ConfigError, match="within"):
+        Tracer({"rules": [{"use": "replace", "with": {"cross_replace_steps": {"default_": 0.8, "dog": [0.5, 0.2]}}}]})
+    Tracer({"rules": [{"use": "replace", "with": {"mode": "refine"}}]})  # the aligner makes the mapper
 
 
 @pytest.mark.parametrize("cfg", [False, True])

@@ -146,3 +146,21 @@ def test_generation_rows() -> None:
     assert plain.cond_rows(1) == slice(0, 1) and plain.uncond_rows(1) is None
     with pytest.raises(ConfigError, match="odd size"):
         g.cond_rows(3)
+
+
+def test_words_on_the_denoiser_text_axis_sd3_and_flux() -> None:
+    from attntrace.core.words import generation_positions
+
+    prompt = "a red dog on the grass"
+    sd3 = Generation(0, (prompt,), ("",), (clip(), clip(), t5()), True, 3, None, ((0, 0, 77), (2, 77, 16)))
+    dog_clip = positions_of(clip(), prompt, "dog</w>")
+    dog_t5 = positions_of(t5(), prompt, "▁dog", 16)
+    # SD3's joint blocks attend to CLIP positions 0-76 then T5 positions: a word is found in both
+    assert generation_positions(sd3, 0, ["dog"]) == [dog_clip + [77 + p for p in dog_t5]]
+    flux = Generation(0, (prompt,), ("",), (clip(), t5()), False, 3, None, ((1, 0, 16),))
+    assert generation_positions(flux, 0, ["dog"]) == [dog_t5]  # Flux: T5 only
+    with pytest.raises(WordError) as info:
+        generation_positions(sd3, 0, ["zebra"], field="rules.0.with.words")
+    msg = str(info.value)
+    assert msg.startswith("rules.0.with.words: word 'zebra' is not in the prompt") and "\n" not in msg
+    assert "CLIPTokenizer at text positions 0-76; T5Tokenizer at text positions 77-92" in msg

@@ -36,6 +36,9 @@ class Generation:
     num_steps: int | None
     #: For edit groups: index of the source image, then the edited ones.
     group: tuple[int, ...] | None = None
+    #: Which tokenizer gives the text tokens the denoiser attends to, and where: (index into
+    #: `tokenizers`, first text position, length) per encoder. () when unknown (then tokenizer 0 at 0).
+    text_layout: tuple[tuple[int, int, int], ...] = ()
 
     @property
     def images(self) -> int:

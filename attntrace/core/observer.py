@@ -13,6 +13,8 @@ from .messages import short_repr, unknown_parameter
 from .site import Site
 
 if TYPE_CHECKING:
+    import torch
+
     from .call import AttentionCall
     from .generation import Generation
 
@@ -62,6 +64,12 @@ class Observer:
     edits: ClassVar[bool] = False
     #: The pydantic model validating this observer's parameters.
     Params: ClassVar[type[BaseModel]] = NoParams
+    #: True for editors that work across the images of an edit group (source and edited prompts):
+    #: a pipeline call with two or more prompts then becomes one edit group sharing start latents.
+    group_editor: ClassVar[bool] = False
+    #: True for editors that only make sense on an edit group (replace, local_blend...): a YAML item that
+    #: is a single prompt is then an error at validation, not a silent no-op.
+    requires_group: ClassVar[bool] = False
 
     def __init__(self, params: BaseModel | dict[str, Any] | None = None, **kwargs: Any) -> None:
         self.params = self.validate_params(params if params is not None else kwargs)
@@ -96,6 +104,15 @@ class Observer:
 
     def on_generation_end(self, generation: Generation, images: Any | None) -> None:
         """Called after each generation with its output images (None when unknown)."""
+
+    def on_latents(self, step: int, latents: torch.Tensor) -> torch.Tensor | None:
+        """Called at the end of each denoising step of a pipeline generation, only for observers that
+        override it (the tracer then hooks the pipeline's `callback_on_step_end`). Return new latents
+        to replace them, or None."""
+        return None
+
+    def reset(self) -> None:
+        """Forget what was collected (`tracer.reset()`); the observer stays usable. Default: nothing kept."""
 
     def result(self) -> Any:
         """What this observer collected (a table, a dict of tensors...)."""

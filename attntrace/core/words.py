@@ -182,3 +182,72 @@ def resolve_words(
             )
         out.append(positions)
     return out
+
+
+def _layout(generation: Any, n_text: int | None) -> tuple[tuple[int, int, int], ...]:
+    layout = tuple(getattr(generation, "text_layout", ()) or ())
+    if layout:
+        return layout
+    if n_text is None:
+        raise WordError("the text length is unknown (no text layout); words cannot be placed")
+    return ((0, 0, n_text),)
+
+
+def segments(generation: Any, n_text: int | None = None) -> list[tuple[Any, int, int]]:
+    """(tokenizer, first text position, length) of each text encoder the denoiser attends to.
+
+    SD1/2/SDXL: the 77 CLIP positions; SD3 (joint blocks): the 77 CLIP positions then the T5 ones;
+    Flux: the T5 positions only; PixArt/Sana/video: their one encoder's.
+    """
+    toks = tuple(getattr(generation, "tokenizers", ()) or ())
+    if not toks:
+        raise WordError(
+            "words need the pipeline's tokenizer: attach the tracer to the pipeline (not only its denoiser) "
+            "or pass tokenizers to tracer.generation(...)"
+        )
+    return [(toks[i], start, length) for i, start, length in _layout(generation, n_text)]
+
+
+def generation_positions(
+    generation: Any, image: int, words: Sequence[str], *, n_text: int | None = None, field: str | None = None
+) -> list[list[int]]:
+    """Positions on the denoiser's text-token axis of each word of image `image`'s prompt.
+
+    A word is looked up with every encoder the denoiser attends to (SD3: CLIP and T5 positions both);
+    it is an error only when no encoder finds it.
+    """
+    prompt = generation.prompts[image]
+    segs = segments(generation, n_text)
+    out: list[list[int]] = [[] for _ in words]
+    first_error: dict[int, WordError] = {}
+    for tok, start, length in segs:
+        for w, word in enumerate(words):
+            try:
+                (pos,) = resolve_words(tok, prompt, [word], max_length=length, field=field)
+            except WordError as exc:
+                first_error.setdefault(w, exc)
+                continue
+            out[w] += [start + p for p in pos if p < length]
+    for w in range(len(words)):
+        if not out[w]:
+            where = "; ".join(
+                f"{type(tok).__name__} at text positions {start}-{start + length - 1}" for tok, start, length in segs
+            )
+            detail = str(first_error[w]).removeprefix(f"{field}: ") if w in first_error else ""
+            raise WordError(f"{detail} (this denoiser attends to: {where})", field=field)
+    return out
+
+
+def whitespace_word_tokens(tokenizer: Any, prompt: str, *, max_length: int | None = None) -> list[list[int]]:
+    """The token positions of each space-separated word of `prompt` (prompt-to-prompt's word unit)."""
+    enc = _encode(tokenizer, prompt, max_length)
+    out: list[list[int]] = []
+    for m in re.finditer(r"[^ ]+", enc.text if enc.text != prompt else prompt):
+        a, b = m.start(), m.end()
+        out.append([p for p, sp in enumerate(enc.spans) if sp is not None and sp[0] < b and sp[1] > a])
+    return out
+
+
+def token_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """The prompt's token ids with start/end tokens and no padding (as `tokenizer.encode` gives)."""
+    return [int(i) for i in tokenizer(prompt, add_special_tokens=True)["input_ids"]]

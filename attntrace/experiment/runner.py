@@ -60,13 +60,15 @@ FORMAT = 1
 
 @dataclass
 class Item:
-    """One unit of work: a prompt (or text) with a seed."""
+    """One unit of work: a prompt (or text), or an edit group of prompts, with a seed."""
 
     id: str
     index: int
     prompt: str
     seed: int | None
     negative_prompt: str | None = None
+    #: An edit group's prompts, source first (one batch sharing start latents); None for one prompt.
+    group: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -86,9 +88,9 @@ def plan_items(exp: Experiment) -> list[Item]:
     if exp.is_text_model:
         return [Item(f"t{i:03d}", i, text, None) for i, text in enumerate(exp.inputs.texts)]
     items = []
-    for p, spec in enumerate(exp.inputs.prompt_specs()):
+    for p, (spec, group) in enumerate(zip(exp.inputs.prompt_specs(), exp.inputs.prompt_groups())):
         for seed in spec.seeds or [0]:
-            items.append(Item(f"p{p:03d}-s{seed}", len(items), spec.prompt, seed, spec.negative_prompt))
+            items.append(Item(f"p{p:03d}-s{seed}", len(items), spec.prompt, seed, spec.negative_prompt, group))
     return items
 
 
@@ -616,7 +618,7 @@ def _run_item(
                         save_file({"last_hidden_state": hidden.float().cpu().contiguous()}, str(path))
                     files.append(path)
             else:
-                files += _run_pipeline(exp, model, it, item_dir, bar)
+                files += _run_pipeline(exp, model, it, item_dir, bar, tracer)
                 _hand_image_to_observers(tracer, files)
             extra["steps_seen"] = attachment.step + 1
         extra["fired"] = dict(firing.counts)
@@ -739,7 +741,9 @@ def _set_scheduler(exp: Experiment, pipe: Any) -> None:
         pipe.scheduler = cls.from_config(current.config)
 
 
-def _run_pipeline(exp: Experiment, pipe: Any, it: Item, item_dir: Path, bar: Progress) -> list[Path]:
+def _run_pipeline(
+    exp: Experiment, pipe: Any, it: Item, item_dir: Path, bar: Progress, tracer: Any = None
+) -> list[Path]:
     import inspect
 
     import torch
@@ -749,13 +753,14 @@ def _run_pipeline(exp: Experiment, pipe: Any, it: Item, item_dir: Path, bar: Pro
     gen_device = "cpu" if inp.generator_device == "cpu" or str(device) in ("cpu", "mps") else device
     kwargs: dict[str, Any] = {
         **inp.pipeline_kwargs,
-        "prompt": it.prompt,
+        "prompt": list(it.group) if it.group is not None else it.prompt,
         "num_inference_steps": inp.steps,
         "guidance_scale": inp.guidance_scale,
         "generator": torch.Generator(gen_device).manual_seed(int(it.seed or 0)),
     }
     if it.negative_prompt is not None:
-        kwargs["negative_prompt"] = it.negative_prompt
+        # diffusers wants a list of negatives for a list of prompts (an edit group)
+        kwargs["negative_prompt"] = it.negative_prompt if it.group is None else [it.negative_prompt] * len(it.group)
     if inp.height:
         kwargs["height"] = inp.height
     if inp.width:
@@ -773,8 +778,10 @@ def _run_pipeline(exp: Experiment, pipe: Any, it: Item, item_dir: Path, bar: Pro
     saved_bar = dict(getattr(pipe, "_progress_bar_config", None) or {})
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
+    group = tracer.edit_group() if (it.group is not None and tracer is not None) else contextlib.nullcontext()
     try:
-        result = pipe(**kwargs)
+        with group:  # an edit group: one batch from the source's start latents, source first
+            result = pipe(**kwargs)
     finally:
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(**saved_bar)

@@ -24,12 +24,14 @@ from ..config import TraceConfig, config_error_from, load_yaml, text_keys
 from ..core.errors import ConfigError
 
 __all__ = [
+    "EditGroup",
     "Experiment",
     "InputsSpec",
     "ModelSpec",
     "PromptSpec",
     "apply_overrides",
     "experiment_schema",
+    "group_prompts",
     "load_experiment",
 ]
 
@@ -80,6 +82,27 @@ class PromptSpec(BaseModel):
     seeds: list[int] | None = Field(default=None, min_length=1, description="overrides `inputs.seeds`")
 
 
+class EditGroup(BaseModel):
+    """One item that is an edit group: a source prompt and edited prompts run as one batch from the same
+    start latents (prompt-to-prompt), or a source and a target image (MasaCtrl)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(description="the source prompt (image 0 of the batch)")
+    edits: list[str] = Field(min_length=1, description="the edited (or target) prompts, images 1, 2, ...")
+    negative_prompt: str | None = Field(default=None, description="overrides `inputs.negative_prompt`")
+    seeds: list[int] | None = Field(default=None, min_length=1, description="overrides `inputs.seeds`")
+
+
+def group_prompts(entry: Any) -> tuple[str, ...] | None:
+    """The prompts of an edit-group item, source first; None for a plain prompt."""
+    if isinstance(entry, EditGroup):
+        return (entry.source, *entry.edits)
+    if isinstance(entry, list):
+        return tuple(entry)
+    return None
+
+
 # Arguments of `pipe(...)` the runner sets from dedicated fields: not accepted in `pipeline_kwargs`.
 MANAGED_KWARGS = {
     "prompt": "inputs.prompts",
@@ -98,10 +121,21 @@ class InputsSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompts: list[str | PromptSpec] = Field(
+    prompts: list[str | list[str] | EditGroup | PromptSpec] = Field(
         default_factory=list,
-        description="prompts for a diffusion pipeline: text, or {prompt, negative_prompt, seeds} per prompt",
+        description="prompts for a diffusion pipeline: text, or {prompt, negative_prompt, seeds} per prompt; an "
+        "item may be an edit group, one batch sharing start latents: [source, edited, ...] or "
+        "{source: ..., edits: [...]}",
     )
+
+    @field_validator("prompts")
+    @classmethod
+    def _groups(cls, v: list[Any]) -> list[Any]:
+        for entry in v:
+            if isinstance(entry, list) and len(entry) < 2:
+                raise ValueError("an edit group [source, edited, ...] needs a source and at least one edited prompt")
+        return v
+
     negative_prompt: str | None = Field(default=None, description="negative prompt of every item")
     seeds: list[int] = Field(default=[0], min_length=1, description="one item per prompt x seed")
     generator_device: Literal["auto", "cpu"] = Field(
@@ -140,11 +174,21 @@ class InputsSpec(BaseModel):
                 raise ValueError(f"{key!r} is set by {MANAGED_KWARGS[key]}, not by pipeline_kwargs")
         return v
 
+    def prompt_groups(self) -> list[tuple[str, ...] | None]:
+        """For every prompt entry, its edit group's prompts (source first), or None for a single prompt."""
+        return [group_prompts(p) for p in self.prompts]
+
     def prompt_specs(self) -> list[PromptSpec]:
         """Every prompt as a `PromptSpec` with the inputs' defaults filled in."""
         out = []
         for p in self.prompts:
-            spec = PromptSpec(prompt=p) if isinstance(p, str) else p
+            group = group_prompts(p)
+            if group is not None:
+                extra = p if isinstance(p, EditGroup) else None
+                spec = PromptSpec(prompt=group[0], negative_prompt=getattr(extra, "negative_prompt", None),
+                                  seeds=getattr(extra, "seeds", None))  # fmt: skip
+            else:
+                spec = PromptSpec(prompt=p) if isinstance(p, str) else p
             out.append(
                 PromptSpec(
                     prompt=spec.prompt,
@@ -221,7 +265,33 @@ class Experiment(BaseModel):
                     )
         elif not exp.inputs.prompts:
             raise ConfigError("a pipeline needs at least one prompt", field="inputs.prompts")
+        else:
+            _check_groups(exp)
         return exp
+
+
+def _check_groups(exp: Experiment) -> None:
+    """An editor that edits a source into edited images needs group items: never a silent no-op."""
+    from .. import registry
+
+    needing = []
+    for i, rule in enumerate(exp.trace.rules):
+        try:
+            cls = registry.get(rule.use)
+        except Exception:  # unknown names are reported by the trace validation
+            continue
+        if getattr(cls, "requires_group", False):
+            needing.append((i, rule.use))
+    if not needing:
+        return
+    i, use = needing[0]
+    for n, entry in enumerate(exp.inputs.prompts):
+        if group_prompts(entry) is None:
+            raise ConfigError(
+                f"trace.rules.{i} ({use}) edits a source prompt into edited ones, but this item is a single prompt "
+                f"{entry!r}; write it as an edit group: [source, edited] or {{source: ..., edits: [...]}}",
+                field=f"inputs.prompts.{n}",
+            )
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:

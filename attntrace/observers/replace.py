@@ -1,31 +1,38 @@
-"""`replace`: prompt-to-prompt attention injection from a source batch item.
+"""`replace`: prompt-to-prompt's word swap and refinement across the images of an edit group.
 
-Cross-attention (`replace` mode): every other batch item gets the source item's probabilities for
-steps before `cross_until_step`; `refine` mode takes, for each target token `j`, the source's map of
-token `mapper[j]` (`-1` keeps the item's own map). Self-attention: the source's maps are injected for
-steps before `self_until_step`. With `cfg: true` the batch is [uncond..., cond...] and each half is
-handled alone (its own source at position `source` within the half). Joint attention is left alone
-(its rows mix image and text; no published recipe). The attention is computed once per call.
+In an edit group (a source prompt and edited prompts sharing start latents, one pipeline call), the
+edited images' cross maps are built from the source's, on the conditional rows only:
+- `mode: replace` (word swap, same number of words): a swapped word's tokens take the source word's
+  map, split evenly when the token count changed (the aligner's float matrix);
+- `mode: refine` (words added or removed): each token takes its aligned source token's map, new
+  tokens keep their own (the aligner's mapper and alphas).
+Within `self_replace_steps`, self maps with at most `self_max_queries` queries come from the source.
+The group, the CFG layout and the step count come from the pipeline call; see `p2p.py` for the
+windows and for joint attention (SD3/Flux: the image-query × text-key block).
 
-Memory: nothing kept between calls.
+Memory: one (T+1, edited, text) schedule and one alignment per edited prompt, per generation.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import warnings
+from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from ..core.call import AttentionCall
-from ..core.errors import EditError
-from ..core.observer import Observer
+from ..core.errors import ConfigError, EditError
+from ..core.generation import Generation
+from ..core.words import segments
+from .align import refinement_mapper, replacement_mapper
+from .p2p import GroupEdit, GroupRows, P2PParams
 
 __all__ = ["Replace", "ReplaceParams", "batch_groups"]
 
 
 def batch_groups(batch: int, cfg: bool) -> list[range]:
-    """The independent groups of a batch: the whole batch, or its two CFG halves."""
+    """The independent groups of a batch: the whole batch, or its two CFG halves (bare-model helpers)."""
     if not cfg:
         return [range(batch)]
     if batch % 2:
@@ -34,81 +41,145 @@ def batch_groups(batch: int, cfg: bool) -> list[range]:
     return [range(0, half), range(half, batch)]
 
 
-class ReplaceParams(BaseModel):
+class ReplaceParams(P2PParams):
     """Parameters of `replace`."""
 
-    model_config = ConfigDict(extra="forbid")
-    source: int = Field(default=0, ge=0, description="batch item (within each group) whose maps are injected")
     mode: Literal["replace", "refine"] = "replace"
-    mapper: list[int] | None = Field(default=None, description="refine: target -> source token; -1 keeps own")
-    cross_until_step: int | None = Field(default=None, ge=0, description="inject cross maps at steps < this")
-    steps_fraction: float | None = Field(default=None, ge=0, le=1, description="or: fraction of total_steps")
-    total_steps: int | None = Field(default=None, ge=1)
-    self_until_step: int = Field(default=0, ge=0, description="inject self-attention maps at steps < this")
-    cfg: bool = Field(default=False, description="batch is [uncond..., cond...]; treat each half alone")
+    self_replace_steps: float | tuple[float, float] = Field(
+        default=0.4, description="fraction (or [start, end]) of the steps whose self maps come from the source"
+    )
+    shift_after_swap: bool = Field(
+        default=False,
+        description="word swap: map the tokens after a swapped word whose token count changed to their shifted "
+        "source tokens (prompt-to-prompt maps them position by position; false keeps its behaviour)",
+    )
+    mapper: list[int] | None = Field(
+        default=None, description="refine without a tokenizer: target token -> source token (-1 keeps its own)"
+    )
+    # Deprecated integer windows (before prompt-to-prompt's fractions): still honoured.
+    cross_until_step: int | None = Field(default=None, ge=0, description="deprecated: cross edit at steps < this")
+    steps_fraction: float | None = Field(default=None, ge=0, le=1, description="deprecated: cross_replace_steps")
+    total_steps: int | None = Field(default=None, ge=1, description="deprecated: num_steps")
+    self_until_step: int | None = Field(default=None, ge=0, description="deprecated: self injection at steps < this")
 
     @model_validator(mode="after")
-    def _check(self) -> ReplaceParams:
+    def _legacy(self) -> ReplaceParams:
         if self.steps_fraction is not None:
             if self.total_steps is None:
-                raise ValueError("steps_fraction needs total_steps")
+                raise ValueError("steps_fraction needs total_steps (or use cross_replace_steps)")
             if self.cross_until_step is not None:
                 raise ValueError("give cross_until_step or steps_fraction, not both")
-        if self.mode == "refine" and self.mapper is None:
-            raise ValueError("mode 'refine' needs mapper (target token -> source token)")
         return self
 
-    def cross_limit(self) -> int | None:
-        """Steps < this get cross maps injected (None: every step)."""
-        if self.steps_fraction is not None:
-            assert self.total_steps is not None
-            return int(self.steps_fraction * self.total_steps)
-        return self.cross_until_step
 
-
-class Replace(Observer):
-    """Prompt-to-prompt replace/refine of cross maps and self-map injection. Keeps nothing."""
+class Replace(GroupEdit):
+    """Prompt-to-prompt word swap / refinement of cross maps, and self-map injection, in an edit group."""
 
     name = "replace"
-    needs = frozenset({"probs"})
-    edits = True
     Params = ReplaceParams
+    maps_source = True
 
-    def on_call(self, call: AttentionCall) -> None:
+    def __init__(self, params: Any = None, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        self._maps: dict[tuple[int, int], Any] = {}
+
+    def prepare(self, generation: Generation) -> None:
+        self._maps = {}
+
+    # -- legacy integer windows ------------------------------------------------------------------
+    def _legacy(self) -> bool:
         p = self.params
-        if call.kind == "cross":
-            limit = p.cross_limit()
-            if limit is not None and call.step >= limit:
-                return
-            refine = p.mode == "refine"
-        elif call.kind == "self":
-            if call.step >= p.self_until_step:
-                return
-            refine = False
-        else:
-            return
-        probs = call.probs
-        new = probs.clone()
-        for group in batch_groups(probs.shape[0], p.cfg):
-            if p.source >= len(group):
-                raise EditError(f"replace: source {p.source} outside a group of {len(group)} items")
-            src = group[p.source]
-            for b in group:
-                if b == src:
-                    continue
-                new[b] = self._inject(probs[src], probs[b], call) if refine else probs[src]
-        call.probs = new
+        return p.self_until_step is not None or p.cross_until_step is not None or p.steps_fraction is not None
 
-    def _inject(self, src: torch.Tensor, own: torch.Tensor, call: AttentionCall) -> torch.Tensor:
-        mapper = self.params.mapper or []
-        n = own.shape[-1]
-        if len(mapper) != n:
-            raise EditError(f"replace: mapper has {len(mapper)} entries, {call.site} has {n} text tokens")
-        idx = torch.tensor([m if m >= 0 else 0 for m in mapper], device=own.device)
-        keep = torch.tensor([m < 0 for m in mapper], device=own.device)
-        return torch.where(keep, own, src[..., idx])
+    def alpha_at(self, rows: GroupRows, n_text: int, step: int) -> torch.Tensor | None:
+        p = self.params
+        if not self._legacy():
+            return super().alpha_at(rows, n_text, step)
+        limit = p.cross_until_step
+        if p.steps_fraction is not None:
+            limit = int(p.steps_fraction * p.total_steps)
+        if limit is not None and step >= limit:
+            return None
+        return torch.ones(len(rows.edited), n_text)
 
-    def __repr__(self) -> str:
-        return f"Replace({self.params!r})"
+    def self_active(self, step: int, queries: int) -> bool:
+        if self._legacy():
+            return step < (self.params.self_until_step or 0)
+        return super().self_active(step, queries)
 
+    # -- the maps --------------------------------------------------------------------------------
+    def cross_map(
+        self, call: AttentionCall, rows: GroupRows, src: torch.Tensor, own: torch.Tensor, chain: Any = None
+    ) -> torch.Tensor:
+        n_text = src.shape[-1]
+        if self.params.mode == "replace":
+            mapper = self._mapper(rows, n_text).to(src.device, src.dtype)
+            return torch.einsum("hpw,bwn->bhpn", src, mapper)
+        index, alphas = self._refiner(rows, n_text)
+        mapped = src[:, :, index.to(src.device)].permute(2, 0, 1, 3)
+        a = alphas.to(src.device, src.dtype).reshape(len(rows.edited), 1, 1, -1)
+        return mapped * a + own * (1 - a)
 
+    def _mapper(self, rows: GroupRows, n_text: int) -> torch.Tensor:
+        key = (n_text, 0)
+        if key not in self._maps:
+            self._maps[key] = torch.stack([self._per_segment(rows.images[e], n_text, "replace")
+                                           for e in range(len(rows.edited))])  # fmt: skip
+        return self._maps[key]
+
+    def _refiner(self, rows: GroupRows, n_text: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (n_text, 1)
+        if key not in self._maps:
+            if self.params.mapper is not None:
+                m = self.params.mapper
+                if len(m) != n_text:
+                    raise EditError(f"replace: mapper has {len(m)} entries, the text has {n_text} tokens")
+                index = torch.tensor(m).expand(len(rows.edited), -1)
+                alphas = (index != -1).float()
+            else:
+                pairs = [self._per_segment(rows.images[e], n_text, "refine") for e in range(len(rows.edited))]
+                index = torch.stack([p[0] for p in pairs])
+                alphas = torch.stack([p[1] for p in pairs])
+            self._maps[key] = (index, alphas)
+        return self._maps[key]
+
+    def _per_segment(self, image: int, n_text: int, mode: str) -> Any:
+        """The alignment of one edited prompt with the source, encoder by encoder (SD3: CLIP then T5)."""
+        gen = self.generation
+        if gen is None and mode == "replace":
+            return torch.eye(n_text)  # a bare model without prompts: the source's maps are copied whole
+        if gen is None or gen.group is None:
+            raise ConfigError(
+                "replace needs the source and edited prompts with a tokenizer (attach to the pipeline, or "
+                "tracer.generation(prompts, tokenizers=..., group=...)); without them give mode: refine and mapper",
+                field="mode",
+            )
+        source, target = gen.prompts[gen.group[0]], gen.prompts[image]
+        if mode == "replace":
+            out: Any = torch.eye(n_text)
+            for tok, start, length in segments(gen, n_text):
+                length = min(length, n_text - start)
+                block = replacement_mapper(tok, source, target, length,
+                                           shift_after_swap=self.params.shift_after_swap)  # fmt: skip
+                out[start : start + length, start : start + length] = block
+            return out
+        index = torch.arange(n_text)
+        alphas = torch.ones(n_text)
+        for tok, start, length in segments(gen, n_text):
+            length = min(length, n_text - start)
+            m, a = refinement_mapper(tok, source, target, length)
+            # -1 (no source token) indexes the segment's last token, weighted 0, as in prompt-to-prompt
+            index[start : start + length] = torch.where(m < 0, m + length, m) + start
+            alphas[start : start + length] = a
+        return index, alphas
+
+    def on_generation_end(self, generation: Generation, images: Any | None) -> None:
+        if generation.group is not None and self.params.mode == "replace":
+            same = [i for i in generation.group[1:] if generation.prompts[i] == generation.prompts[generation.group[0]]]
+            if same:
+                warnings.warn(
+                    f"attntrace: replace: edited prompt(s) {same} equal the source prompt; nothing was swapped",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        super().on_generation_end(generation, images)
