@@ -6,7 +6,13 @@ a running sum kept at that grid's own size, on the model's device. The sums are 
 bilinearly to one common `resolution` only when the result is read: upsampling is linear, so this
 equals upsampling every call's map (DAAM's order) and costs nothing per call.
 
-Memory: one float32 sum of shape (batch, text tokens, h, w) per distinct image grid (h, w) seen (a
+Which tokens are text and image, and the image grid `(frames, h, w)`, come from the call's layout
+(`call.layout`, resolved by the adapter): cross-attention, joint and single-stream blocks alike. Video
+models get one map per frame (`result()["frames"]`) and the frame average (`result()["maps"]`). A call
+whose layout is unknown is skipped with one warning naming the site; a run that saw no image tokens at
+all (a text model) warns at `save` (use `token_map` for token x token maps).
+
+Memory: one float32 sum of shape (batch, text tokens, frames, h, w) per distinct image grid seen (a
 UNet has 3-4 of them), plus a call counter each. It does not grow with the number of steps, layers
 or heads; the per-call work is chunked over query rows (`max_chunk_mib`). Keeping one sum per grid
 size is what lets `skip_lowest` drop the coarsest grid after the fact.
@@ -15,6 +21,7 @@ size is what lets `skip_lowest` drop the coarsest grid after the fact.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -56,6 +63,7 @@ class Heatmap(Observer):
 
     name = "heatmap"
     needs = frozenset({"probs"})
+    needs_layout = True
     Params = HeatmapParams
 
     def __init__(self, params: Any = None, **kwargs: Any) -> None:
@@ -64,17 +72,30 @@ class Heatmap(Observer):
         self.sums: dict[int, list[Any]] = {}
         self._image: np.ndarray | None = None
         self._words: list[tuple[str, list[int]]] | None = None
+        self._warned: set[str] = set()
+
+    def _warn(self, site: str, why: str) -> None:
+        if site not in self._warned:
+            self._warned.add(site)
+            warnings.warn(f"attntrace: heatmap skips site {site!r}: {why}", RuntimeWarning, stacklevel=3)
 
     # -- collection ------------------------------------------------------------------------------
     def on_call(self, call: AttentionCall) -> None:
-        if call.kind not in ("cross", "joint") or call.image_hw is None:
+        layout = call.layout
+        if layout.kind not in ("cross", "joint"):
             return
-        text, image = call.text_tokens, call.image_tokens
+        if not layout.known:
+            self._warn(call.site, f"its token layout is unknown ({layout.note})")
+            return
+        text, image, grid = layout.text, layout.image, layout.grid
         if text is None or image is None:
-            return
-        h, w = call.image_hw
+            return  # no text keys in this call (an image-context call of a cross-attention layer)
         n_img = image.stop - image.start
-        if h * w != n_img or n_img < self.params.min_tokens:
+        if grid is None or grid[0] * grid[1] * grid[2] != n_img:
+            self._warn(call.site, f"the grid of its {n_img} image tokens is unknown")
+            return
+        frames, h, w = grid
+        if n_img < self.params.min_tokens:
             return
         batch = call.query.shape[0]
         b0 = batch // 2 if (self.params.cond_half and batch >= 2 and batch % 2 == 0) else 0
@@ -94,7 +115,7 @@ class Heatmap(Observer):
             if heads is not None:
                 part = part[:, heads]
             reduced[:, lo - image.start : hi - image.start] = part.float().mean(dim=1)
-        maps = reduced.transpose(1, 2).reshape(batch - b0, n_text, h, w)
+        maps = reduced.transpose(1, 2).reshape(batch - b0, n_text, frames, h, w)
         entry = self.sums.get(n_img)
         if entry is None:
             self.sums[n_img] = [maps.clone(), 1]
@@ -117,7 +138,8 @@ class Heatmap(Observer):
         return levels
 
     def result(self) -> dict[str, Any]:
-        """`{"maps": mean map per (batch, token) over contributing calls, "count": calls, "levels": grids}`.
+        """`{"maps": mean map per (batch, token) over contributing calls, "count": calls, "levels": grids}`,
+        and for video (`frames` > 1) `"frames"`: (batch, token, frames, R, R); `maps` is their frame mean.
 
         Each call's map is a head mean of probabilities, so `maps` stays in [0, 1].
         """
@@ -125,12 +147,16 @@ class Heatmap(Observer):
         if not levels:
             return {"maps": None, "count": 0, "levels": []}
         res = self.params.resolution
-        total = sum(
-            F.interpolate(self.sums[n][0], size=(res, res), mode="bilinear", align_corners=False)
-            for n in levels
-        )
+        frames = {self.sums[n][0].shape[2] for n in levels}
+        if len(frames) > 1:
+            raise RunError(f"heatmap: grids with different frame counts {sorted(frames)}; use one heatmap per run")
+        total = sum(_upsample(self.sums[n][0], res) for n in levels)
         count = sum(self.sums[n][1] for n in levels)
-        return {"maps": total / count, "count": count, "levels": levels}
+        per_frame = total / count
+        out = {"maps": per_frame.mean(dim=2), "count": count, "levels": levels}
+        if per_frame.shape[2] > 1:
+            out["frames"] = per_frame
+        return out
 
     def set_image(self, image: Any) -> None:
         """The generated image (PIL image, HxWx3 array or CHW tensor in [0,1] or [0,255]) to draw maps on."""
@@ -150,11 +176,19 @@ class Heatmap(Observer):
 
         res = self.result()
         if res["maps"] is None:
+            warnings.warn(
+                "attntrace: heatmap has nothing to save: no traced call had text keys and an image grid "
+                "(a text model? use `token_map` for token x token maps)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             return []
         directory.mkdir(parents=True, exist_ok=True)
         maps = res["maps"].detach().float().cpu().contiguous()
         path = directory / "heatmap.safetensors"
         tensors = {"maps": maps, "count": torch.tensor(res["count"])}
+        if "frames" in res:
+            tensors["frames"] = res["frames"].detach().float().cpu().contiguous()
         save_file(tensors, str(path), metadata={"levels": ",".join(map(str, res["levels"]))})
         files = [path]
         if self._words is not None:
@@ -170,6 +204,13 @@ class Heatmap(Observer):
     def close(self) -> None:
         self.sums.clear()
         self._image = None  # the generated image handed over by set_image
+
+
+def _upsample(sums: torch.Tensor, res: int) -> torch.Tensor:
+    """(B, T, frames, h, w) sums -> (B, T, frames, res, res), bilinear per frame."""
+    b, t, f, h, w = sums.shape
+    up = F.interpolate(sums.reshape(b, t * f, h, w), size=(res, res), mode="bilinear", align_corners=False)
+    return up.reshape(b, t, f, res, res)
 
 
 # -- words --------------------------------------------------------------------------------------

@@ -71,11 +71,18 @@ class Replace(Observer):
 
     name = "replace"
     needs = frozenset({"probs"})
+    needs_layout = True
     edits = True
     Params = ReplaceParams
 
     def on_call(self, call: AttentionCall) -> None:
         p = self.params
+        layout = call.layout
+        if layout.kind == "joint":
+            limit = p.cross_limit()
+            if limit is None or call.step < limit:
+                self._joint(call, p.mode == "refine")
+            return
         if call.kind == "cross":
             limit = p.cross_limit()
             if limit is not None and call.step >= limit:
@@ -97,6 +104,35 @@ class Replace(Observer):
                 if b == src:
                     continue
                 new[b] = self._inject(probs[src], probs[b], call) if refine else probs[src]
+        call.probs = new
+
+    def _joint(self, call: AttentionCall, refine: bool) -> None:
+        """Joint and single-stream blocks: the image-query x text-key block is injected from the source;
+        each row's remaining (image-key) attention keeps its own distribution, scaled so the row sums to 1."""
+        layout = call.layout
+        if not layout.known:
+            raise EditError(f"replace: the token layout at {call.site} is unknown ({layout.note}); exclude the site")
+        text, image = layout.text, layout.image
+        if text is None or image is None:
+            return
+        probs = call.probs
+        new = probs.clone()
+        for group in batch_groups(probs.shape[0], self.params.cfg):
+            if self.params.source >= len(group):
+                raise EditError(f"replace: source {self.params.source} outside a group of {len(group)} items")
+            src = group[self.params.source]
+            for b in group:
+                if b == src:
+                    continue
+                own = probs[b, :, image]
+                block = own[..., text]
+                injected = self._inject(probs[src, :, image][..., text], block, call) if refine else \
+                    probs[src, :, image][..., text]  # fmt: skip
+                rest = own.sum(-1, keepdim=True) - block.sum(-1, keepdim=True)
+                room = (1 - injected.sum(-1, keepdim=True)).clamp_min(0)
+                row = own * (room / rest.clamp_min(1e-30))
+                row[..., text] = injected
+                new[b, :, image] = row
         call.probs = new
 
     def _inject(self, src: torch.Tensor, own: torch.Tensor, call: AttentionCall) -> torch.Tensor:

@@ -33,12 +33,18 @@ class Reweight(Observer):
 
     name = "reweight"
     needs = frozenset({"probs"})
+    needs_layout = True
     edits = True
     Params = ReweightParams
 
     def on_call(self, call: AttentionCall) -> None:
-        text = call.text_tokens
-        if call.kind not in ("cross", "joint") or text is None:
+        layout = call.layout
+        if layout.kind not in ("cross", "joint"):
+            return
+        if not layout.known:
+            raise EditError(f"reweight: the token layout at {call.site} is unknown ({layout.note}); exclude the site")
+        text = layout.text
+        if text is None:
             return
         n_text = text.stop - text.start
         bad = [t for t in self.params.tokens if not -n_text <= t < n_text]
@@ -46,7 +52,7 @@ class Reweight(Observer):
             raise EditError(f"reweight: tokens {bad} out of range for {n_text} text tokens at {call.site}")
         probs = call.probs
         cols = torch.tensor([text.start + (t % n_text) for t in self.params.tokens], device=probs.device)
-        rows = slice(None) if call.kind == "cross" else call.image_tokens
+        rows = slice(None) if layout.kind == "cross" else layout.image
         if rows is None:
             return
         new = probs.clone()
