@@ -102,7 +102,9 @@ class DiffusersAdapter(Adapter):
             kind = processor_kind(module, processor)
             if kind == "cross" and _self_in_cross_module(name, modules):
                 kind = "self"
-            join = joining(name, processor, modules, model) if kind in ("self", "joint") else None
+            join = joining(name, processor, modules, model) if kind != "linear" else None
+            if join is not None and kind == "cross" and join.where != "family":
+                join = None  # declared cross-attention: the keys are the context, whatever the source joins
             layout = ""
             if join is not None:
                 self.joins[name] = join

@@ -38,6 +38,8 @@ _INDEXED_JOINS: dict[tuple[str, str], bool | str] = {
     ("Lumina2Transformer2DModel", "layers."): True,
     ("ZImageTransformer2DModel", "layers."): _UNIFIED,
     ("ZImageControlNetModel", "control_layers."): _UNIFIED,
+    ("OmniGenTransformer2DModel", "layers."): "text, image and input-image tokens interleaved in one language-model "
+    "sequence (OmniGen)",
 }
 
 
@@ -216,6 +218,11 @@ def resolve(
         # models whose inputs name no text, when they are the processor's context.
         text: slice | None = slice(0, k_len)
         note = ""
+        if inputs.text_lens and k_len - q_len in inputs.text_lens and k_len not in inputs.text_lens:
+            # Keys are the image tokens and the text joined inside the processor (PRX, NucleusMoE): the
+            # processor's names for them are not ones the order rule reads.
+            return Layout("cross", known=False, note=f"keys are the {q_len} image tokens and {k_len - q_len} text "
+                          "tokens joined in the processor, in an order attntrace does not read")  # fmt: skip
         if inputs.text_lens and k_len not in inputs.text_lens:
             t = inputs.text_lens[0]
             if t == t_proc or t_proc is None or t > k_len:
