@@ -34,6 +34,7 @@ BUILTINS: dict[str, str] = {
     "kv_inject": "attntrace.observers.kv_inject:KVInject",
     "ablate": "attntrace.observers.ablate:Ablate",
     "temperature": "attntrace.observers.temperature:Temperature",
+    "token_map": "attntrace.observers.token_map:TokenMap",
 }
 
 
