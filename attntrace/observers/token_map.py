@@ -11,7 +11,6 @@ Memory: one float32 (heads, tokens, tokens) per traced site; nothing per step.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -119,9 +118,7 @@ def render_token_maps(maps: dict[str, torch.Tensor], tokens: list[str] | None, o
         fig.savefig(path, dpi=80)
         files.append(path)
     heads = max(m.shape[0] for m in maps.values())
-    names = list(maps)
-    prefix = os.path.commonprefix(names) if len(names) > 1 else ""
-    suffix = os.path.commonprefix([n[::-1] for n in names])[::-1] if len(names) > 1 else ""
+    prefix, suffix = _shared_parts(list(maps))
     fig = Figure(figsize=(1.2 * heads + 1.5, 1.2 * len(maps) + 0.8))
     fig.suptitle(f"{prefix}*{suffix}" if prefix or suffix else "token maps", fontsize=8)
     for row, (site, m) in enumerate(maps.items()):
@@ -138,3 +135,19 @@ def render_token_maps(maps: dict[str, torch.Tensor], tokens: list[str] | None, o
     fig.savefig(grid, dpi=80)
     files.append(grid)
     return files
+
+
+def _shared_parts(names: list[str]) -> tuple[str, str]:
+    """The dotted name parts all `names` start and end with (`encoder.layer.`, `.attention.self`)."""
+    if len(names) < 2:
+        return "", ""
+    split = [n.split(".") for n in names]
+    head = 0
+    while all(len(p) > head + 1 and p[head] == split[0][head] for p in split):
+        head += 1
+    tail = 0
+    while all(len(p) > head + tail + 1 and p[-1 - tail] == split[0][-1 - tail] for p in split):
+        tail += 1
+    prefix = ".".join(split[0][:head]) + ("." if head else "")
+    suffix = ("." if tail else "") + ".".join(split[0][len(split[0]) - tail :]) if tail else ""
+    return prefix, suffix
