@@ -25,6 +25,7 @@ from .core.errors import (
     SelectionError,
     UnknownObserverError,
 )
+from .core.generation import Generation
 from .core.observer import Observer
 from .core.site import Site
 from .registry import register as register_observer
@@ -38,15 +39,18 @@ __version__ = "0.1.0"
 from .adapters.diffusers import proxy as _proxy
 from .core import call as _call
 from .core import errors as _errors
+from .core import generation as _generation
 from .core import kernel as _kernel
 from .core import observer as _observer
 from .core import selection as _selection
 from .core import site as _site
+from .core import words as _words
 from .tracing import compiled as _compiled
 from .tracing import intercept as _intercept
 
 for _old, _module in {"call": _call, "errors": _errors, "kernel": _kernel, "observer": _observer,
-                      "selection": _selection, "site": _site, "compiled": _compiled, "intercept": _intercept,
+                      "selection": _selection, "site": _site,
+                      "generation": _generation, "words": _words, "compiled": _compiled, "intercept": _intercept,
                       "proxy": _proxy}.items():  # fmt: skip
     _sys.modules.setdefault(f"{__name__}.{_old}", _module)
 
@@ -57,6 +61,7 @@ __all__ = [
     "AttnTraceError",
     "ConfigError",
     "EditError",
+    "Generation",
     "Observer",
     "OutputWriteError",
     "PluginError",

@@ -14,6 +14,7 @@ from .site import Site
 
 if TYPE_CHECKING:
     from .call import AttentionCall
+    from .generation import Generation
 
 __all__ = ["NEEDS", "AttachmentView", "NoParams", "Observer", "batch_rows"]
 
@@ -47,9 +48,10 @@ class Observer:
     """Base class for observers and editors.
 
     Subclasses set `needs` (a subset of `NEEDS`: probabilities are computed only where some observer
-    needs them), implement `on_call(call)`, and may override `on_attach`, `on_step_end`, `result`,
-    `save` and `close`. Observers used from YAML declare a pydantic `Params` model; its validated
-    instance is `self.params`. Keyword arguments to the constructor are those params.
+    needs them), implement `on_call(call)`, and may override `on_attach`, `on_step_end`,
+    `on_generation_start` / `on_generation_end`, `result`, `save` and `close`.
+    Observers used from YAML declare a pydantic `Params` model; its validated instance is
+    `self.params`. Keyword arguments to the constructor are those params.
     """
 
     #: Name used in YAML rules (`use: NAME`); set by the registry for plugins.
@@ -88,6 +90,12 @@ class Observer:
 
     def on_step_end(self, step: int) -> None:
         """Called after each top-level forward of the traced model."""
+
+    def on_generation_start(self, generation: Generation) -> None:
+        """Called before each generation (a `pipe(...)` call under an attached pipeline); steps restart at 0."""
+
+    def on_generation_end(self, generation: Generation, images: Any | None) -> None:
+        """Called after each generation with its output images (None when unknown)."""
 
     def result(self) -> Any:
         """What this observer collected (a table, a dict of tensors...)."""
