@@ -59,11 +59,11 @@ class Recorder(Observer):
         # compared within a few units of that dtype's precision, and the worst ratio err / tolerance is kept.
         self.low_precision: dict[str, int] = {}
         self.max_low_ratio = 0.0
-        self.layouts: set[Any] = set()  # distinct call layouts (a handful per class)
+        self.layouts: dict[str, Any] = {}  # distinct call layouts by description (a handful per class)
 
     def on_call(self, call: AttentionCall) -> None:
         self.calls[call.site] = self.calls.get(call.site, 0) + 1
-        self.layouts.add(call.layout)
+        self.layouts.setdefault(call.layout.describe(), call.layout)
         probs = call.probs
         out = call.output
         v = call.value
@@ -174,7 +174,7 @@ def transparency(name: str, builder: Any) -> dict[str, Any]:
             notes.append(f"{n} kernel call(s) in {dtype} (probs@v checked to 4 eps of {dtype})")
         if ran_softmax != set(softmax_sites):
             notes.append(f"{len(set(softmax_sites) - ran_softmax)} site(s) not run by this forward")
-    layouts = set(rec.layouts) if rec is not None else set()
+    layouts = list(rec.layouts.values()) if rec is not None else []
     linear_seen = set(lin.calls) if lin is not None else set()
     if linear_sites:
         notes.append(
@@ -193,7 +193,7 @@ def transparency(name: str, builder: Any) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def layout_summary(layouts: set[Any]) -> str:
+def layout_summary(layouts: list[Any]) -> str:
     """One cell: per kind, the text ranges (and order for joint attention) and image grids the calls had."""
     parts = []
     for kind in ("cross", "joint", "self", "linear"):
