@@ -29,7 +29,8 @@ from .core.generation import Generation
 from .core.observer import Observer
 from .core.site import Site
 from .registry import register as register_observer
-from .runio import RunEntry, SavedRun, load_run
+from .runio import RunEntry, SavedRun
+from .runs import load_run
 from .tracer import Attachment, Tracer, find_sites
 
 __version__ = "0.1.0"

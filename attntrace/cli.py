@@ -58,10 +58,13 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 # -- commands -----------------------------------------------------------------------------------
 def cmd_validate(args: argparse.Namespace) -> int:
+    from .experiment.checks import check_experiment
+    from .experiment.runner import plan_items
     from .experiment.spec import load_experiment
 
     exp = load_experiment(args.experiment, args.set)
-    items = len(exp.inputs.texts) if exp.is_text_model else len(exp.inputs.prompts) * len(exp.inputs.seeds)
+    check_experiment(exp)  # missing model folder, unknown classes/kwargs, unreachable steps: exit 2
+    items = len(plan_items(exp))
     rules = ", ".join(r.label for r in exp.trace.rules) or "no rules"
     print(
         f"{args.experiment}: valid experiment {exp.name!r}: {items} item(s), observers: {rules}, "
@@ -104,7 +107,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     _quiet_libraries()
-    run_demo(args.output, steps=args.steps, progress=not args.no_progress)
+    kwargs = {"prompt": args.prompt} if args.prompt else {}
+    run_demo(args.output, steps=args.steps, progress=not args.no_progress, **kwargs)
     return 0
 
 
@@ -249,8 +253,9 @@ def cmd_observers(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .report.html import write_report
 
-    index = write_report(args.run_dir)
-    print(f"report: {index}")
+    index = write_report(args.run_dir, max_mb=args.max_mb)
+    size = index.stat().st_size / 1e6
+    print(f"report: {index}  ({size:.1f} MB, self-contained: open it in a browser, no server needed)")
     return 0
 
 
@@ -279,9 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("demo", help="offline demo on a tiny pipeline and MiniLM (under a minute on CPU)")
+    p = sub.add_parser("demo", help="offline demo on the toy-world pipeline and MiniLM (under a minute on CPU)")
     p.add_argument("--output", default="runs/demo", help="where to write (default: runs/demo)")
-    p.add_argument("--steps", type=int, default=4, help="denoising steps (default 4)")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    p.add_argument("--prompt", help="toy-world prompt (default: 'a red circle left of a yellow square')")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
@@ -303,8 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("schema", help="print the JSON Schema of experiment files")
     p.set_defaults(func=cmd_schema)
 
-    p = sub.add_parser("report", help="write a static index.html for a run directory")
+    p = sub.add_parser("report", help="write a static, self-contained HTML explorer (index.html) for a run directory")
     p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument(
+        "--max-mb",
+        type=float,
+        default=100.0,
+        help="bound on the page's size; per-head and per-step detail is thinned to fit (default 100)",
+    )
     p.set_defaults(func=cmd_report)
     return parser
 

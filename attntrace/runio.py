@@ -1,4 +1,4 @@
-"""Reading runs written by the `save` observer: `load_run(path)` -> `SavedRun`, lazily and without pickle.
+"""Reading runs written by the `save` observer (`attntrace.load_run(path)` -> `SavedRun`), lazily and without pickle.
 
 ```python
 run = attntrace.load_run("runs/exp1/save")
@@ -19,7 +19,7 @@ import torch
 from .core.errors import RunError
 from .core.messages import MANIFEST
 
-__all__ = ["RunEntry", "SavedRun", "load_run"]
+__all__ = ["RunEntry", "SavedRun", "find_manifest", "load_saved_run"]
 
 _FIELDS = ("site", "step", "index", "tensor", "shape", "dtype", "file", "key")
 
@@ -101,7 +101,7 @@ class SavedRun:
         return f"SavedRun({where!r}, sites={len(self.sites)}, steps={self.steps}, tensors={self.tensors})"
 
 
-def _find_manifest(path: Path) -> Path:
+def find_manifest(path: Path) -> Path:
     if path.is_file():
         return path
     if (path / MANIFEST).is_file():
@@ -114,13 +114,15 @@ def _find_manifest(path: Path) -> Path:
         if len(found) > 1:
             choices = ", ".join(str(p.parent) for p in found)
             raise RunError(f"{path} holds several saved runs; pass one of: {choices}")
-        raise RunError(f"{path / MANIFEST} not found: {path} is not a run saved by the 'save' observer")
+        raise RunError(
+            f"{path / MANIFEST} not found: {path} is not a run directory, an item or observer folder of a run, "
+            "or a run saved by the 'save' observer"
+        )
     raise RunError(f"{path} does not exist")
 
 
-def load_run(path: str | Path) -> SavedRun:
-    """Open a run saved by the `save` observer (its directory or its `manifest.json`)."""
-    manifest = _find_manifest(Path(path))
+def load_saved_run(manifest: Path) -> SavedRun:
+    """Open the `save` observer's manifest (its `manifest.json`) as a `SavedRun`."""
     directory = manifest.parent
     try:
         doc = json.loads(manifest.read_text())

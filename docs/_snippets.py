@@ -24,3 +24,18 @@ def tiny_unet() -> tuple[torch.nn.Module, dict[str, Any]]:
     inputs = {"sample": torch.randn(2, 4, 16, 16), "timestep": torch.tensor(10),
               "encoder_hidden_states": torch.randn(2, 7, 32)}  # fmt: skip
     return unet, inputs
+
+
+def demo_run(output: str = "runs/docs-demo") -> str:
+    """Run a small experiment (heatmap + stats, 2 steps at 64 px) on the offline demo pipeline; its folder."""
+    from attntrace.experiment.runner import run_experiment
+    from attntrace.experiment.spec import Experiment
+
+    exp = Experiment.from_data({
+        "name": "docs-demo",
+        "model": {"pipeline": "StableDiffusionPipeline", "path": "attntrace:demo"},
+        "inputs": {"prompts": ["a cat sitting on a mat"], "steps": 2, "height": 64, "width": 64},
+        "trace": {"rules": [{"use": "heatmap", "match": "*attn2"}, {"use": "stats", "match": "*attn2"}]},
+        "output": output,
+    })  # fmt: skip
+    return str(run_experiment(exp, progress=False).directory)

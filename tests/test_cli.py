@@ -18,7 +18,6 @@ from PIL import Image
 pytest.importorskip("diffusers")
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = Path("/usr/bin/chromium")
 
 
 def _env(tmp: Path) -> dict[str, str]:
@@ -152,38 +151,15 @@ def test_resume_skips_and_force_redoes(work: Path, single_run: Path) -> None:
     assert np.array_equal(pixels, np.asarray(Image.open(img)))  # same prompt and seed, same image
 
 
-def test_report_images_exist(work: Path, single_run: Path) -> None:
+def test_report_command(work: Path, single_run: Path) -> None:
+    # The explorer itself is tested in a real browser in tests/test_report_explorer.py.
     r = cli("report", str(single_run), tmp=work)
     assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"report: {single_run / 'index.html'}") and "MB" in r.stdout
     page = (single_run / "index.html").read_text()
-    srcs = re.findall(r'<img src="([^"]+)"', page)
-    assert len(srcs) == 2
-    assert all((single_run / s).is_file() for s in srcs)
+    assert 'id="attntrace-data"' in page and "p000-s0" in page
     r = cli("report", str(work / "missing"), tmp=work)
     assert r.returncode == 1 and r.stderr.startswith("attntrace: error: no run directory")
-
-
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (run .ci/setup-chromium.sh)")
-def test_report_in_headless_chromium(work: Path, single_run: Path) -> None:
-    cli("report", str(single_run), tmp=work)
-    r = subprocess.run(
-        [
-            str(CHROMIUM),
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--allow-file-access-from-files",
-            "--virtual-time-budget=5000",
-            "--dump-dom",
-            (single_run / "index.html").as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    m = re.search(r'data-images-ok="(\d+)" data-images-broken="(\d+)"', r.stdout)
-    assert m, r.stdout[-2000:] + r.stderr[-2000:]
-    assert int(m.group(1)) == 2 and int(m.group(2)) == 0
 
 
 def test_torchrun_two_processes_equals_single(work: Path, single_run: Path) -> None:
@@ -212,6 +188,7 @@ def test_torchrun_two_processes_equals_single(work: Path, single_run: Path) -> N
         timeout=300,
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "2 item(s) run, 0 skipped (done), 0 failed" in r.stdout  # every rank's items, not rank 0's
     assert (out / "manifest.rank0.json").is_file() and (out / "manifest.rank1.json").is_file()
     one = json.loads((single_run / "manifest.json").read_text())
     two = json.loads((out / "manifest.json").read_text())

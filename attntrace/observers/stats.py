@@ -36,16 +36,12 @@ class StatsParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    metrics: list[Metric] = Field(
-        default_factory=lambda: list(DEFAULT_METRICS), description="metrics to compute"
-    )
+    metrics: list[Metric] = Field(default_factory=lambda: list(DEFAULT_METRICS), description="metrics to compute")
     topk: int = Field(default=5, ge=1, description="k of topk_mass")
     tokens: list[int] = Field(default_factory=list, description="text key token indices for token_mass")
     reduce_heads: bool = Field(default=False, description="report the mean over heads (head='mean')")
     reduce_batch: bool = Field(default=False, description="report the mean over batch items (batch='mean')")
-    cond_half: bool = Field(
-        default=False, description="keep only the conditional (second) half of a CFG batch"
-    )
+    cond_half: bool = Field(default=False, description="keep only the conditional (second) half of a CFG batch")
     max_chunk_mib: float = Field(default=256.0, gt=0, description="peak extra memory budget per chunk, MiB")
     format: Literal["csv", "parquet"] = Field(default="csv", description="table file format")
 
@@ -110,8 +106,7 @@ class Stats(Observer):
                 bad = [t for t in p.tokens if t >= n_text]
                 if bad:
                     raise ConfigError(
-                        f"token index {bad[0]} is out of range at site {call.site!r}, "
-                        f"which has {n_text} text tokens",
+                        f"token index {bad[0]} is out of range at site {call.site!r}, which has {n_text} text tokens",
                         field="tokens",
                     )
                 token_keys = torch.tensor([text.start + t for t in p.tokens], device=call.query.device)
@@ -187,23 +182,19 @@ class Stats(Observer):
             b: int | str = "mean" if p.reduce_batch else batch_offset + bi
             for hi, v in enumerate(row):
                 h: int | str = "mean" if p.reduce_heads else hi
-                self.rows.append(
-                    (call.site, call.index, call.step, timestep, call.kind, b, h, metric, float(v))
-                )
+                self.rows.append((call.site, call.index, call.step, timestep, call.kind, b, h, metric, float(v)))
 
     # -- results -------------------------------------------------------------------------------
-    def result(self) -> list[dict[str, Any]]:
-        """The tidy table: one dict per (site, index, step, batch, head, metric)."""
-        return [dict(zip(COLUMNS, r)) for r in self.rows]
+    def result(self) -> StatsTable:
+        """The tidy table: one dict per (site, index, step, batch, head, metric); shows a plot in notebooks."""
+        return StatsTable(dict(zip(COLUMNS, r)) for r in self.rows)
 
     def to_frame(self) -> Any:
         """The table as a pandas DataFrame (needs pandas)."""
         try:
             import pandas as pd
         except ImportError:
-            raise ConfigError(
-                "Stats.to_frame() needs pandas (pip install pandas); result() gives dicts"
-            ) from None
+            raise ConfigError("Stats.to_frame() needs pandas (pip install pandas); result() gives dicts") from None
         return pd.DataFrame(self.result(), columns=COLUMNS)
 
     def save(self, directory: Path) -> list[Path]:
@@ -235,43 +226,91 @@ class Stats(Observer):
         return [table_path, plot_path]
 
     def _plot(self, path: Path) -> None:
-        import matplotlib
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        plot_rows(self.rows, self.params.metrics).savefig(path, dpi=100)
 
-        # Mean over batch items and heads: one line per (site, index), one panel per metric.
-        agg: dict[str, dict[str, dict[int, list[float]]]] = {}
-        for site, index, step, _t, _k, _b, _h, metric, value in self.rows:
-            label = site if index == 0 else f"{site}[{index}]"
-            agg.setdefault(metric, {}).setdefault(label, {}).setdefault(step, []).append(value)
-        metrics = [m for m in self.params.metrics if m in agg] or ["(no data)"]
-        fig = Figure(figsize=(7, 2.6 * len(metrics)), layout="constrained")
-        FigureCanvasAgg(fig)  # Agg explicitly: no display, and no change to the user's pyplot backend
-        axes = fig.subplots(len(metrics), 1, squeeze=False)[:, 0]
-        for ax, metric in zip(axes, metrics):
-            lines = agg.get(metric, {})
-            if not lines:
-                ax.text(
-                    0.5, 0.5, "no attention calls recorded", ha="center", va="center", transform=ax.transAxes
-                )
-            cmap = matplotlib.colormaps["viridis"]
-            for i, (label, by_step) in enumerate(lines.items()):
-                steps = sorted(by_step)
-                ys = [sum(by_step[s]) / len(by_step[s]) for s in steps]
-                color = cmap(i / max(1, len(lines) - 1))
-                ax.plot(
-                    steps,
-                    ys,
-                    marker="o",
-                    markersize=3,
-                    color=color,
-                    label=label if len(lines) <= 12 else None,
-                )
-            ax.set_title(metric)
-            ax.set_xlabel("step")
-            if 0 < len(lines) <= 12:
-                ax.legend(fontsize=6, loc="best")
-        fig.savefig(path, dpi=100)
+    def _repr_png_(self) -> bytes:
+        """The statistics plot, for notebooks."""
+        return self.result()._repr_png_()
+
+    def _repr_html_(self) -> str:
+        """A summary and the plot, for notebooks."""
+        return self.result()._repr_html_()
 
     def close(self) -> None:
         self.rows.clear()
+
+
+class StatsTable(list):  # type: ignore[type-arg]
+    """`Stats.result()`: a list of row dicts that also displays itself in notebooks (table summary + plot)."""
+
+    def _tuples(self) -> list[tuple[Any, ...]]:
+        return [tuple(r[c] for c in COLUMNS) for r in self]
+
+    def plot(self) -> Any:
+        """A matplotlib Figure: one panel per metric, a line per site (per block past 12 sites)."""
+        metrics = list(dict.fromkeys(r["metric"] for r in self))
+        return plot_rows(self._tuples(), metrics)
+
+    def _repr_png_(self) -> bytes:
+        import io
+
+        buf = io.BytesIO()
+        self.plot().savefig(buf, format="png", dpi=80)
+        return buf.getvalue()
+
+    def _repr_html_(self) -> str:
+        import base64
+        import html
+
+        sites = len({(r["site"], r["index"]) for r in self})
+        steps = sorted({r["step"] for r in self})
+        metrics = ", ".join(dict.fromkeys(r["metric"] for r in self)) or "none"
+        span = f"{steps[0]}..{steps[-1]}" if steps else "none"
+        head = html.escape(f"stats: {len(self)} rows, {sites} site(s), steps {span}, metrics: {metrics}")
+        if not self:
+            return f"<p>{head}</p>"
+        png = base64.b64encode(self._repr_png_()).decode("ascii")
+        return f"<div><p>{head}</p><img src='data:image/png;base64,{png}' alt='attention statistics'></div>"
+
+
+def plot_rows(rows: list[tuple[Any, ...]], wanted: list[str]) -> Any:
+    """The statistics figure of `rows` (tuples in `COLUMNS` order) for the metrics in `wanted`."""
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from .attnmaps import site_group
+
+    # Mean over batch items and heads: one line per (site, index), one panel per metric; past 12
+    # sites, one line per block (the mean of its sites), so that every line keeps a legend entry.
+    n_sites = len({(r[0], r[1]) for r in rows})
+    by_block = n_sites > 12
+    agg: dict[str, dict[str, dict[int, list[float]]]] = {}
+    for site, index, step, _t, _k, _b, _h, metric, value in rows:
+        label = site if index == 0 else f"{site}[{index}]"
+        if by_block:
+            label = site_group(site)
+        agg.setdefault(metric, {}).setdefault(label, {}).setdefault(step, []).append(value)
+    metrics = [m for m in wanted if m in agg] or ["(no data)"]
+    steps_seen = {r[2] for r in rows}
+    fig = Figure(figsize=(9, 2.8 * len(metrics)), layout="constrained")
+    FigureCanvasAgg(fig)  # Agg explicitly: no display, and no change to the user's pyplot backend
+    axes = fig.subplots(len(metrics), 1, squeeze=False)[:, 0]
+    for ax, metric in zip(axes, metrics):
+        lines = agg.get(metric, {})
+        if not lines:
+            ax.text(0.5, 0.5, "no attention calls recorded", ha="center", va="center", transform=ax.transAxes)
+        cmap = matplotlib.colormaps["viridis"]
+        for i, (label, by_step) in enumerate(lines.items()):
+            steps = sorted(by_step)
+            ys = [sum(by_step[s]) / len(by_step[s]) for s in steps]
+            color = cmap(i / max(1, len(lines) - 1))
+            if len(steps_seen) == 1:  # one forward (text models): one bar per layer, not a one-point axis
+                ax.bar([i], ys, color=color, label=label)
+            else:
+                ax.plot(steps, ys, marker="o", markersize=3, color=color, label=label)
+        ax.set_title(metric + (" (mean of each block's sites)" if by_block else ""))
+        ax.set_xlabel("layer (model order)" if len(steps_seen) == 1 else "step")
+        if lines:
+            ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    return fig
