@@ -168,10 +168,12 @@ def cmd_sites(args: argparse.Namespace) -> int:
                 if e.matches(s):
                     matches.setdefault(s.name, []).append(e.label)
     with_notes = any(s.note for s in sites)  # the column only when some site has a limitation to state
+    with_layout = any(s.layout for s in sites)  # how joint layouts are resolved (single-stream blocks...)
     rows = [
         [
             s.name,
             s.kind,
+            *([s.layout] if with_layout else []),
             s.module_class,
             s.processor_class or "",
             str(s.heads or ""),
@@ -183,7 +185,8 @@ def cmd_sites(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([{**s.as_row(), "rules": matches.get(s.name, [])} for s in sites], indent=1))
         return 0
-    header = ["site", "kind", "module", "processor", "heads", "rules", *(["note"] if with_notes else [])]
+    header = ["site", "kind", *(["layout"] if with_layout else []), "module", "processor", "heads", "rules",
+              *(["note"] if with_notes else [])]  # fmt: skip
     print(_table(rows, header))
     print(f"{len(sites)} site(s)" + (f" matching {args.match!r}" if args.match else ""))
     for line in _untraceable(model, sites, filtered=bool(args.match)):

@@ -37,6 +37,7 @@ BUILTINS: dict[str, str] = {
     "masactrl": "attntrace.observers.masactrl:MasaCtrl",
     "ablate": "attntrace.observers.ablate:Ablate",
     "temperature": "attntrace.observers.temperature:Temperature",
+    "token_map": "attntrace.observers.token_map:TokenMap",
 }
 
 

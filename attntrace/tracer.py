@@ -500,6 +500,14 @@ class Tracer(TracerGenerations):
                         f"{where}: observer {e.label!r} needs attention probabilities, which do not exist at "
                         f"{len(blocked)} linear-attention site(s): {shown}; exclude them (kind: [self, cross, joint])"
                     )
+            if e.observer.needs_layout:
+                unknown = [s for s in matched if s.layout.startswith("unknown")]
+                if unknown:
+                    shown = ", ".join(s.name for s in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+                    raise SelectionError(
+                        f"{where}: observer {e.label!r} needs the token layout, which is {unknown[0].layout} at "
+                        f"{len(unknown)} site(s): {shown}; exclude them from the match"
+                    )
             # Sites that cannot give some tensors (hand-written attention): refuse now, not mid-forward.
             needs = set(e.observer.needs)
             lacking = [s for s in matched if needs & s.unavailable]

@@ -57,15 +57,18 @@ def render(records: dict) -> str:
         "passive observers reading q/k/v, probs and output; every "
         "attention module that ran was seen; `probs @ value` equal to the kernel output (fp32, < 1e-5; a "
         "kernel run in bfloat16 to 4 eps of bfloat16); probs rows summing to 1; the very same processor "
-        "objects (or instance-level forwards) after detach.",
+        "objects (or instance-level forwards) after detach. The `layout` column lists, per kind, the token "
+        "layouts the calls had: text key ranges (for joint attention, whether text or image tokens come "
+        "first) and image grids frames x height x width (`tests/test_layout_families.py` checks them "
+        "against the rows that follow the text and the latents).",
         "",
-        "| class | adapter | kinds | sites | processors | probs | editing | max abs err (probs@v) | notes |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| class | adapter | kinds | layout | sites | processors | probs | editing | max abs err (probs@v) | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         err = "" if r.get("max_err") is None else f"{r['max_err']:.1e}"
         lines.append(
-            f"| {r['class']} | {r['adapter']} | {', '.join(r['kinds'])} | {r['sites']} | "
+            f"| {r['class']} | {r['adapter']} | {', '.join(r['kinds'])} | {r.get('layout', '')} | {r['sites']} | "
             f"{', '.join(r['processors'])} | {r['probs']} | {r['editing']} | {err} | {r['notes']} |"
         )
     covered = {r["class"] for r in rows if "[" not in r["class"]}

@@ -59,9 +59,11 @@ class Recorder(Observer):
         # compared within a few units of that dtype's precision, and the worst ratio err / tolerance is kept.
         self.low_precision: dict[str, int] = {}
         self.max_low_ratio = 0.0
+        self.layouts: dict[str, Any] = {}  # distinct call layouts by description (a handful per class)
 
     def on_call(self, call: AttentionCall) -> None:
         self.calls[call.site] = self.calls.get(call.site, 0) + 1
+        self.layouts.setdefault(call.layout.describe(), call.layout)
         probs = call.probs
         out = call.output
         v = call.value
@@ -172,6 +174,7 @@ def transparency(name: str, builder: Any) -> dict[str, Any]:
             notes.append(f"{n} kernel call(s) in {dtype} (probs@v checked to 4 eps of {dtype})")
         if ran_softmax != set(softmax_sites):
             notes.append(f"{len(set(softmax_sites) - ran_softmax)} site(s) not run by this forward")
+    layouts = list(rec.layouts.values()) if rec is not None else []
     linear_seen = set(lin.calls) if lin is not None else set()
     if linear_sites:
         notes.append(
@@ -186,7 +189,33 @@ def transparency(name: str, builder: Any) -> dict[str, Any]:
         "class": name, "adapter": ", ".join(adapters), "kinds": kinds, "sites": len(sites),
         "probs": support, "editing": support,
         "processors": processors, "max_err": rec.max_err if rec else None, "notes": "; ".join(notes),
+        "layout": layout_summary(layouts),
     }  # fmt: skip
+
+
+def layout_summary(layouts: list[Any]) -> str:
+    """One cell: per kind, the text ranges (and order for joint attention) and image grids the calls had."""
+    parts = []
+    for kind in ("cross", "joint", "self", "linear"):
+        mine = [lay for lay in layouts if lay.kind == kind]
+        if not mine:
+            continue
+        unknown = sorted({lay.note for lay in mine if not lay.known})
+        known = [lay for lay in mine if lay.known]
+        texts = sorted({f"{lay.text.start}:{lay.text.stop}" for lay in known if lay.text is not None})
+        grids = sorted({"x".join(map(str, lay.grid)) for lay in known if lay.grid is not None})
+        cell = kind
+        if kind == "joint":
+            firsts = {lay.text.start < lay.image.start for lay in known if lay.text is not None and lay.image}
+            cell += " (" + "/".join("text first" if f else "image first" for f in sorted(firsts, reverse=True)) + ")"
+        if texts:
+            cell += " text " + " ".join(texts)
+        if grids:
+            cell += " grid " + " ".join(grids)
+        if unknown:
+            cell += " unknown: " + "; ".join(unknown)
+        parts.append(cell.replace(" ()", ""))
+    return "; ".join(parts)
 
 
 _ALL = {**CASES, **VARIANTS}

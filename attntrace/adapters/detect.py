@@ -29,7 +29,9 @@ __all__ = [
     "QK_RE",
     "SOFTMAX_RE",
     "calls_registry",
+    "called_with_context",
     "calls_sdpa",
+    "concat_order",
     "forward_mentions",
     "forward_source",
     "getsource",
@@ -46,6 +48,7 @@ __all__ = [
     "named_attention",
     "plain_source",
     "processor_kind",
+    "token_modality",
     "untraceable_note",
     "weight_children",
 ]
@@ -173,6 +176,17 @@ def named_attention(module: torch.nn.Module) -> bool:
     return any(w in name for w in ("attention", "attn", "mhsa", "performer"))
 
 
+def token_modality(modules: dict[str, torch.nn.Module], name: str) -> str | None:
+    """`text` or `image`: what the tokens at site `name` are, from the nearest enclosing transformers model's
+    main input (`input_ids` or `pixel_values`); None for other inputs (audio features...) or no model."""
+    parts = name.split(".")
+    for n in range(len(parts) - 1, -1, -1):
+        main = getattr(modules.get(".".join(parts[:n])), "main_input_name", None)
+        if isinstance(main, str):
+            return {"input_ids": "text", "pixel_values": "image"}.get(main)
+    return None
+
+
 # -- diffusers processors -------------------------------------------------------------------------
 # Linear attention keeps no (Lq, Lk) probability matrix: these processors are sites of kind `linear`.
 _LINEAR_MARKERS = ("LinearAttnProcessor", "MultiscaleAttnProcessor", "SanaLinear", "LiteLA")
@@ -196,6 +210,21 @@ def is_processor_site(module: torch.nn.Module) -> bool:
     return callable(processor) and "Processor" in type(processor).__name__
 
 
+# Concatenation of a text stream and the image stream into one sequence, in source: which comes first.
+_ENC = r"\w*(?:encoder|context|txt|text|caption)\w*"
+_HID = r"(?!\w*(?:encoder|context|txt|text|caption))\w*hidden\w*"
+_TEXT_FIRST_RE = re.compile(rf"torch\.(?:cat|concat)\(\s*\[\s*{_ENC}\s*,\s*{_HID}\s*\]")
+_IMAGE_FIRST_RE = re.compile(rf"torch\.(?:cat|concat)\(\s*\[\s*{_HID}\s*,\s*{_ENC}\s*\]")
+
+
+def concat_order(source: str) -> bool | None:
+    """Whether `source` concatenates text tokens before image tokens (True), after them (False), or
+    neither / both (None), judged from `torch.cat([encoder_hidden_states, hidden_states])`-style calls."""
+    text_first = bool(_TEXT_FIRST_RE.search(source))
+    image_first = bool(_IMAGE_FIRST_RE.search(source))
+    return None if text_first == image_first else text_first
+
+
 def processor_kind(module: torch.nn.Module, processor: Any) -> Kind:
     """The kind of a diffusers attention module from its configuration (the site's default)."""
     if is_linear_processor(processor):
@@ -205,6 +234,26 @@ def processor_kind(module: torch.nn.Module, processor: Any) -> Kind:
     if getattr(module, "added_kv_proj_dim", None) is not None or getattr(module, "add_k_proj", None) is not None:
         return "joint"
     return "self"
+
+
+def called_with_context(name: str, modules: dict[str, torch.nn.Module]) -> bool:
+    """Whether the module `name` is cross-attention by how its parent calls it or by its name: the
+    parent's forward passes it `encoder_hidden_states=` (not None), or its name says `cross`."""
+    parent_name, _, child = name.rpartition(".")
+    if "cross" in child.lower():
+        return True
+    parent = modules.get(parent_name)
+    if parent is None or type(parent).forward is torch.nn.Module.forward or not child.isidentifier():
+        return False
+    src = getsource(type(parent).forward)
+    for m in re.finditer(rf"self\.{child}\(", src):
+        depth, i = 1, m.end()
+        while i < len(src) and depth:  # the call's own argument text, up to its closing parenthesis
+            depth += {"(": 1, ")": -1}.get(src[i], 0)
+            i += 1
+        if re.search(r"encoder_hidden_states\s*=\s*(?!None\b)\w", src[m.end() : i]):
+            return True
+    return False
 
 
 # -- whose module ---------------------------------------------------------------------------------

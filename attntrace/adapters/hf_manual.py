@@ -39,6 +39,7 @@ from .detect import (
     is_transformers_model,
     kind_by_name,
     looks_like_attention,
+    token_modality,
 )
 
 __all__ = ["HFManualAdapter", "attention_source", "classify", "refusal_reason"]
@@ -127,7 +128,11 @@ class HFManualAdapter(Adapter):
     def applies_to(self, model: torch.nn.Module) -> bool:
         return is_transformers_model(model)
 
+    def __init__(self) -> None:
+        self.modality: dict[str, str | None] = {}
+
     def find_sites(self, model: torch.nn.Module) -> list[Site]:
+        modules = dict(model.named_modules())
         found: list[tuple[str, torch.nn.Module, str]] = []
         attention_names: list[str] = []
         for name, module in model.named_modules():
@@ -149,12 +154,14 @@ class HFManualAdapter(Adapter):
             for needle, partial in _PARTIAL:
                 if not note and needle in src:
                     note = f"hand-written attention, partly traced: {partial}"
+            kind = kind_by_name(name, module)
+            self.modality[name] = token_modality(modules, "" if kind == "cross" else name)
             if not note and heads_unknown(module, heads, src):
                 note, unavailable = HEADS_UNKNOWN, PER_HEAD
             sites.append(
                 Site(
                     name=name or type(module).__name__,
-                    kind=kind_by_name(name, module),
+                    kind=kind,
                     module=module,
                     adapter=self.name,
                     processor_class="softmax (hand-written)",
@@ -177,4 +184,4 @@ class HFManualAdapter(Adapter):
         return None
 
     def install(self, binding: SiteBinding) -> Undo:
-        return shadow_forward(binding, head_count(binding.site.module))
+        return shadow_forward(binding, head_count(binding.site.module), modality=self.modality.get(binding.site.name))

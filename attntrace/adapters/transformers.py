@@ -25,12 +25,12 @@ import torch
 
 from ..core.call import AttentionCall
 from ..core.errors import AttachError
-from ..core.layout import Layout
+from ..core.layout import token_layout
 from ..core.site import Site
 from ..tracing.binding import LayerCall, SiteBinding
 from ..tracing.run import KernelCall, run_call
 from .base import Adapter, Undo
-from .detect import calls_registry, head_count, is_transformers_model, kind_by_name
+from .detect import calls_registry, head_count, is_transformers_model, kind_by_name, token_modality
 
 __all__ = ["TransformersAdapter"]
 
@@ -92,6 +92,7 @@ class _Registration:
     def __init__(self) -> None:
         self.bindings: dict[int, SiteBinding] = {}
         self.names: dict[str, str] = {}  # original implementation -> registered name
+        self.modality: dict[int, str | None] = {}  # id(module) -> what its tokens are (text, image)
 
     def wrapper(self, impl: str) -> Callable[..., Any]:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -119,7 +120,8 @@ class _Registration:
             layer = binding.enter()
             if layer is None:
                 return original(module, query, key, value, attention_mask, **kwargs)
-            return _traced(binding, layer, impl, original, module, query, key, value, attention_mask, kwargs)
+            modality = self.modality.get(id(module))
+            return _traced(binding, layer, modality, impl, original, module, query, key, value, attention_mask, kwargs)
 
         attention.__name__ = f"attntrace_{impl}_attention"
         return attention
@@ -128,6 +130,7 @@ class _Registration:
 def _traced(
     binding: SiteBinding,
     layer: LayerCall,
+    modality: str | None,
     impl: str,
     original: Callable[..., Any],
     module: torch.nn.Module,
@@ -186,8 +189,7 @@ def _traced(
         query=query, key=key, value=value, attn_mask=mask, scale=scale, is_causal=is_causal,
         enable_gqa=key.shape[1] != query.shape[1], kernel_fn=kernel_fn, native_fn=native,
         to_canonical=lambda t: t.transpose(1, 2), probs_fn=probs_fn,
-        layout=Layout(kind, text=slice(0, key.shape[-2]) if kind == "cross" else None,
-                      image=slice(0, q_len) if kind == "self" else None),
+        layout=token_layout(kind, modality, q_len, key.shape[-2]),
     ))  # fmt: skip
     out, call = outcome.output, outcome.call
     assert out is not None
@@ -213,17 +215,25 @@ class TransformersAdapter(Adapter):
         # holds a GPT-2, AutoencoderRAE a DINOv2 encoder): its attention modules read the registry all the same.
         return is_transformers_model(model, nested=True)
 
+    def __init__(self) -> None:
+        self.modality: dict[str, str | None] = {}
+
     def find_sites(self, model: torch.nn.Module) -> list[Site]:
         sites = []
-        for name, module in model.named_modules():
+        modules = dict(model.named_modules())
+        root_modality = token_modality(modules, "")
+        for name, module in modules.items():
             if not name or getattr(module, "config", None) is None or not calls_registry(type(module)):
                 continue
             impl = getattr(module.config, "_attn_implementation", None)
             ok = impl in _SUPPORTED or (isinstance(impl, str) and impl.startswith("attntrace_"))
+            kind = kind_by_name(name, module)
+            # Cross-attention keys are the encoder's tokens: the model's main input.
+            self.modality[name] = root_modality if kind == "cross" else token_modality(modules, name)
             sites.append(
                 Site(
                     name=name,
-                    kind=kind_by_name(name, module),
+                    kind=kind,
                     module=module,
                     adapter=self.name,
                     processor_class=impl if isinstance(impl, str) else None,
@@ -268,6 +278,7 @@ class TransformersAdapter(Adapter):
                 )
         reg = _Registration()
         reg.bindings = {id(b.site.module): b for b in bindings}
+        reg.modality = {id(b.site.module): self.modality.get(b.site.name) for b in bindings}
         uid = next(_counter)
         saved: list[tuple[Any, Any]] = []
         for config in _all_configs(model):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .site import Kind
 
-__all__ = ["Layout", "grid_for"]
+__all__ = ["Layout", "grid_for", "token_layout"]
 
 
 @dataclass(frozen=True)
@@ -23,12 +23,37 @@ class Layout:
     - `text`: key positions holding text tokens (for joint attention, the same positions on the query axis).
     - `image`: query positions holding image (latent) tokens.
     - `grid`: the image tokens' grid `(frames, height, width)`, frames 1 for images; None when unknown.
+    - `known`: False where the adapter could not tell which tokens are which (then `note` says why);
+      observers that need the layout skip such calls with a warning naming the site.
+
+    `text` is None on calls with no text keys (self-attention, an image-context call of a cross-attention
+    module); `image` is None where no image tokens exist (a text model).
     """
 
     kind: Kind
     text: slice | None = None
     image: slice | None = None
     grid: tuple[int, int, int] | None = None
+    known: bool = True
+    note: str = ""
+
+    @property
+    def frames(self) -> int:
+        """Number of frames of the image grid (1 for images and when unknown)."""
+        return 1 if self.grid is None else self.grid[0]
+
+    def describe(self) -> str:
+        """One line: kind, ranges and grid (`joint text 0:4 image 4:20 grid 1x4x4`)."""
+        if not self.known:
+            return f"{self.kind}: unknown ({self.note})" if self.note else f"{self.kind}: unknown"
+        parts = [self.kind]
+        if self.text is not None:
+            parts.append(f"text {self.text.start}:{self.text.stop}")
+        if self.image is not None:
+            parts.append(f"image {self.image.start}:{self.image.stop}")
+        if self.grid is not None:
+            parts.append("grid " + "x".join(map(str, self.grid)))
+        return " ".join(parts)
 
     @property
     def hw(self) -> tuple[int, int] | None:
@@ -48,3 +73,19 @@ def grid_for(tokens: int, root_hw: tuple[int, int] | None) -> tuple[int, int] | 
             return h, w
     side = math.isqrt(tokens)
     return (side, side) if side * side == tokens else None
+
+
+def token_layout(kind: Kind, modality: str | None, q_len: int, k_len: int) -> Layout:
+    """The layout of a call whose tokens are all of one modality (text and vision transformers).
+
+    Self-attention over text has `text` on both axes and no image; over image patches `image` on both
+    axes (no grid: patches come with class/register tokens). Cross-attention keys are the encoder's
+    tokens (text when the encoder reads text). Unknown modality: the queries are counted as image
+    tokens and cross-attention keys as text, as for a conditioned image model.
+    """
+    if kind == "cross":
+        return Layout("cross", text=slice(0, k_len) if modality in ("text", None) else None,
+                      image=slice(0, q_len) if modality is None else None)  # fmt: skip
+    if modality == "text":
+        return Layout(kind, text=slice(0, k_len))
+    return Layout(kind, image=slice(0, q_len))

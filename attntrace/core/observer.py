@@ -62,6 +62,9 @@ class Observer:
     needs: ClassVar[frozenset[str]] = frozenset()
     #: True for observers that assign to the call (editors).
     edits: ClassVar[bool] = False
+    #: True for observers that read which tokens are text and image (`call.layout`): refused at attach on
+    #: sites whose layout cannot be known.
+    needs_layout: ClassVar[bool] = False
     #: The pydantic model validating this observer's parameters.
     Params: ClassVar[type[BaseModel]] = NoParams
     #: True for editors that work across the images of an edit group (source and edited prompts):

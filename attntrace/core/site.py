@@ -21,7 +21,8 @@ class Site:
     (`query`, `key`, `value`, `output`) the site cannot provide, and `inputs_editable` is False where
     query/key/value/mask edits cannot be applied (hand-written attention): observers needing those
     are refused at attach. `traceable` is False for attention-looking modules listed only to say why
-    they cannot be traced (`note`); attaching to them is refused.
+    they cannot be traced (`note`); attaching to them is refused. `layout` says how the token layout of
+    its calls is resolved (e.g. "text first, joined by the block"), "" for the plain kinds.
     """
 
     name: str
@@ -36,6 +37,7 @@ class Site:
     unavailable: frozenset[str] = frozenset()
     inputs_editable: bool = True
     traceable: bool = True
+    layout: str = ""
 
     @property
     def module_class(self) -> str:
@@ -57,4 +59,5 @@ class Site:
             "unavailable": sorted(self.unavailable),
             "inputs_editable": self.inputs_editable,
             "traceable": self.traceable,
+            "layout": self.layout,
         }

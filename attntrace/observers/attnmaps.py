@@ -92,7 +92,7 @@ class AttnMaps(Observer):
         if call.kind in ("cross", "joint") and call.image_hw is not None and call.text_tokens is not None:
             maps = self._image_maps(call)
             kind = "image"
-        elif call.kind == "self" and call.image_hw is None and call.text_tokens is None:
+        elif call.kind == "self" and call.image_hw is None:  # no image grid: text (or audio) tokens
             maps = self._token_maps(call)
             kind = "tokens"
         else:

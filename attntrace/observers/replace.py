@@ -76,6 +76,7 @@ class Replace(GroupEdit):
     """Prompt-to-prompt word swap / refinement of cross maps, and self-map injection, in an edit group."""
 
     name = "replace"
+    needs_layout = True
     Params = ReplaceParams
     maps_source = True
 

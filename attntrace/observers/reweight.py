@@ -52,6 +52,7 @@ class Reweight(GroupEdit):
     """Scale the attention to chosen words: P2P's equaliser in an edit group, else the rows' own maps."""
 
     name = "reweight"
+    needs_layout = True
     Params = ReweightParams
     requires_group = False  # one prompt: its own maps are scaled
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ..core.call import AttentionCall
 from ..core.errors import AttachError, EditError
-from ..core.layout import Layout
+from ..core.layout import token_layout
 from .binding import LayerCall, SiteBinding
 from .intercept import KernelInterceptor
 from .operands import bhld, dropout_training, einsum_layout, einsum_qk, matmul_layout, swaps_last_two
@@ -150,9 +150,12 @@ class _Pending:
 class ManualInterceptor(KernelInterceptor):
     """Per-site mode: catches the softmax, the scores' product and the probabilities' consumer."""
 
-    def __init__(self, binding: SiteBinding, heads: int | None, *, plain: bool = False) -> None:
+    def __init__(
+        self, binding: SiteBinding, heads: int | None, *, plain: bool = False, modality: str | None = None
+    ) -> None:
         super().__init__(binding)
         self.heads = heads
+        self.modality = modality  # what the tokens are (text, image), for the calls' layout
         # Plain PyTorch modules (no `output_attentions` contract): einsum scores count as q·kᵀ products,
         # and a softmax is attention only when its input has the shape of such a product (efficient
         # attention's `q.softmax(-1)` over features is not).
@@ -397,15 +400,16 @@ class ManualInterceptor(KernelInterceptor):
         return KernelCall(
             query=query, key=key, value=value, attn_mask=None, scale=None, is_causal=False, enable_gqa=False,
             kernel_fn=kernel_fn, native_fn=native, to_canonical=canon_out, precomputed_probs=probs,
-            layout=Layout(site.kind, text=slice(0, lk) if site.kind == "cross" else None,
-                          image=slice(0, lq) if site.kind == "self" else None),
+            layout=token_layout(site.kind, self.modality, lq, lk),
             extra={"hand_written": True, "probs_path_exact": entry.exact},
             make=partial(ManualCall, missing=frozenset(missing), where=f"site {site.name!r} ({site.module_class})"),
         )  # fmt: skip
 
 
 # -- installation (shared with the plain PyTorch adapter) -------------------------------------------
-def shadow_forward(binding: SiteBinding, heads: int | None, *, plain: bool = False) -> Callable[[], None]:
+def shadow_forward(
+    binding: SiteBinding, heads: int | None, *, plain: bool = False, modality: str | None = None
+) -> Callable[[], None]:
     """Shadow the site module's `forward` with one that runs it under a `ManualInterceptor`."""
     module = binding.site.module
     if "forward" in vars(module):
@@ -413,7 +417,7 @@ def shadow_forward(binding: SiteBinding, heads: int | None, *, plain: bool = Fal
             f"site {binding.site.name!r} already has an instance-level forward (another tracer or a "
             "patch); detach or remove it first"
         )
-    forward = ManualInterceptor(binding, heads, plain=plain).forward_for(module.forward)
+    forward = ManualInterceptor(binding, heads, plain=plain, modality=modality).forward_for(module.forward)
     module.forward = forward  # an instance attribute shadows the class's forward
 
     def undo() -> None:

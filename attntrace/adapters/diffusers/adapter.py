@@ -15,13 +15,13 @@ from typing import Any
 import torch
 
 from ...core.errors import AttachError, EditError
-from ...core.layout import Layout
 from ...core.site import Site
 from ...tracing.binding import LayerCall, SiteBinding
 from ...tracing.run import KernelCall, run_call
 from ..base import Adapter, Undo
-from ..detect import head_count, is_processor_site, processor_kind
+from ..detect import called_with_context, head_count, is_processor_site, processor_kind
 from .dispatch import ProcessorInterceptor, install_dispatch_wrappers, patch_classic_path
+from .layout import Joining, ModelInputs, install_input_hook, joining, resolve
 from .proxy import AttentionProxy, make_proxy
 
 __all__ = ["DiffusersAdapter"]
@@ -64,7 +64,7 @@ class ProcessorSite:
         if layer is None:
             return self.original(*args, **kwargs)
         if binding.site.kind == "linear":
-            return _run_linear(binding, layer, self.original, args, kwargs)
+            return _run_linear(binding, layer, self.interceptor.inputs, self.original, args, kwargs)
         hidden = args[1] if len(args) > 1 else kwargs.get("hidden_states")
         context = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
         if isinstance(hidden, torch.Tensor):
@@ -100,6 +100,10 @@ class DiffusersAdapter(Adapter):
 
     name = "diffusers"
 
+    def __init__(self) -> None:
+        self.joins: dict[str, Joining] = {}
+        self.inputs = ModelInputs()
+
     def applies_to(self, model: torch.nn.Module) -> bool:
         return any(is_processor_site(m) for m in model.modules())
 
@@ -115,6 +119,20 @@ class DiffusersAdapter(Adapter):
             kind = processor_kind(module, processor)
             if kind == "cross" and _self_in_cross_module(name, modules):
                 kind = "self"
+            join = joining(name, processor, modules, model) if kind != "linear" else None
+            if join is not None and kind == "cross" and join.where != "family":
+                join = None  # declared cross-attention: the keys are the context, whatever the source joins
+            layout = ""
+            if join is not None:
+                self.joins[name] = join
+                if join.text_first is None:
+                    layout = f"unknown: {join.note or 'the order of text and image tokens is unknown'}"
+                else:
+                    order = "text first" if join.text_first else "image first"
+                    layout = f"{order}, joined by the {join.where}"
+                kind = "joint"
+            elif kind == "self" and not hasattr(module, "is_cross_attention") and called_with_context(name, modules):
+                kind = "cross"  # a module that does not say `is_cross_attention`, called by its block with context
             sites.append(
                 Site(
                     name=name,
@@ -126,13 +144,21 @@ class DiffusersAdapter(Adapter):
                     probs=kind != "linear",
                     editable=kind != "linear",
                     note="linear attention: no probability matrix" if kind == "linear" else "",
+                    layout=layout,
                 )
             )
         return sites
 
     def prepare(self, model: torch.nn.Module, bindings: list[SiteBinding]) -> Undo | None:
         _refuse_context_parallel(model)
-        return install_dispatch_wrappers()
+        undo_inputs = install_input_hook(model, self.inputs)
+        undo_dispatch = install_dispatch_wrappers()
+
+        def undo() -> None:
+            undo_dispatch()
+            undo_inputs()
+
+        return undo
 
     def install(self, binding: SiteBinding) -> Undo:
         module = binding.site.module
@@ -142,7 +168,7 @@ class DiffusersAdapter(Adapter):
                 f"site {binding.site.name!r} is already traced by another attached tracer; "
                 "detach it first or add your observers to that tracer"
             )
-        interceptor = ProcessorInterceptor(binding)
+        interceptor = ProcessorInterceptor(binding, self.joins.get(binding.site.name), self.inputs)
         state = ProcessorSite(binding, original, interceptor)
         proxy = make_proxy(original, state)
         _set_processor(module, proxy)
@@ -176,7 +202,12 @@ def _heads_view(t: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _run_linear(
-    binding: SiteBinding, layer: LayerCall, original: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    binding: SiteBinding,
+    layer: LayerCall,
+    inputs: ModelInputs,
+    original: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
 ) -> Any:
     """Linear attention has no kernel to catch: q/k/v from the projections, output from to_out's input.
 
@@ -214,6 +245,7 @@ def _run_linear(
     run_call(binding, layer, KernelCall(
         query=q, key=k, value=v, attn_mask=None, scale=None, is_causal=False, enable_gqa=False,
         kernel_fn=no_kernel, native_fn=lambda: out, probs_fn=lambda c, rows: no_kernel(),
-        layout=Layout("linear", image=slice(0, q.shape[-2])), extra={"linear": True},
+        layout=resolve("linear", None, layer, inputs, q.shape[-2], k.shape[-2], None, binding.attachment.root_hw),
+        extra={"linear": True},
     ), result=False)  # fmt: skip
     return result

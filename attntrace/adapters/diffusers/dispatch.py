@@ -25,6 +25,7 @@ from ...core.layout import Layout
 from ...tracing.binding import LayerCall, SiteBinding
 from ...tracing.intercept import KernelInterceptor, active_interceptor
 from ...tracing.run import KernelCall
+from .layout import Joining, ModelInputs, resolve
 
 __all__ = ["ProcessorInterceptor", "install_dispatch_wrappers", "patch_classic_path"]
 
@@ -45,8 +46,10 @@ class _Classic:
 class ProcessorInterceptor(KernelInterceptor):
     """The interceptor of a diffusers processor site (see the module docstring)."""
 
-    def __init__(self, binding: SiteBinding) -> None:
+    def __init__(self, binding: SiteBinding, join: Joining | None, inputs: ModelInputs) -> None:
         super().__init__(binding)
+        self.join = join
+        self.inputs = inputs
         self.text_first: bool | None = None  # learned from the first joint call's torch.cat, kept
         self.classic: _Classic | None = None
         self.classic_scores: Callable[..., torch.Tensor] | None = None
@@ -85,20 +88,9 @@ class ProcessorInterceptor(KernelInterceptor):
             self.text_first = False
 
     def layout_for(self, layer: LayerCall, q_len: int, k_len: int) -> Layout:
-        kind = self.binding.site.kind
-        if kind == "joint":
-            t, i = layer.text_len, layer.image_len
-            if t and i and q_len == t + i and self.text_first is not None:
-                if self.text_first:
-                    layout = Layout(kind, text=slice(0, t), image=slice(t, q_len))
-                else:
-                    layout = Layout(kind, text=slice(i, q_len), image=slice(0, i))
-                return self.with_grid(layer, layout)
-            return Layout(kind)
-        if kind == "cross":
-            text = slice(0, k_len) if layer.text_len is None or k_len == layer.text_len else None
-            return self.with_grid(layer, Layout(kind, text=text, image=slice(0, q_len)))
-        return super().layout_for(layer, q_len, k_len)
+        site = self.binding.site
+        return resolve(site.kind, self.join, layer, self.inputs, q_len, k_len, self.text_first,
+                       self.binding.attachment.root_hw)  # fmt: skip
 
     # -- the classic path --------------------------------------------------------------------------
     def _on_classic_bmm(
