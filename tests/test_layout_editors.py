@@ -57,7 +57,7 @@ def test_replace_injects_the_source_text_block_in_joint_and_single_stream_blocks
     model, inputs = _flux_batch2()
     tracer = Tracer()
     before = tracer.add(_Probs(), kind="joint")
-    tracer.add("replace", kind="joint", source=0)
+    tracer.add("replace", kind="joint", source=0, num_steps=1, cfg=False)  # a bare model: no pipeline to say so
     after = tracer.add(_Probs(), kind="joint")
     with tracer.attach(model), torch.no_grad():
         model(**inputs)
