@@ -30,7 +30,7 @@ at 512 px, one image: about 65 MB), nothing per step.
 Both modes restart their sums at each pipeline call (as DAAM does) unless `across_generations`, and
 learn the prompts, tokenizer and output images of the call from the tracer, so words label the maps.
 
-Why a little over 400 lines: the two aggregation modes share the call path, the params and the
+Why about 450 lines: the two aggregation modes share the call path, the params and the
 result, and splitting them would put one observer's state in two files (word maps, labels and
 rendering live in `wordmaps.py`, reading the sums (upsampling, video frames) in `heatsums.py`).
 """
