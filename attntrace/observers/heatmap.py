@@ -6,7 +6,13 @@ a running sum kept at that grid's own size, on the model's device. The sums are 
 bilinearly to one common `resolution` only when the result is read: upsampling is linear, so this
 equals upsampling every call's map (DAAM's order) and costs nothing per call.
 
-Memory: one float32 sum of shape (batch, text tokens, h, w) per distinct image grid (h, w) seen (a
+Which tokens are text and image, and the image grid `(frames, h, w)`, come from the call's layout
+(`call.layout`, resolved by the adapter): cross-attention, joint and single-stream blocks alike. Video
+models get one map per frame (`result()["frames"]`, also saved) and the frame average (`result()["maps"]`),
+in both modes. A call whose layout is unknown is skipped with one warning naming the site; a run that
+saw no image tokens at all (a text model) warns at `save` (use `token_map` for token x token maps).
+
+Memory: one float32 sum of shape (batch, text tokens, frames, h, w) per distinct image grid seen (a
 UNet has 3-4 of them), plus a call counter each. It does not grow with the number of steps, layers
 or heads; the per-call work is chunked over query rows (`max_chunk_mib`). Keeping one sum per grid
 size is what lets `skip_lowest` drop the coarsest grid after the fact.
@@ -18,32 +24,33 @@ upsampled bicubically to the common grid (by default the largest grid seen: the 
 64 for SDXL, as DAAM), clamped at 0 (bicubic undershoots), and averaged over layers and heads.
 `word()` merges a word's tokens (every occurrence, all sub-tokens) by their mean, as DAAM's
 `compute_word_heat_map`; `word(..., normalize=True)` first divides by the sum over the prompt's tokens
-(DAAM's `normalize`). Memory: one float32 (batch, heads, text tokens, h, w) sum per layer (for SD1.5
+(DAAM's `normalize`). Memory: one float32 (batch, heads, text tokens, frames, h, w) sum per layer (for SD1.5
 at 512 px, one image: about 65 MB), nothing per step.
 
 Both modes restart their sums at each pipeline call (as DAAM does) unless `across_generations`, and
 learn the prompts, tokenizer and output images of the call from the tracer, so words label the maps.
 
-Why a little over 400 lines: the two aggregation modes share the call path, the params and the
+Why about 450 lines: the two aggregation modes share the call path, the params and the
 result, and splitting them would put one observer's state in two files (word maps, labels and
-rendering already live in `wordmaps.py`).
+rendering live in `wordmaps.py`, reading the sums (upsampling, video frames) in `heatsums.py`).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..core.call import AttentionCall
 from ..core.errors import RunError
 from ..core.observer import Observer
 from ..core.words import special_positions
+from .heatsums import frame_count, is_picture, split_frames, upsample
 from .wordmaps import (
     WordMap,
     WordMaps,
@@ -87,20 +94,21 @@ class HeatmapParams(BaseModel):
 class Heatmap(Observer):
     """Running per-token attention maps: `result()["maps"]` is (batch, tokens, resolution, resolution).
 
-    Mean mode keeps one (batch, tokens, h, w) float32 sum per distinct image grid (h, w) seen; DAAM mode
-    one (batch, heads, tokens, h, w) sum per layer. Nothing per step. `word("dog")` and `words()` give
+    Mean mode keeps one (batch, tokens, frames, h, w) float32 sum per distinct image grid seen; DAAM mode
+    one (batch, heads, tokens, frames, h, w) sum per layer. Nothing per step. `word("dog")` and `words()` give
     labelled maps for notebooks.
     """
 
     name = "heatmap"
     needs = frozenset({"probs"})
+    needs_layout = True
     Params = HeatmapParams
 
     def __init__(self, params: Any = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
-        # image-token count -> [sum (B, T, h, w), calls added]           (mode: mean)
+        # image-token count -> [sum (B, T, frames, h, w), calls added]   (mode: mean)
         self.sums: dict[int, list[Any]] = {}
-        # site -> [sum (B, H, T, h, w), calls added]                      (mode: daam)
+        # site -> [sum (B, H, T, frames, h, w), calls added]              (mode: daam)
         self.head_sums: dict[str, list[Any]] = {}
         self._image: np.ndarray | None = None
         self._images: list[Any] = []
@@ -109,6 +117,7 @@ class Heatmap(Observer):
         self._generation: Any = None
         self._cache: tuple[int, dict[str, Any]] | None = None
         self._version = 0
+        self._warned: set[str] = set()  # sites already warned about (once each)
 
     # -- generations -----------------------------------------------------------------------------
     def on_generation_start(self, generation: Any) -> None:
@@ -131,7 +140,7 @@ class Heatmap(Observer):
         batched = isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4
         if isinstance(images, (list, tuple)) or batched:
             # Latents (output_type="latent") are not pictures to draw on.
-            self._images = [im if _is_picture(im) else None for im in images]
+            self._images = [im if is_picture(im) else None for im in images]
 
     def _rows(self, batch: int) -> slice:
         gen = self._generation
@@ -142,15 +151,27 @@ class Heatmap(Observer):
         return slice(batch // 2 if batch >= 2 and batch % 2 == 0 else 0, batch)
 
     # -- collection ------------------------------------------------------------------------------
+    def _warn(self, site: str, why: str) -> None:
+        if site not in self._warned:
+            self._warned.add(site)
+            warnings.warn(f"attntrace: heatmap skips site {site!r}: {why}", RuntimeWarning, stacklevel=3)
+
     def on_call(self, call: AttentionCall) -> None:
-        if call.kind not in ("cross", "joint") or call.image_hw is None:
+        layout = call.layout
+        if layout.kind not in ("cross", "joint"):
             return
-        text, image = call.text_tokens, call.image_tokens
+        if not layout.known:
+            self._warn(call.site, f"its token layout is unknown ({layout.note})")
+            return
+        text, image, grid = layout.text, layout.image, layout.grid
         if text is None or image is None:
-            return
-        h, w = call.image_hw
+            return  # no text keys in this call (an image-context call of a cross-attention layer)
         n_img = image.stop - image.start
-        if h * w != n_img or n_img < self.params.min_tokens:
+        if grid is None or grid[0] * grid[1] * grid[2] != n_img:
+            self._warn(call.site, f"the grid of its {n_img} image tokens is unknown")
+            return
+        frames, h, w = grid
+        if n_img < self.params.min_tokens:
             return
         daam = self.params.mode == "daam"
         if daam and "mid_block" in call.site.split("."):
@@ -177,7 +198,7 @@ class Heatmap(Observer):
                 part = part[:, heads]
             part = part.float()
             reduced[:, :, lo - image.start : hi - image.start] = part if daam else part.mean(dim=1, keepdim=True)
-        maps = reduced.transpose(-1, -2).reshape(*shape[:2], n_text, h, w)
+        maps = reduced.transpose(-1, -2).reshape(*shape[:2], n_text, frames, h, w)
         self._version += 1
         if daam:
             self._add(self.head_sums, call.site, maps, call)
@@ -203,14 +224,15 @@ class Heatmap(Observer):
     def levels(self) -> list[int]:
         """The image-token counts that contribute (after `skip_lowest` in mean mode)."""
         if self.params.mode == "daam":
-            return sorted({int(e[0].shape[-2] * e[0].shape[-1]) for e in self.head_sums.values()})
+            return sorted({int(np.prod(e[0].shape[-3:])) for e in self.head_sums.values()})
         levels = sorted(self.sums)
         if self.params.skip_lowest and len(levels) > 1:
             levels = levels[1:]
         return levels
 
     def result(self) -> dict[str, Any]:
-        """`{"maps": (batch, tokens, R, R), "count": calls, "levels": grids, "mode": mode}`.
+        """`{"maps": (batch, tokens, R, R), "count": calls, "levels": grids, "mode": mode}`, and for video
+        `"frames"`: (batch, tokens, frames, R, R), of which `maps` is the frame mean.
 
         Mean mode: the mean over contributing calls of head-mean probabilities (in [0, 1]). DAAM mode:
         DAAM's global heat map, the mean over layers and heads of each one's clamped bicubic step-sum.
@@ -227,12 +249,10 @@ class Heatmap(Observer):
         if not levels:
             return {"maps": None, "count": 0, "levels": []}
         res = self.params.resolution
-        total = sum(
-            F.interpolate(self.sums[n][0], size=(res, res), mode="bilinear", align_corners=False)
-            for n in levels
-        )
+        frame_count(self.sums[n][0] for n in levels)
+        total = sum(upsample(self.sums[n][0], (res, res), "bilinear") for n in levels)
         count = sum(self.sums[n][1] for n in levels)
-        return {"maps": total / count, "count": count, "levels": levels}
+        return {**split_frames(total / count), "count": count, "levels": levels}
 
     def daam_size(self) -> tuple[int, int]:
         """DAAM mode's common grid: `resolution` when given, else the largest layer grid seen."""
@@ -245,18 +265,17 @@ class Heatmap(Observer):
         if not self.head_sums:
             return {"maps": None, "count": 0, "levels": []}
         size = self.daam_size()
+        frame_count(e[0] for e in self.head_sums.values())
         total: torch.Tensor | None = None
         n_maps = 0
         for s, _ in self.head_sums.values():
-            b, h, t = s.shape[:3]
-            # Each (layer, head) sum on its own: the clamp after bicubic upsampling is not linear.
-            up = F.interpolate(s.reshape(b * h, t, *s.shape[-2:]), size=size, mode="bicubic").clamp_(min=0)
-            up = up.view(b, h, t, *size).sum(1)
+            # Each (layer, head, frame) sum on its own: the clamp after bicubic upsampling is not linear.
+            up = upsample(s, size, "bicubic").clamp_(min=0).sum(1)
             total = up if total is None else total + up
-            n_maps += h
+            n_maps += s.shape[1]
         assert total is not None
         count = sum(e[1] for e in self.head_sums.values())
-        return {"maps": total / n_maps, "count": count, "levels": self.levels()}
+        return {**split_frames(total / n_maps), "count": count, "levels": self.levels()}
 
     # -- labels ----------------------------------------------------------------------------------
     def set_image(self, image: Any, item: int | None = None) -> None:
@@ -376,7 +395,7 @@ class Heatmap(Observer):
         return f'<img src="data:image/png;base64,{base64.b64encode(png).decode()}"/>'
 
     def save(self, directory: Path) -> list[Path]:
-        """`heatmap.safetensors` (maps, count) and, for every image, per-word overlays and a grid.
+        """`heatmap.safetensors` (maps, count; video: frames) and, for every image, per-word overlays and a grid.
 
         Image 0's overlays are `heatmap_NN_word.png`, image i's `item{i}_heatmap_NN_word.png`;
         `heatmap_grid.png` shows all images one below another (source and edited prompts together).
@@ -385,11 +404,19 @@ class Heatmap(Observer):
 
         res = self.result()
         if res["maps"] is None:
+            warnings.warn(
+                "attntrace: heatmap has nothing to save: no traced call had text keys and an image grid "
+                "(a text model? use `token_map` for token x token maps)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             return []
         directory.mkdir(parents=True, exist_ok=True)
         maps = res["maps"].detach().float().cpu().contiguous()
         path = directory / "heatmap.safetensors"
         tensors = {"maps": maps, "count": torch.tensor(res["count"])}
+        if "frames" in res:
+            tensors["frames"] = res["frames"].detach().float().cpu().contiguous()
         save_file(tensors, str(path), metadata={"levels": ",".join(map(str, res["levels"])), "mode": res["mode"]})
         files = [path]
         grey = np.full((256, 256, 3), 0.5, dtype=np.float32)
@@ -423,9 +450,3 @@ class Heatmap(Observer):
         self._images = []
         self._generation = None
 
-
-def _is_picture(image: Any) -> bool:
-    if hasattr(image, "convert"):
-        return True
-    shape = tuple(getattr(image, "shape", ()))
-    return len(shape) == 3 and (shape[0] in (1, 3) or shape[-1] in (1, 3))
