@@ -67,10 +67,13 @@ def traced_generation(
     heatmap: dict[str, Any] | bool = True,
     match: str = "*attn2",
     extra: list[tuple[Observer, str, str | None]] | None = None,
+    group: bool | None = None,
 ) -> Traced:
     """Generate `prompts` in one batch with a `heatmap` on `match` (plus `extra` (observer, match, kind)).
 
     `heatmap` is True (defaults: maps at image resolution), False (no maps) or the observer's params.
+    `group` True/False forces the prompts to be (or not be) one prompt-to-prompt edit group; None lets the
+    tracer decide (a group when a group editor such as `replace` is attached).
     """
     from ..tracer import Tracer
 
@@ -87,7 +90,11 @@ def traced_generation(
     with torch.no_grad():
         if tracer.observers:
             with tracer.attach(pipe):
-                out = pipe(prompts, output_type="np", **kwargs)
+                if group is None:
+                    out = pipe(prompts, output_type="np", **kwargs)
+                else:
+                    with tracer.edit_group(group):
+                        out = pipe(prompts, output_type="np", **kwargs)
         else:
             out = pipe(prompts, output_type="np", **kwargs)
     maps = hm.result()["maps"] if hm is not None else None

@@ -141,7 +141,8 @@ def measure_reweight(
     base = traced_generation(pipe, prompts, seed=seed, steps=steps, guidance=GUIDANCE, heatmap=False)
     edit = Reweight({"tokens": tokens, "factor": factor})
     up = traced_generation(
-        pipe, prompts, seed=seed, steps=steps, guidance=GUIDANCE, heatmap=False, extra=[(edit, "*attn2", "cross")]
+        pipe, prompts, seed=seed, steps=steps, guidance=GUIDANCE, heatmap=False, extra=[(edit, "*attn2", "cross")],
+        group=False,  # each prompt scales its own maps (not P2P's equaliser over a source prompt's maps)
     )
     before = [colour_share(im, c) for im, c in zip(base.images, colours)]
     after = [colour_share(im, c) for im, c in zip(up.images, colours)]
