@@ -1,0 +1,122 @@
+"""The last transformers families of issue 16, each on a tiny random-weight model built from its config.
+
+- TimesFM: its attention falls back to `simple_eager_attention_forward` (not `eager_attention_forward`);
+  traced runs equal untraced ones (sdpa and eager) and probs equal eager `output_attentions`.
+- SqueezeBERT returns its *scores* (before the softmax, with the -3.4e38 padding mask) as `attentions`;
+  traced probs equal a softmax computed from the module's own weights by the definition.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from attntrace import Observer, Tracer  # noqa: E402
+from attntrace.core.call import AttentionCall  # noqa: E402
+
+
+class Probs(Observer):
+    """Passive: keeps every call's probs (and checks probs @ value == output where both exist)."""
+
+    name = "probs"
+    needs = frozenset({"probs"})
+
+    def __init__(self, needs: frozenset[str] = frozenset({"probs"})) -> None:
+        super().__init__()
+        self.needs = needs  # type: ignore[misc]
+        self.calls: list[tuple[str, torch.Tensor]] = []
+        self.pv_err = 0.0
+
+    def on_call(self, call: AttentionCall) -> None:
+        probs = call.probs.detach().clone()
+        if {"value", "output"} <= self.needs:
+            v = call.value.float()
+            if v.shape[1] != probs.shape[1]:
+                v = v.repeat_interleave(probs.shape[1] // v.shape[1], dim=1)
+            self.pv_err = max(self.pv_err, float((probs @ v - call.output.float()).abs().max()))
+        self.calls.append((call.site, probs))
+
+
+def _equal(a: Any, b: Any) -> bool:
+    ta = [t for t in a.to_tuple() if isinstance(t, torch.Tensor)]
+    tb = [t for t in b.to_tuple() if isinstance(t, torch.Tensor)]
+    return len(ta) == len(tb) > 0 and all(torch.equal(x, y) for x, y in zip(ta, tb))
+
+
+# -- TimesFM ------------------------------------------------------------------------------------------------
+def _timesfm(impl: str) -> torch.nn.Module:
+    cfg = transformers.TimesFmConfig(
+        patch_length=4, context_length=16, horizon_length=4, hidden_size=16, intermediate_size=16, head_dim=8,
+        num_attention_heads=2, num_hidden_layers=2, attn_implementation=impl,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.TimesFmModelForPrediction(cfg).eval()
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_timesfm_traced_equals_untraced_and_eager(impl: str) -> None:
+    torch.set_num_threads(1)
+    model = _timesfm(impl)
+    oracle = _timesfm("eager")
+    oracle.load_state_dict(model.state_dict())
+    g = torch.Generator().manual_seed(0)
+    inputs = {"past_values": [torch.randn(12, generator=g), torch.randn(16, generator=g)], "freq": torch.tensor([0, 1])}
+    tracer = Tracer()
+    obs = tracer.add(Probs(frozenset({"query", "key", "value", "probs", "output"})))
+    with torch.no_grad():
+        base = model(**inputs)
+        ref = oracle(**inputs, output_attentions=True).attentions
+        with tracer.attach(model):
+            traced = model(**inputs)
+    assert _equal(base, traced)
+    assert len(ref) == len(obs.calls) == 2  # one call per layer (the padded series is masked, not causal)
+    for (_, p), r in zip(obs.calls, ref):
+        assert p.shape == r.shape and float((p - r.float()).abs().max()) <= 1e-6
+    assert obs.pv_err <= 1e-5
+
+
+# -- SqueezeBERT --------------------------------------------------------------------------------------------
+def test_squeezebert_probs_are_the_softmax_of_its_returned_scores() -> None:
+    torch.set_num_threads(1)
+    cfg = transformers.SqueezeBertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=38,
+        embedding_size=32, q_groups=2, k_groups=2, v_groups=2, post_attention_groups=2, intermediate_groups=2,
+        output_groups=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.SqueezeBertModel(cfg).eval()
+    ids = torch.randint(3, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, -2:] = 0
+    # The reference from the definition: each attention module's inputs (B, C, L) and additive mask,
+    # its own 1x1 convolutions, softmax(q·kᵀ/√d + mask).
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    hooks = [layer.attention.register_forward_pre_hook(lambda m, a: seen.append((a[0], a[1])))
+             for layer in model.encoder.layers]  # fmt: skip
+    with torch.no_grad():
+        base = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    for h in hooks:
+        h.remove()
+    tracer = Tracer()
+    obs = tracer.add(Probs(frozenset({"query", "key", "value", "probs", "output"})))
+    with torch.no_grad(), tracer.attach(model):
+        traced = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    assert _equal(base, traced)
+    assert [s for s, _ in obs.calls] == ["encoder.layers.0.attention", "encoder.layers.1.attention"]
+    heads, d = 4, 8
+    for i, ((x, additive), (_, probs)) in enumerate(zip(seen, obs.calls)):
+        att = model.encoder.layers[i].attention
+        with torch.no_grad():
+            q = att.query(x).view(2, heads, d, 7).transpose(-1, -2)
+            k = att.key(x).view(2, heads, d, 7)
+        expected = (q @ k / math.sqrt(d) + additive).softmax(-1)
+        assert float((probs - expected).abs().max()) <= 1e-6
+        # What SqueezeBERT returns as "attentions" are these scores: the padding mask (-3.4e38) included.
+        scores = base.attentions[i]
+        assert float(scores.min()) < -1e38 and float((probs - scores.softmax(-1)).abs().max()) <= 1e-6
+    assert obs.pv_err <= 1e-5
