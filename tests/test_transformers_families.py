@@ -16,7 +16,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from attntrace import Observer, Tracer  # noqa: E402
+from attntrace import Observer, Tracer, find_sites  # noqa: E402
 from attntrace.core.call import AttentionCall  # noqa: E402
 
 
@@ -119,4 +119,57 @@ def test_squeezebert_probs_are_the_softmax_of_its_returned_scores() -> None:
         # What SqueezeBERT returns as "attentions" are these scores: the padding mask (-3.4e38) included.
         scores = base.attentions[i]
         assert float(scores.min()) < -1e38 and float((probs - scores.softmax(-1)).abs().max()) <= 1e-6
+    assert obs.pv_err <= 1e-5
+
+
+# -- Chameleon's and Janus's VQ-VAE attention blocks ----------------------------------------------------------
+def _chameleon_vq() -> torch.nn.Module:
+    cfg = transformers.ChameleonVQVAEConfig(
+        base_channels=32, channel_multiplier=[1, 2], num_res_blocks=1, resolution=16, latent_channels=32,
+        embed_dim=16, num_embeddings=64, attn_resolutions=[8],
+    )  # fmt: skip
+    return transformers.ChameleonVQVAE(cfg)
+
+
+def _janus_vq() -> torch.nn.Module:
+    cfg = transformers.JanusVQVAEConfig(
+        base_channels=32, channel_multiplier=[1, 2], num_res_blocks=1, latent_channels=32, embed_dim=8,
+        num_embeddings=64, num_patches=8, projection_dim=16, image_token_embed_dim=16, num_hidden_layers=1,
+    )  # fmt: skip
+    return transformers.JanusVQVAE(cfg)
+
+
+@pytest.mark.parametrize("family", ["chameleon", "janus"])
+def test_vqvae_attention_blocks_are_single_head(family: str) -> None:
+    """taming-transformers' AttnBlock: q/k/v are 1x1 convolutions over all C channels, scores
+    bmm((B, HW, C), (B, C, HW)) / √C: one head of (HW, HW) probabilities."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = (_chameleon_vq if family == "chameleon" else _janus_vq)().eval()
+    run = model.encode if family == "chameleon" else model
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    blocks = {n: m for n, m in model.named_modules() if type(m).__name__.endswith("AttnBlock")}
+    sites = {s.name: s for s in find_sites(model)}
+    assert set(blocks) <= set(sites) and all(sites[n].heads == 1 and sites[n].traceable for n in blocks)
+    seen: list[tuple[str, torch.Tensor]] = []
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: seen.append((n, a[0]))) for n, m in blocks.items()]
+    with torch.no_grad():
+        base = run(pixels)
+    for h in hooks:
+        h.remove()
+    tracer = Tracer()
+    obs = tracer.add(Probs(frozenset({"query", "key", "value", "probs", "output"})), match=list(blocks))
+    with torch.no_grad(), tracer.attach(model):
+        traced = run(pixels)
+    assert _equal(base, traced)
+    assert [s for s, _ in obs.calls] == [n for n, _ in seen] and len(seen) >= 2
+    for (name, x), (_, probs) in zip(seen, obs.calls):
+        block = blocks[name]
+        with torch.no_grad():
+            h = block.norm(x)
+            q, k = block.q(h).flatten(2), block.k(h).flatten(2)  # (B, C, HW)
+        c, hw = q.shape[1], q.shape[2]
+        expected = (q.transpose(1, 2) @ k * c**-0.5).softmax(-1)
+        assert probs.shape == (2, 1, hw, hw)
+        assert float((probs[:, 0] - expected).abs().max()) <= 1e-6
     assert obs.pv_err <= 1e-5
