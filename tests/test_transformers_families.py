@@ -4,6 +4,9 @@
   traced runs equal untraced ones (sdpa and eager) and probs equal eager `output_attentions`.
 - SqueezeBERT returns its *scores* (before the softmax, with the -3.4e38 padding mask) as `attentions`;
   traced probs equal a softmax computed from the module's own weights by the definition.
+- Chameleon's and Janus's VQ-VAE attention blocks are single-head: probs equal the definition on the
+  block's own 1x1 convolutions.
+- I-BERT: traced with quant_mode=False (a plain softmax), refused naming `quant_mode` otherwise.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ transformers = pytest.importorskip("transformers")
 
 from attntrace import Observer, Tracer, find_sites  # noqa: E402
 from attntrace.core.call import AttentionCall  # noqa: E402
+from attntrace.core.errors import AttachError  # noqa: E402
 
 
 class Probs(Observer):
@@ -173,3 +177,52 @@ def test_vqvae_attention_blocks_are_single_head(family: str) -> None:
         assert probs.shape == (2, 1, hw, hw)
         assert float((probs[:, 0] - expected).abs().max()) <= 1e-6
     assert obs.pv_err <= 1e-5
+
+
+# -- I-BERT ---------------------------------------------------------------------------------------------------
+def _ibert(quant_mode: bool) -> torch.nn.Module:
+    cfg = transformers.IBertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        quant_mode=quant_mode,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.IBertModel(cfg).eval()
+
+
+def _text_inputs() -> dict[str, torch.Tensor]:
+    ids = torch.randint(3, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, -2:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_ibert_plain_softmax_is_traced() -> None:
+    """quant_mode=False: `IntSoftmax` runs a plain softmax; probs are what it returns (`output_attentions`)."""
+    torch.set_num_threads(1)
+    model, inputs = _ibert(False), _text_inputs()
+    tracer = Tracer()
+    obs = tracer.add(Probs(frozenset({"query", "key", "value", "probs", "output"})))
+    with torch.no_grad():
+        base = model(**inputs, output_attentions=True)
+        with tracer.attach(model):
+            traced = model(**inputs, output_attentions=True)
+    assert _equal(base, traced)
+    assert [s for s, _ in obs.calls] == ["encoder.layer.0.attention.self", "encoder.layer.1.attention.self"]
+    for (_, p), ref in zip(obs.calls, base.attentions):
+        assert float((p - ref).abs().max()) <= 1e-6
+    assert obs.pv_err <= 1e-5
+
+
+def test_ibert_integer_softmax_is_refused_naming_quant_mode() -> None:
+    """quant_mode=True: no softmax runs (integer exp approximation); attach refuses in one line, and the
+    model is left as it was."""
+    torch.set_num_threads(1)
+    model = _ibert(True)
+    sites = find_sites(model)
+    assert sites and all("quant_mode=True" in s.note for s in sites)
+    tracer = Tracer()
+    tracer.add(Probs())
+    with pytest.raises(AttachError, match=r"IBertModel: site .*integer softmax .*quant_mode=False") as err:
+        tracer.attach(model)
+    assert "\n" not in str(err.value)
+    assert not any("forward" in vars(m) for m in model.modules())

@@ -12,7 +12,8 @@ shared hand-written engine (`attntrace.tracing.handwritten`).
 
 What cannot be traced is listed with a note and refused at attach: sliding-window chunked scores
 (Longformer/LED encoder), block-sparse scores (BigBird), LSH/chunked attention normalised with
-`logsumexp` (Reformer), deformable attention (softmax over sampling points, not keys). `query`, `key`,
+`logsumexp` (Reformer), deformable attention (softmax over sampling points, not keys), and I-BERT built with
+`quant_mode=True` (an integer approximation of the softmax; with `quant_mode=False` it is traced). `query`, `key`,
 `value` and the mask cannot be edited at these sites (the scores are not rebuilt from them); observers
 that edit them are refused at attach.
 """
@@ -112,10 +113,25 @@ def classify(cls: type) -> tuple[bool, str]:
     return True, ""
 
 
+_INTEGER_SOFTMAX = (
+    "integer softmax (I-BERT with quant_mode=True): `IntSoftmax` approximates exp with an integer polynomial "
+    "and no softmax runs, so there are no probabilities to intercept; build the model with quant_mode=False "
+    "(its softmax is then a plain softmax) to trace it"
+)
+
+
+def _instance_refusal(module: torch.nn.Module) -> str | None:
+    """Why this instance (not its class) cannot be traced: a quantised softmax submodule (I-BERT)."""
+    softmax = getattr(module, "softmax", None)
+    if isinstance(softmax, torch.nn.Module) and getattr(softmax, "quant_mode", False) is True:
+        return _INTEGER_SOFTMAX
+    return None
+
+
 def refusal_reason(module: torch.nn.Module) -> str | None:
     """Why `module` (a hand-written attention module) cannot be traced, or None if it can."""
     ok, note = classify(type(module))
-    return note or None if ok else None
+    return (note or _instance_refusal(module)) if ok else None
 
 
 
@@ -145,6 +161,7 @@ class HFManualAdapter(Adapter):
                 attention_names.append(name)
         sites = []
         for name, module, note in found:
+            note = note or _instance_refusal(module) or ""
             prefix = f"{name}." if name else ""
             if any(other.startswith(prefix) for other in attention_names if other != name):
                 continue  # an inner module computes the attention
