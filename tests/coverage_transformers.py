@@ -72,6 +72,7 @@ _INT_FIELDS: dict[str, int] = {
     "num_channels": 3,
     "vocab_size": VOCAB,
     "sliding_window": 4,
+    "attention_window": 4,  # Longformer/LED: L is a multiple, so inputs are not padded (attentions keep L)
 }
 # Fields that hold per-layer lists: truncated to LAYERS entries.
 _LAYER_LISTS = ("layer_types", "block_types", "attention_types", "layers_block_type", "mlp_only_layers")

@@ -21,7 +21,7 @@ transformers = pytest.importorskip("transformers")
 
 from attntrace import Observer, Tracer, find_sites  # noqa: E402
 from attntrace.core.call import AttentionCall  # noqa: E402
-from attntrace.core.errors import AttachError  # noqa: E402
+from attntrace.core.errors import AttachError, EditError  # noqa: E402
 
 
 class Probs(Observer):
@@ -225,4 +225,144 @@ def test_ibert_integer_softmax_is_refused_naming_quant_mode() -> None:
     with pytest.raises(AttachError, match=r"IBertModel: site .*integer softmax .*quant_mode=False") as err:
         tracer.attach(model)
     assert "\n" not in str(err.value)
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
+# -- Longformer: banded sliding-window probabilities ----------------------------------------------------------
+class Banded(Probs):
+    """A passive probs reader that understands banded probabilities."""
+
+    probs_layouts = frozenset({"dense", "banded"})
+
+    def on_call(self, call: AttentionCall) -> None:
+        super().on_call(call)
+        self.layouts = [*getattr(self, "layouts", []), call.layout]
+
+
+def _longformer() -> torch.nn.Module:
+    cfg = transformers.LongformerConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        attention_window=4, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.LongformerModel(cfg).eval()
+
+
+def _banded_reference(att: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Sliding-window probabilities by the definition from the module's own projections (no padding, no
+    global tokens): row i, column j is softmax over j of q_i·k_{i-w+j}/√d, keys outside the sequence excluded."""
+    b, n, _ = hidden.shape
+    h, w = att.num_heads, att.one_sided_attn_window_size
+    with torch.no_grad():
+        q = att.query(hidden).view(b, n, h, -1).transpose(1, 2) / math.sqrt(att.head_dim)
+        k = att.key(hidden).view(b, n, h, -1).transpose(1, 2)
+    dense = q @ k.transpose(-1, -2)  # (B, H, L, L)
+    scores = torch.full((b, h, n, 2 * w + 1), float("-inf"))
+    for i in range(n):
+        for j in range(2 * w + 1):
+            if 0 <= i - w + j < n:
+                scores[..., i, j] = dense[..., i, i - w + j]
+    return scores.softmax(-1)
+
+
+def test_longformer_banded_probs_equal_definition_and_eager() -> None:
+    torch.set_num_threads(1)
+    model = _longformer()
+    ids = torch.randint(3, 50, (2, 8), generator=torch.Generator().manual_seed(1))
+    sites = {s.name: s for s in find_sites(model)}
+    names = ["encoder.layer.0.attention.self", "encoder.layer.1.attention.self"]
+    assert all(sites[n].probs_layout == "banded" and sites[n].traceable for n in names)
+    hidden: list[torch.Tensor] = []
+    hooks = [model.encoder.layer[i].attention.self.register_forward_pre_hook(
+        lambda m, a, kw: hidden.append(kw.get("hidden_states", a[0] if a else None)), with_kwargs=True)
+        for i in range(2)]  # fmt: skip
+    with torch.no_grad():
+        plain = model(input_ids=ids)
+        ref = model(input_ids=ids, output_attentions=True)
+    for h in hooks:
+        h.remove()
+    tracer = Tracer()
+    obs = tracer.add(Banded())
+    with torch.no_grad(), tracer.attach(model):
+        traced = model(input_ids=ids)  # the modules are asked for their weights; the model is not
+        traced_att = model(input_ids=ids, output_attentions=True)
+    assert _equal(plain, traced) and _equal(ref, traced_att)
+    assert [s for s, _ in obs.calls] == names * 2
+    for i, (_, probs) in enumerate(obs.calls[:2]):
+        assert obs.layouts[i].probs == "banded" and obs.layouts[i].window == 2 and obs.layouts[i].global_keys == 0
+        assert probs.shape == (2, 4, 8, 5)
+        assert float((probs - _banded_reference(model.encoder.layer[i].attention.self, hidden[i])).abs().max()) <= 1e-6
+        assert float((probs - ref.attentions[i]).abs().max()) <= 1e-6  # eager `output_attentions`
+
+
+def test_longformer_global_and_padded_tokens_follow_output_attentions() -> None:
+    torch.set_num_threads(1)
+    model = _longformer()
+    ids = torch.randint(3, 50, (2, 8), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, -3:] = 0
+    glob = torch.zeros(2, 8, dtype=torch.long)
+    glob[:, 0] = 1  # the first token attends globally: one global key column
+    inputs = {"input_ids": ids, "attention_mask": mask, "global_attention_mask": glob}
+    with torch.no_grad():
+        ref = model(**inputs, output_attentions=True)
+    tracer = Tracer()
+    obs = tracer.add(Banded())
+    with torch.no_grad(), tracer.attach(model):
+        traced = model(**inputs, output_attentions=True)
+    assert _equal(ref, traced)
+    for i, (_, probs) in enumerate(obs.calls):
+        assert obs.layouts[i].global_keys == 1 and probs.shape == (2, 4, 8, 6)
+        assert float((probs - ref.attentions[i]).abs().max()) <= 1e-6
+
+
+def test_longformer_stats_and_save_work_dense_observers_are_refused(tmp_path: Any) -> None:
+    import json
+
+    from safetensors.torch import load_file
+
+    from attntrace.core.errors import SelectionError
+
+    torch.set_num_threads(1)
+    model = _longformer()
+    ids = torch.randint(3, 50, (2, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(input_ids=ids, output_attentions=True).attentions
+    tracer = Tracer(output_dir=tmp_path)
+    stats = tracer.add("stats", metrics=["entropy", "max"])
+    tracer.add("save")
+    with torch.no_grad(), tracer.attach(model):
+        model(input_ids=ids)
+    tracer.close()  # the saver's files and manifest are written
+    rows = [r for r in stats.result() if r["site"] == "encoder.layer.1.attention.self" and r["batch"] == 1]
+    p = ref[1][1].float()  # (H, L, 2w+1)
+    entropy = -(p.clamp_min(1e-30).log() * p).sum(-1).mean(-1)
+    for r in rows:
+        expected = entropy[r["head"]] if r["metric"] == "entropy" else p.amax(-1).mean(-1)[r["head"]]
+        assert abs(r["value"] - float(expected)) <= 1e-5
+    manifest = json.loads(next(tmp_path.rglob("manifest.json")).read_text())
+    entry = next(e for e in manifest["entries"] if e["site"] == "encoder.layer.0.attention.self")
+    layout = (entry["probs_layout"], entry["window"], entry["global_keys"], entry["shape"])
+    assert layout == ("banded", 2, 0, [2, 4, 8, 5])
+    saved = load_file(str(next(tmp_path.rglob(entry["file"]))))[entry["key"]]
+    assert float((saved.float() - ref[0]).abs().max()) <= 1e-3  # stored as float16
+    for observer, params in (("heatmap", {}), ("ablate", {"heads": [0]})):
+        t = Tracer()
+        t.add(observer, **params)
+        with pytest.raises(SelectionError, match=rf"'{observer}' needs a token x token .* banded probabilities"):
+            t.attach(model)
+        assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_longformer_an_undeclared_edit_is_an_error_not_ignored() -> None:
+    class Sneaky(Banded):
+        def on_call(self, call: AttentionCall) -> None:
+            call.probs = call.probs * 0
+
+    torch.set_num_threads(1)
+    model = _longformer()
+    tracer = Tracer()
+    tracer.add(Sneaky())
+    with pytest.raises(EditError, match="read-only"), torch.no_grad(), tracer.attach(model):
+        model(input_ids=torch.randint(3, 50, (2, 8), generator=torch.Generator().manual_seed(1)))
     assert not any("forward" in vars(m) for m in model.modules())
