@@ -461,7 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     for item in args.set:
         name, _, value = item.partition("=")
-        old = getattr(s, name)  # AttributeError names an unknown setting
+        if not hasattr(s, name):
+            ap.error(f"--set {item}: unknown setting {name!r} (known: {', '.join(asdict(s))})")
+        old = getattr(s, name)
         setattr(s, name, tuple(int(v) for v in value.split(",")) if isinstance(old, tuple) else type(old)(value))
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
