@@ -325,9 +325,7 @@ def train_diffusion(
     obj_pos, obj_masks = attention_targets(scenes)
     from diffusers import DDPMScheduler
 
-    sched = DDPMScheduler(
-        **{k: v for k, v in scheduler_config(s.prediction_type).items() if k != "set_alpha_to_one"}
-    )
+    sched = DDPMScheduler(**{k: v for k, v in scheduler_config(s.prediction_type).items() if k != "set_alpha_to_one"})
     alphas = sched.alphas_cumprod
     snr = alphas / (1 - alphas)
     ids_all = tok(captions, padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids
