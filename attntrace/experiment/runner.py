@@ -355,6 +355,7 @@ def _new_manifest(exp: Experiment, items: list[Item], dist: Dist) -> dict[str, A
                 "index": it.index,
                 "prompt": it.prompt,
                 **({"negative_prompt": it.negative_prompt} if it.negative_prompt is not None else {}),
+                **({"prompts": list(it.group)} if it.group is not None else {}),  # an edit group, source first
                 "seed": it.seed,
                 "status": "pending",
                 "files": [],
