@@ -599,6 +599,8 @@ def _run_item(
     tokens = _tokens(model, tokenizer, it.prompt)
     if tokens is not None:
         extra["tokens"] = tokens
+        if it.group is not None:  # each image of an edit group has its own prompt's words
+            extra["prompt_tokens"] = [_tokens(model, tokenizer, p) for p in it.group]
     for obs in tracer.observers.values():
         # Observers that label their output by prompt words may accept the context; optional API.
         setter = getattr(obs, "set_context", None)
