@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from typing import Any
 
@@ -44,26 +45,15 @@ def load_model(exp: Experiment, device: str | None = None) -> tuple[Any, Any]:
     if exp.model.subfolder:
         kwargs["subfolder"] = exp.model.subfolder
     if exp.is_text_model:
-        try:
-            import transformers
-        except ImportError:
-            raise RunError("transformers is not installed (model.pipeline is a transformers class)") from None
-        cls = getattr(transformers, name, None)
-        if cls is None or not hasattr(cls, "from_pretrained"):
-            raise ConfigError(f"transformers has no Auto class {name!r}", field="model.pipeline")
+        transformers = _library("transformers", "a transformers class")
+        cls = _loader(transformers, name, "Auto class")
         try:
             model = cls.from_pretrained(path, dtype=dtype, **kwargs)
             tokenizer = transformers.AutoTokenizer.from_pretrained(path, **kwargs)
         except (OSError, ValueError) as exc:
             raise RunError(f"cannot load {name} from {path}: {first_line(exc)}") from None
         return model.to(device).eval(), tokenizer
-    try:
-        import diffusers
-    except ImportError:
-        raise RunError("model.pipeline names a diffusers pipeline but diffusers is not installed") from None
-    cls = getattr(diffusers, name, None)
-    if cls is None or not hasattr(cls, "from_pretrained"):
-        raise ConfigError(f"diffusers has no pipeline class {name!r}", field="model.pipeline")
+    cls = _loader(_library("diffusers", "a diffusers pipeline"), name, "pipeline class")
     try:
         with warnings.catch_warnings():  # diffusers 0.42 renamed torch_dtype; older releases need it
             warnings.simplefilter("ignore", FutureWarning)
@@ -71,6 +61,20 @@ def load_model(exp: Experiment, device: str | None = None) -> tuple[Any, Any]:
     except (OSError, ValueError, TypeError) as exc:
         raise RunError(f"cannot load {name} from {path}: {first_line(exc)}") from None
     return pipe.to(device), None
+
+
+def _library(module: str, what: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise RunError(f"model.pipeline names {what} but {module} is not installed") from None
+
+
+def _loader(library: Any, name: str, what: str) -> Any:
+    cls = getattr(library, name, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise ConfigError(f"{library.__name__} has no {what} {name!r}", field="model.pipeline")
+    return cls
 
 
 def first_line(exc: BaseException) -> str:
