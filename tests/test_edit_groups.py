@@ -20,10 +20,8 @@ from tests import tiny_pipes
 
 
 @pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from attntrace.demo import build_demo_pipeline
-
-    return build_demo_pipeline(tmp_path_factory.mktemp("pipe") / "tiny-sd", seed=0)
+def pipeline_dir(demo_pipeline_dir: Path) -> Path:
+    return demo_pipeline_dir
 
 
 def experiment(pipeline_dir: Path, out: Path, prompts: list[Any], rules: list[dict[str, Any]]) -> Experiment:

@@ -7,44 +7,25 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
 import yaml
 
+from tests.docs_runner import run_experiment_yaml
+
 RECIPES = Path(__file__).resolve().parents[1] / "docs" / "recipes"
 YAML_BLOCK = re.compile(r"```yaml\n(.*?)```", re.S)
-
-
-def run_block(block: str, out: Path, name: str) -> Any:
-    """Validate and run one experiment YAML of a page from the command line, with every warning an error;
-    the run read back (no run warning either) after the explorer page is built from it."""
-    from attntrace import load_run
-    from attntrace.cli import main
-
-    path = out.parent / f"{name}.yaml"
-    path.write_text(block)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert main(["validate", str(path)]) == 0
-        assert main(["run", str(path), "--no-progress", "--set", f"output={out}"]) == 0
-        assert main(["report", str(out)]) == 0
-    run = load_run(out)
-    assert run.warnings == [], run.warnings
-    assert [item.status for item in run] == ["done"], [item.record.get("error") for item in run]
-    return run
 
 
 def test_daam_experiment_runs(tmp_path: Path) -> None:
     torch.set_num_threads(2)
     (block,) = YAML_BLOCK.findall((RECIPES / "daam.md").read_text(encoding="utf-8"))
     assert yaml.safe_load(block)["trace"]["rules"][0]["with"]["mode"] == "daam"
-    out = tmp_path / "run"
-    run_block(block, out, "daam")
+    out = tmp_path / "daam"
+    run_experiment_yaml(block, out)
     names = {p.name for p in out.rglob("*.png")}
     assert {"heatmap_01_cat.png", "heatmap_05_mat.png", "heatmap_grid.png"} <= names, names
 
@@ -66,7 +47,7 @@ def test_masactrl_experiments_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     for name, block in (("plain", plain), ("masked", masked)):
         spec = yaml.safe_load(block)
         steps, rule = spec["inputs"]["steps"], spec["trace"]["rules"][0]["with"]
-        run = run_block(block, tmp_path / name, name)
+        run = run_experiment_yaml(block, tmp_path / name)
         (item,) = run
         assert item.record["prompts"] == ["a photo of a cat", "a photo of a running cat"]
         folder = tmp_path / name / "items" / item.id

@@ -26,11 +26,11 @@ ARTIFACTS = ROOT / "runs" / "ci-artifacts"
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from attntrace.demo import build_demo_pipeline, minilm_path
+def runs(tmp_path_factory: pytest.TempPathFactory, demo_pipeline_dir: Path) -> Path:
+    from attntrace.demo import minilm_path
 
     tmp = tmp_path_factory.mktemp("explorer")
-    pipe = build_demo_pipeline(tmp / "tiny-sd", seed=0)
+    pipe = demo_pipeline_dir
     run_experiment(Experiment.from_data({
         "name": "pipe",
         "model": {"pipeline": "StableDiffusionPipeline", "path": str(pipe), "dtype": "float32", "device": "cpu"},
@@ -236,13 +236,11 @@ GROUP = ["a red circle", "a blue circle", "a big blue circle"]  # source, word s
 
 
 @pytest.fixture(scope="module")
-def group_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from attntrace.demo import build_demo_pipeline
-
+def group_run(tmp_path_factory: pytest.TempPathFactory, demo_pipeline_dir: Path) -> Path:
     tmp = tmp_path_factory.mktemp("group")
     run_experiment(Experiment.from_data({
         "name": "group",
-        "model": {"pipeline": "StableDiffusionPipeline", "path": str(build_demo_pipeline()), "device": "cpu"},
+        "model": {"pipeline": "StableDiffusionPipeline", "path": str(demo_pipeline_dir), "device": "cpu"},
         "inputs": {"prompts": [GROUP], "steps": 2, "height": 64, "width": 64},
         "trace": {"rules": [{"use": "heatmap", "match": "*attn2"},
                             {"use": "attnmaps", "match": "*attn2", "with": {"resolution": 8}}]},
@@ -252,14 +250,12 @@ def group_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp / "group"
 
 
-def test_edit_group_images_have_their_own_words(group_run: Path) -> None:
+def test_edit_group_images_have_their_own_words(group_run: Path, demo_pipeline_dir: Path) -> None:
     """Each image of an edit group gets its own prompt's words, with the saved maps of its own tokens."""
     from safetensors.numpy import load_file
     from transformers import CLIPTokenizer
 
-    from attntrace.demo import build_demo_pipeline
-
-    tok = CLIPTokenizer.from_pretrained(build_demo_pipeline(), subfolder="tokenizer")
+    tok = CLIPTokenizer.from_pretrained(demo_pipeline_dir, subfolder="tokenizer")
     (item,) = _payload(group_run / "index.html")["runs"][0]["items"]
     assert item["prompts"] == GROUP
     hm, am = item["heatmaps"][0], item["attnmaps"][0]
