@@ -8,7 +8,7 @@ observer raises under `on_error: raise`.
 
 Adapters see an attachment only through `attntrace.tracing.binding` (`SiteBinding`, `Session`); this
 module is the facade on top and nothing below imports it. (It holds both `Tracer` and `Attachment`,
-about 490 lines: they share the attach/detach life cycle and the step counting.)
+about 550 lines: they share the attach/detach life cycle and the step counting.)
 """
 
 from __future__ import annotations
@@ -31,7 +31,15 @@ from .core.errors import AttachError, ConfigError, OutputWriteError, SelectionEr
 from .core.generation import Generation
 from .core.messages import EMPTY_GLOB, unknown_needs
 from .core.observer import NEEDS, Observer
-from .core.selection import StepSelector, closest_sites, kind_matches, match_sites, pattern_matches, validate_kinds
+from .core.selection import (
+    StepSelector,
+    closest_sites,
+    kind_matches,
+    match_sites,
+    pattern_matches,
+    probs_layout_refusal,
+    validate_kinds,
+)
 from .core.site import Site
 from .lifecycle import GenerationLifecycle, TracerGenerations
 from .pipeline import PipelineHook, is_pipeline
@@ -508,6 +516,10 @@ class Tracer(TracerGenerations):
                         f"{where}: observer {e.label!r} needs the token layout, which is {unknown[0].layout} at "
                         f"{len(unknown)} site(s): {shown}; exclude them from the match"
                     )
+            if "probs" in e.observer.needs or e.observer.edits or e.observer.needs_layout:
+                refusal = probs_layout_refusal(where, e.label, e.observer.probs_layouts, matched)
+                if refusal:
+                    raise SelectionError(refusal)
             # Sites that cannot give some tensors (hand-written attention): refuse now, not mid-forward.
             needs = set(e.observer.needs)
             lacking = [s for s in matched if needs & s.unavailable]

@@ -72,6 +72,7 @@ _INT_FIELDS: dict[str, int] = {
     "num_channels": 3,
     "vocab_size": VOCAB,
     "sliding_window": 4,
+    "attention_window": 4,  # Longformer/LED: L is a multiple, so inputs are not padded (attentions keep L)
 }
 # Fields that hold per-layer lists: truncated to LAYERS entries.
 _LAYER_LISTS = ("layer_types", "block_types", "attention_types", "layers_block_type", "mlp_only_layers")
@@ -419,6 +420,14 @@ def make_inputs(model: torch.nn.Module) -> dict[str, Any]:
         vocab = min(int(getattr(pc, "vocab_size", 30)), 30)
         inputs["protein_input_ids"] = torch.randint(4, vocab, (B, 6), generator=g)
         inputs["protein_attention_mask"] = torch.ones(B, 6, dtype=torch.long)
+    if "past_values_padding" in want and "freq" in want:
+        # TimesFM: a patched univariate series with its padding indicator (1 = padded) and a frequency id.
+        patch = int(getattr(cfg, "patch_length", 4))
+        inputs["past_values"] = torch.randn(B, 2 * patch, generator=g)
+        pad = torch.zeros(B, 2 * patch)
+        pad[1, :patch] = 1.0  # the first patch of row 1 is padding: masked keys
+        inputs["past_values_padding"] = pad
+        inputs["freq"] = torch.zeros(B, 1, dtype=torch.long)
     if "decoder_input_ids" in sig and getattr(cfg, "is_encoder_decoder", False) and "inputs_embeds" not in want:
         inputs["decoder_input_ids"] = ids(DEC_L)
     missing = [n for n in required if n not in inputs]

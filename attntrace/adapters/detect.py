@@ -32,6 +32,7 @@ __all__ = [
     "called_with_context",
     "calls_sdpa",
     "concat_order",
+    "conv_single_head",
     "forward_mentions",
     "forward_source",
     "getsource",
@@ -122,9 +123,7 @@ QK_RE = re.compile(r"\b(matmul\w*|bmm|baddbmm)\(|[\w\)\]][ \t]*@[ \t]*[\w\(]")
 
 # -- heads and kinds ------------------------------------------------------------------------------
 HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "heads", "nhead", "attention_heads")
-# Framework classes known to compute single-head attention over a 3D (B, L, L) bmm score map without a
-# head-count attribute (LDM-style VAE attention blocks): their scores are split as one head.
-_SINGLE_HEAD = frozenset({"diffusers.models.autoencoders.autoencoder_kl_ltx2_audio.LTX2AudioAttnBlock"})
+_CONVS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 # Names of cross-attention submodules in encoder-decoder families (T5, BART/Whisper/Marian, BERT decoders).
 _CROSS_NAMES = ("EncDecAttention", "encoder_attn", "crossattention", "cross_attn")
 
@@ -135,18 +134,30 @@ def _positive_int(v: object) -> bool:
 
 def head_count(module: torch.nn.Module) -> int | None:
     """The number of query heads of an attention module, from its attributes or configuration."""
-    if f"{type(module).__module__}.{type(module).__qualname__}" in _SINGLE_HEAD:
-        return 1
     for attr in HEAD_ATTRS:
         v = getattr(module, attr, None)
         if _positive_int(v):
             return v  # type: ignore[return-value]
+    if conv_single_head(module):
+        return 1
     for name in weight_children(module):  # the head count of the attention module whose weights it uses
         v = getattr(getattr(module, name), "heads", None)
         if _positive_int(v):
             return v  # type: ignore[return-value]
     v = getattr(getattr(module, "config", None), "num_attention_heads", None)
     return v if _positive_int(v) else None
+
+
+def conv_single_head(module: torch.nn.Module) -> bool:
+    """An LDM-style attention block (taming-transformers' `AttnBlock`: Chameleon's and Janus's VQ-VAE,
+    LTX-2's audio VAE): q/k/v are 1×1 convolutions over all channels (no groups), the scores one product
+    `bmm((B, HW, C), (B, C, HW))`, and the forward never mentions heads: 3D scores (B, Lq, Lk), one head."""
+    convs = [c for c in module.children()
+             if isinstance(c, _CONVS) and all(k == 1 for k in c.kernel_size) and c.groups == 1]  # fmt: skip
+    if len(convs) < 3 or len({c.out_channels for c in convs}) != 1:
+        return False
+    cls = type(module)
+    return forward_mentions(cls, "bmm(") and not forward_mentions(cls, "head")
 
 
 def kind_by_name(name: str, module: torch.nn.Module) -> Kind:

@@ -10,23 +10,34 @@ and a matrix product and does not use the registry; a module is not a site when 
 descendants is an attention module (the innermost one computes the attention). Interception is the
 shared hand-written engine (`attntrace.tracing.handwritten`).
 
-What cannot be traced is listed with a note and refused at attach: sliding-window chunked scores
-(Longformer/LED encoder), block-sparse scores (BigBird), LSH/chunked attention normalised with
-`logsumexp` (Reformer), deformable attention (softmax over sampling points, not keys). `query`, `key`,
-`value` and the mask cannot be edited at these sites (the scores are not rebuilt from them); observers
-that edit them are refused at attach.
+Sliding-window attention (Longformer, LED's encoder) has no (Lq, Lk) matrix; its module returns the banded
+probabilities with `output_attentions=True` (which does not change its computation): the site is traced
+with `Site.probs_layout="banded"` (see `Layout.probs`), read-only, by a forward that asks for them.
+
+What cannot be traced is listed with a note and refused at attach: block-sparse scores (BigBird),
+LSH/chunked attention normalised with `logsumexp` (Reformer), deformable attention (softmax over sampling
+points, not keys), and I-BERT built with `quant_mode=True` (an integer approximation of the softmax; with
+`quant_mode=False` it is traced). `query`, `key`, `value` and the mask cannot be edited at hand-written
+sites (the scores are not rebuilt from them); observers that edit them are refused at attach.
 """
 
 from __future__ import annotations
 
+import inspect
 import re
+from collections.abc import Callable
+from dataclasses import replace
+from functools import partial
+from typing import Any
 
 import torch
 
-from ..core.errors import AttachError
+from ..core.errors import AttachError, EditError
+from ..core.layout import token_layout
 from ..core.site import Site
 from ..tracing.binding import SiteBinding
-from ..tracing.handwritten import HEADS_UNKNOWN, PER_HEAD, heads_unknown, shadow_forward
+from ..tracing.handwritten import HEADS_UNKNOWN, PER_HEAD, ManualCall, heads_unknown, shadow_forward
+from ..tracing.run import KernelCall, run_call
 from .base import Adapter, Undo
 from .detect import (
     PRODUCT_RE,
@@ -42,11 +53,16 @@ from .detect import (
     token_modality,
 )
 
-__all__ = ["HFManualAdapter", "attention_source", "classify", "refusal_reason"]
+__all__ = ["BANDED", "HFManualAdapter", "attention_source", "classify", "refusal_reason"]
 
+# Sliding-window attention returns its banded probabilities with `output_attentions=True`: traced with
+# `probs_layout="banded"` (see `Layout.probs`), read-only.
+_BANDED_NEEDLE = "_sliding_chunks"
+BANDED = (
+    "sliding-window attention (Longformer/LED local attention): probs are banded, (B, H, L, global + 2w+1) "
+    "as `output_attentions` returns them, not a token x token matrix; read-only (stats, save)"
+)
 _REFUSALS = (
-    ("_sliding_chunks", "sliding-window chunked attention (Longformer/LED local attention): the scores are "
-     "(B, L, H, 2w+1) bands, not a (Lq, Lk) probability matrix"),
     ("block_sparse", "block-sparse attention (BigBird): scores are computed block by block, no (Lq, Lk) "
      "probability matrix exists"),
     ("_concatenate_3_blocks", "block-local attention (LongT5 local): 5D (B, blocks, H, block, 3·block) scores "
@@ -104,6 +120,8 @@ def classify(cls: type) -> tuple[bool, str]:
         if "logsumexp(" in src:
             return True, _LOGSUMEXP
         return False, ""
+    if _BANDED_NEEDLE in src and "output_attentions" in src:
+        return True, BANDED
     for needle, why in _REFUSALS:
         if needle in src:
             return True, why
@@ -112,10 +130,78 @@ def classify(cls: type) -> tuple[bool, str]:
     return True, ""
 
 
+_INTEGER_SOFTMAX = (
+    "integer softmax (I-BERT with quant_mode=True): `IntSoftmax` approximates exp with an integer polynomial "
+    "and no softmax runs, so there are no probabilities to intercept; build the model with quant_mode=False "
+    "(its softmax is then a plain softmax) to trace it"
+)
+
+
+def _instance_refusal(module: torch.nn.Module) -> str | None:
+    """Why this instance (not its class) cannot be traced: a quantised softmax submodule (I-BERT)."""
+    softmax = getattr(module, "softmax", None)
+    if isinstance(softmax, torch.nn.Module) and getattr(softmax, "quant_mode", False) is True:
+        return _INTEGER_SOFTMAX
+    return None
+
+
 def refusal_reason(module: torch.nn.Module) -> str | None:
     """Why `module` (a hand-written attention module) cannot be traced, or None if it can."""
     ok, note = classify(type(module))
-    return note or None if ok else None
+    if note == BANDED:
+        return None
+    return (note or _instance_refusal(module)) if ok else None
+
+
+def _banded_forward(binding: SiteBinding, modality: str | None) -> Undo:
+    """Shadow a sliding-window module's forward: run it with `output_attentions=True` (its computation does
+    not depend on it) and hand its banded probabilities (B, L, H, G + 2w+1) to the observers as (B, H, L, K)."""
+    module = binding.site.module
+    if "forward" in vars(module):
+        raise AttachError(f"site {binding.site.name!r} already has an instance-level forward; detach it first")
+    original = module.forward
+    sig = inspect.signature(original)
+    window = int(module.one_sided_attn_window_size)
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        layer = binding.enter()
+        if layer is None:
+            return original(*args, **kwargs)
+        bound = sig.bind(*args, **kwargs)
+        asked = bool(bound.arguments.get("output_attentions", False))
+        bound.arguments["output_attentions"] = True
+        out = original(*bound.args, **bound.kwargs)
+        probs = out[1].transpose(1, 2)  # (B, H, L, G + 2w + 1)
+        b, h, length, k = probs.shape
+        attn = out[0].view(b, length, h, -1).transpose(1, 2)  # (B, H, L, D): heads before the output projection
+        call = run_call(binding, layer, KernelCall(
+            query=probs.new_empty((b, h, length, 0)), key=probs.new_empty((b, h, k, 0)),
+            value=probs.new_empty((b, h, k, attn.shape[-1])), attn_mask=None, scale=None, is_causal=False,
+            enable_gqa=False, kernel_fn=_no_kernel(binding), native_fn=lambda: attn, precomputed_probs=probs,
+            layout=replace(token_layout(binding.site.kind, modality, length, length), text=None, probs="banded",
+                           window=window, global_keys=k - (2 * window + 1)),
+            extra={"hand_written": True, "global_probs": out[2] if len(out) > 2 else None},
+            make=partial(ManualCall, missing=frozenset({"query", "key", "value"}),
+                         where=f"site {binding.site.name!r} ({binding.site.module_class})"),
+        ), result=False).call  # fmt: skip
+        if call.edited:  # editors are refused at attach; an observer that edits anyway is not ignored
+            raise EditError(f"site {binding.site.name!r}: banded sliding-window probabilities are read-only")
+        return out if asked else out[:1]
+
+    module.forward = forward
+
+    def undo() -> None:
+        if vars(module).get("forward") is forward:
+            del module.forward
+
+    return undo
+
+
+def _no_kernel(binding: SiteBinding) -> Callable[..., torch.Tensor]:
+    def kernel_fn(*_: Any) -> torch.Tensor:
+        raise EditError(f"site {binding.site.name!r}: banded sliding-window attention cannot be recomputed")
+
+    return kernel_fn
 
 
 
@@ -145,19 +231,21 @@ class HFManualAdapter(Adapter):
                 attention_names.append(name)
         sites = []
         for name, module, note in found:
+            note = note or _instance_refusal(module) or ""
             prefix = f"{name}." if name else ""
             if any(other.startswith(prefix) for other in attention_names if other != name):
                 continue  # an inner module computes the attention
             src = attention_source(type(module))
             unavailable = frozenset() if QK_RE.search(src) else frozenset({"query", "key"})
             heads = head_count(module)
-            for needle, partial in _PARTIAL:
+            for needle, part in _PARTIAL:
                 if not note and needle in src:
-                    note = f"hand-written attention, partly traced: {partial}"
+                    note = f"hand-written attention, partly traced: {part}"
             kind = kind_by_name(name, module)
             self.modality[name] = token_modality(modules, "" if kind == "cross" else name)
             if not note and heads_unknown(module, heads, src):
                 note, unavailable = HEADS_UNKNOWN, PER_HEAD
+            banded = note == BANDED
             sites.append(
                 Site(
                     name=name or type(module).__name__,
@@ -167,8 +255,9 @@ class HFManualAdapter(Adapter):
                     processor_class="softmax (hand-written)",
                     heads=heads,
                     note=note or "hand-written attention: probs and output editable, q/k/v read-only",
-                    unavailable=unavailable,
+                    unavailable=frozenset({"query", "key", "value"}) if banded else unavailable,
                     inputs_editable=False,
+                    probs_layout="banded" if banded else "dense",
                 )
             )
         return sites
@@ -184,4 +273,6 @@ class HFManualAdapter(Adapter):
         return None
 
     def install(self, binding: SiteBinding) -> Undo:
+        if binding.site.probs_layout == "banded":
+            return _banded_forward(binding, self.modality.get(binding.site.name))
         return shadow_forward(binding, head_count(binding.site.module), modality=self.modality.get(binding.site.name))

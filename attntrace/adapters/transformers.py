@@ -30,7 +30,7 @@ from ..core.site import Site
 from ..tracing.binding import LayerCall, SiteBinding
 from ..tracing.run import KernelCall, run_call
 from .base import Adapter, Undo
-from .detect import calls_registry, head_count, is_transformers_model, kind_by_name, token_modality
+from .detect import calls_registry, getsource, head_count, is_transformers_model, kind_by_name, token_modality
 
 __all__ = ["TransformersAdapter"]
 
@@ -47,11 +47,27 @@ def _branches_on_implementation(cls: type) -> bool:
     return re.search(r"_attn_implementation\s*(==|!=|in\s*\()", source) is not None
 
 
+# `ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, <default>)`: the default is the
+# function `attn_implementation="eager"` runs (not always named `eager_attention_forward`: TimesFM's is
+# `simple_eager_attention_forward`, Llama 4's vision tower `vision_eager_attention_forward`).
+_DEFAULT_RE = re.compile(r"get_interface\(\s*[\w.]+\s*,\s*(\w+)\s*\)")
+_eager_fns: dict[type, Callable[..., Any]] = {}
+
+
 def _eager_fn(module: torch.nn.Module) -> Callable[..., Any]:
-    """The eager attention function the module's own file uses (what `attn_implementation="eager"` runs)."""
-    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    """The eager attention function the module's class falls back to (what `attn_implementation="eager"` runs)."""
+    cls = type(module)
+    fn = _eager_fns.get(cls)
+    if fn is not None:
+        return fn
+    file = sys.modules.get(cls.__module__)
+    found = _DEFAULT_RE.search(getsource(cls.forward))
+    fn = getattr(file, found.group(1), None) if found else None
+    if not callable(fn):
+        fn = getattr(file, "eager_attention_forward", None)
     if fn is None:
         from transformers.models.llama.modeling_llama import eager_attention_forward as fn
+    _eager_fns[cls] = fn
     return fn
 
 

@@ -155,6 +155,12 @@ class AttentionCall:
         return int(self._query.shape[1])
 
     @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(B, H, Lq, Lk): the shape of `probs`, known without computing them or reading the query (which
+        some hand-written sites cannot give). Lk counts the columns of the probabilities' layout."""
+        return (*self._query.shape[:3], self._key.shape[-2])  # type: ignore[return-value]
+
+    @property
     def edited(self) -> bool:
         """Whether any observer changed this call."""
         return self._inputs_edited or self._probs_edited or self._output_edited

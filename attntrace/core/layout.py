@@ -25,6 +25,10 @@ class Layout:
     - `grid`: the image tokens' grid `(frames, height, width)`, frames 1 for images; None when unknown.
     - `known`: False where the adapter could not tell which tokens are which (then `note` says why);
       observers that need the layout skip such calls with a warning naming the site.
+    - `probs`: how the probabilities' last axis is laid out. `dense` (the default): `probs[..., i, j]` is
+      query i's weight on key j. `banded` (sliding-window attention, Longformer/LED): the last axis holds
+      `global_keys` columns for the global tokens (in sequence order), then `2·window + 1` columns where
+      column `global_keys + j` is the weight on key `i - window + j` (zero outside the sequence).
 
     `text` is None on calls with no text keys (self-attention, an image-context call of a cross-attention
     module); `image` is None where no image tokens exist (a text model).
@@ -36,6 +40,9 @@ class Layout:
     grid: tuple[int, int, int] | None = None
     known: bool = True
     note: str = ""
+    probs: str = "dense"
+    window: int = 0
+    global_keys: int = 0
 
     @property
     def frames(self) -> int:
@@ -53,6 +60,8 @@ class Layout:
             parts.append(f"image {self.image.start}:{self.image.stop}")
         if self.grid is not None:
             parts.append("grid " + "x".join(map(str, self.grid)))
+        if self.probs == "banded":
+            parts.append(f"probs banded window {self.window} global {self.global_keys}")
         return " ".join(parts)
 
     @property

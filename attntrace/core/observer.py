@@ -65,6 +65,10 @@ class Observer:
     #: True for observers that read which tokens are text and image (`call.layout`): refused at attach on
     #: sites whose layout cannot be known.
     needs_layout: ClassVar[bool] = False
+    #: The probability layouts (`Layout.probs`) this observer understands: an observer that reads probs,
+    #: edits or needs the token layout is refused at attach on sites of any other (banded sliding-window
+    #: probabilities are not a token x token matrix).
+    probs_layouts: ClassVar[frozenset[str]] = frozenset({"dense"})
     #: The pydantic model validating this observer's parameters.
     Params: ClassVar[type[BaseModel]] = NoParams
     #: True for editors that work across the images of an edit group (source and edited prompts):
@@ -134,7 +138,7 @@ class Observer:
 
 def batch_rows(call: AttentionCall, cond_half: bool) -> slice:
     """The batch items to keep: all, or the conditional half of an [uncond, cond] guidance batch."""
-    batch = call.query.shape[0]
+    batch = call.shape[0]
     if not cond_half:
         return slice(0, batch)
     if batch % 2:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from .errors import ConfigError
 from .site import KINDS, Site
 
-__all__ = ["StepSelector", "closest_sites", "kind_matches", "match_sites", "normalize_pattern"]
+__all__ = ["StepSelector", "closest_sites", "kind_matches", "match_sites", "normalize_pattern", "probs_layout_refusal"]
 
 
 def normalize_pattern(pattern: str) -> str:
@@ -54,6 +54,20 @@ def match_sites(patterns: Sequence[str], kinds: Sequence[str] | None, sites: Ite
     return [
         s for s in sites if kind_matches(kinds, s.kind) and any(pattern_matches(p, s.name) for p in patterns)
     ]
+
+
+def probs_layout_refusal(where: str, label: str, understood: frozenset[str], sites: Sequence[Site]) -> str | None:
+    """The one-line refusal of an observer (reading probs, editing, or needing the token layout) matched
+    to sites whose probabilities have a layout it does not understand (`Site.probs_layout`), or None."""
+    odd = [s for s in sites if s.probs_layout not in understood]
+    if not odd:
+        return None
+    shown = ", ".join(s.name for s in odd[:5]) + (" ..." if len(odd) > 5 else "")
+    return (
+        f"{where}: observer {label!r} needs a token x token probability matrix, but {len(odd)} site(s) give "
+        f"{odd[0].probs_layout} probabilities ({odd[0].module_class}: {odd[0].note or odd[0].adapter}): {shown}; "
+        f"exclude them from the match or use an observer that reads {odd[0].probs_layout} probs (stats, save)"
+    )
 
 
 def closest_sites(pattern: str, names: Sequence[str], n: int = 3) -> list[str]:

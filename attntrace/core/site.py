@@ -22,7 +22,9 @@ class Site:
     query/key/value/mask edits cannot be applied (hand-written attention): observers needing those
     are refused at attach. `traceable` is False for attention-looking modules listed only to say why
     they cannot be traced (`note`); attaching to them is refused. `layout` says how the token layout of
-    its calls is resolved (e.g. "text first, joined by the block"), "" for the plain kinds.
+    its calls is resolved (e.g. "text first, joined by the block"), "" for the plain kinds. `probs_layout`
+    is the layout of its calls' probabilities (`Layout.probs`: `dense`, or `banded` for sliding-window
+    attention); observers that do not declare it in `Observer.probs_layouts` are refused there.
     """
 
     name: str
@@ -38,6 +40,7 @@ class Site:
     inputs_editable: bool = True
     traceable: bool = True
     layout: str = ""
+    probs_layout: str = "dense"
 
     @property
     def module_class(self) -> str:
@@ -60,4 +63,5 @@ class Site:
             "inputs_editable": self.inputs_editable,
             "traceable": self.traceable,
             "layout": self.layout,
+            "probs_layout": self.probs_layout,
         }

@@ -44,6 +44,13 @@ _COMMIT = object()
 COMMIT_EVERY_S = 0.5
 
 
+def _banded(layout: Any) -> dict[str, Any]:
+    """Manifest fields of a probability map that is not token x token (banded sliding-window probs)."""
+    if layout.probs == "dense":
+        return {}
+    return {"probs_layout": layout.probs, "window": layout.window, "global_keys": layout.global_keys}
+
+
 class SaveParams(BaseModel):
     """Parameters of `save`."""
 
@@ -93,6 +100,8 @@ class Save(Observer):
 
     name = "save"
     Params = SaveParams
+    # Saved as the call gives them; a banded map's manifest entry records its layout (`probs_layout`).
+    probs_layouts = frozenset({"dense", "banded"})
 
     def __init__(self, params: Any = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
@@ -157,6 +166,7 @@ class Save(Observer):
             "index": call.index,
             "kind": call.kind,
             "tensors": tensors,
+            "layout": call.layout,
         }
         self._ensure_writer()
         assert self._queue is not None
@@ -172,13 +182,12 @@ class Save(Observer):
     def _side(self, call: AttentionCall) -> float:
         if call.image_hw is not None:
             return max(call.image_hw)
-        n = call.image_tokens.stop - call.image_tokens.start if call.image_tokens else call.query.shape[-2]
+        n = call.image_tokens.stop - call.image_tokens.start if call.image_tokens else call.shape[2]
         return math.sqrt(n)
 
     def _probs(self, call: AttentionCall, keep: slice, dtype: torch.dtype) -> torch.Tensor:
-        q, k = call.query, call.key
-        heads = 1 if self.params.head_mean else q.shape[1]
-        out = torch.empty((keep.stop - keep.start, heads, q.shape[2], k.shape[2]), dtype=dtype)
+        _, h, lq, lk = call.shape
+        out = torch.empty((keep.stop - keep.start, 1 if self.params.head_mean else h, lq, lk), dtype=dtype)
         for rows, chunk in call.iter_probs(int(self.params.max_chunk_mib * 2**20), batch=keep):
             c = chunk
             if self.params.head_mean:
@@ -284,6 +293,7 @@ class Save(Observer):
                 "dtype": self.params.dtype,
                 "file": fname,
                 "key": name,
+                **(_banded(item["layout"]) if name == "probs" else {}),
             }
             for name, t in item["tensors"].items()
         ]

@@ -84,6 +84,9 @@ class Stats(Observer):
 
     name = "stats"
     needs = frozenset({"probs"})
+    # Banded (sliding-window) probs: every metric but `mean` is per row and layout-free; `mean` is then over
+    # the row's band columns (1/(2w+1) for unmasked rows) and `token_mass` is skipped (no text key axis).
+    probs_layouts = frozenset({"dense", "banded"})
     Params = StatsParams
 
     def __init__(self, params: Any = None, **kwargs: Any) -> None:
@@ -116,7 +119,7 @@ class Stats(Observer):
             return
 
         sums: dict[str, torch.Tensor] = {}
-        q_len = call.query.shape[-2]
+        q_len = call.shape[2]
         n_token_rows = 0
         budget = int(p.max_chunk_mib * 2**20)
         for rows, chunk in call.iter_probs(budget, batch=keep):
