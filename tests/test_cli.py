@@ -43,11 +43,9 @@ def cli(
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from attntrace.demo import build_demo_pipeline
-
+def work(tmp_path_factory: pytest.TempPathFactory, demo_pipeline_dir: Path) -> Path:
     tmp = tmp_path_factory.mktemp("cli")
-    pipe = build_demo_pipeline(tmp / "tiny-sd", seed=0)
+    pipe = demo_pipeline_dir
     (tmp / "exp.yaml").write_text(
         "name: tiny\n"
         f"model: {{pipeline: StableDiffusionPipeline, path: '{pipe}', dtype: float32, device: cpu}}\n"
@@ -109,8 +107,8 @@ def test_observers_lists_params_and_warns_on_broken_plugin(work: Path) -> None:
     assert "ModuleNotFoundError" in warn[0]
 
 
-def test_sites_of_folder_and_experiment(work: Path) -> None:
-    r = cli("sites", str(work / "tiny-sd"), "--match", "*attn2", tmp=work)
+def test_sites_of_folder_and_experiment(work: Path, demo_pipeline_dir: Path) -> None:
+    r = cli("sites", str(demo_pipeline_dir), "--match", "*attn2", tmp=work)
     assert r.returncode == 0, r.stderr
     rows = [ln.split() for ln in r.stdout.splitlines()[2:-1]]
     assert len(rows) == 7 and all(row[0].endswith("attn2") and row[1] == "cross" for row in rows)

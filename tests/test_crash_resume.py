@@ -40,11 +40,9 @@ def _env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def experiment(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from attntrace.demo import build_demo_pipeline
-
+def experiment(tmp_path_factory: pytest.TempPathFactory, demo_pipeline_dir: Path) -> Path:
     tmp = tmp_path_factory.mktemp("crash")
-    pipe = build_demo_pipeline(tmp / "tiny-sd", seed=0)
+    pipe = demo_pipeline_dir
     path = tmp / "exp.yaml"
     path.write_text(
         "name: crash\n"

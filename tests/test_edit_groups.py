@@ -3,6 +3,7 @@ a P2P experiment is never a silent no-op; editors learn the group and CFG layout
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,8 @@ from tests import tiny_pipes
 
 
 @pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from attntrace.demo import build_demo_pipeline
-
-    return build_demo_pipeline(tmp_path_factory.mktemp("pipe") / "tiny-sd", seed=0)
+def pipeline_dir(demo_pipeline_dir: Path) -> Path:
+    return demo_pipeline_dir
 
 
 def experiment(pipeline_dir: Path, out: Path, prompts: list[Any], rules: list[dict[str, Any]]) -> Experiment:
@@ -93,3 +92,56 @@ def test_nothing_to_edit_warns() -> None:
     tracer.add("replace")
     with tracer.attach(pipe), pytest.warns(RuntimeWarning, match="replace had nothing to edit"):
         pipe("a cat", num_inference_steps=2, height=64, width=64, output_type="latent")
+
+
+MASA = [{"use": "masactrl", "match": "*", "with": {"start_step": 1, "start_layer": 3}}]
+
+
+def test_masactrl_single_prompt_is_an_error(pipeline_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        experiment(pipeline_dir, tmp_path, ["a cat on a mat"], MASA)
+    assert str(info.value).startswith("inputs.prompts.0: trace.rules.0 (masactrl)")
+
+
+def test_masactrl_from_yaml_equals_python(pipeline_dir: Path, tmp_path: Path) -> None:
+    """`attntrace run` on an edit group with a masactrl rule gives the final latents and images of the Python
+    API's MasaCtrl run on the same weights, seed and start latents (one noise expanded to both images)."""
+    from diffusers import StableDiffusionPipeline
+
+    from attntrace.cli import main
+
+    torch.set_num_threads(1)
+    group = ["a cat on a mat", "a running cat on a mat"]
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+    decoded: list[torch.Tensor] = []  # the final latents, as the VAE decoder receives them
+    pipe.vae.post_quant_conv.register_forward_pre_hook(lambda m, args: decoded.append(args[0].clone()))
+
+    side = 64 // pipe.vae_scale_factor
+    noise = torch.randn(1, pipe.unet.config.in_channels, side, side, generator=torch.Generator().manual_seed(0))
+    tracer = Tracer()
+    masa = tracer.add("masactrl", match="*", start_step=1, start_layer=3)
+    with tracer.attach(pipe), torch.no_grad():
+        python = pipe(group, latents=noise.expand(2, -1, -1, -1), num_inference_steps=3, guidance_scale=7.5,
+                      height=64, width=64).images  # fmt: skip
+    assert masa.result()["edited_calls"] == (3 - 1) * (7 - 3)
+    with torch.no_grad():
+        plain = pipe(group, latents=noise.expand(2, -1, -1, -1), num_inference_steps=3, height=64, width=64).images
+    python_latents, plain_latents = decoded[0], decoded[1]
+
+    # From the experiment API with the same pipeline object (to read its latents) ...
+    exp = experiment(pipeline_dir, tmp_path / "api", [group], MASA)
+    run_experiment(exp, progress=False, model=(pipe, None))
+    assert torch.equal(decoded[2], python_latents)
+    assert not torch.equal(python_latents[1], plain_latents[1]) and torch.equal(python_latents[0], plain_latents[0])
+    # ... and from the command line, which loads the pipeline itself: the same images.
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(experiment(pipeline_dir, tmp_path / "cli", [group], MASA).dump()))
+    assert main(["run", str(path), "--no-progress"]) == 0
+    saved = images(tmp_path / "cli")
+    assert [np.array_equal(a, np.asarray(b)) for a, b in zip(saved, python)] == [True, True]
+    assert not np.array_equal(saved[1], np.asarray(plain[1]))
+    record = json.loads((tmp_path / "cli" / "manifest.json").read_text())["items"]["p000-s0"]
+    assert record["prompts"] == group and not record.get("warnings")
+    result = json.loads((tmp_path / "cli" / "items" / "p000-s0" / "masactrl" / "result.json").read_text())
+    assert result["result"]["edited_calls"] == (3 - 1) * (7 - 3)

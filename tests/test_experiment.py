@@ -73,10 +73,8 @@ attntrace.register_observer("probe", Probe)
 
 
 @pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from attntrace.demo import build_demo_pipeline
-
-    return build_demo_pipeline(tmp_path_factory.mktemp("pipe") / "tiny-sd", seed=0)
+def pipeline_dir(demo_pipeline_dir: Path) -> Path:
+    return demo_pipeline_dir
 
 
 def _exp(pipeline_dir: Path, out: Path, **inputs: Any) -> Experiment:

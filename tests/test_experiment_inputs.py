@@ -23,10 +23,8 @@ from attntrace.experiment.spec import Experiment, load_experiment
 
 
 @pytest.fixture(scope="module")
-def pipe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from attntrace.demo import build_demo_pipeline
-
-    return build_demo_pipeline(tmp_path_factory.mktemp("uxpipe") / "tiny-sd", seed=0)
+def pipe_dir(demo_pipeline_dir: Path) -> Path:
+    return demo_pipeline_dir
 
 
 def _exp(pipe_dir: Path, out: Path, inputs: dict[str, Any] | None = None, rules: list[Any] | None = None,

@@ -63,15 +63,12 @@ def test_one_forward_stats_are_bars_over_layers() -> None:
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory: pytest.TempPathFactory) -> object:
+def pipe(demo_pipeline_dir: Path) -> object:
     pytest.importorskip("diffusers")
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from attntrace.demo import build_demo_pipeline
-
-    path = build_demo_pipeline(tmp_path_factory.mktemp("nb") / "tiny-sd", seed=0)
-    return StableDiffusionPipeline.from_pretrained(path, torch_dtype=torch.float32)
+    return StableDiffusionPipeline.from_pretrained(demo_pipeline_dir, torch_dtype=torch.float32)
 
 
 def _bar_shown(pipe: object, capsys: pytest.CaptureFixture[str]) -> bool:

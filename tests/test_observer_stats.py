@@ -35,14 +35,7 @@ class Capture(Observer):
         )  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    # Tiny models on a shared 2-core machine: intra-op threads only contend (a forward took 5 s with
-    # 2 threads under load, 0.2 s with 1). Restored afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def reference_probs(c: dict[str, Any]) -> torch.Tensor:

@@ -26,11 +26,11 @@ ARTIFACTS = ROOT / "runs" / "ci-artifacts"
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from attntrace.demo import build_demo_pipeline, minilm_path
+def runs(tmp_path_factory: pytest.TempPathFactory, demo_pipeline_dir: Path) -> Path:
+    from attntrace.demo import minilm_path
 
     tmp = tmp_path_factory.mktemp("explorer")
-    pipe = build_demo_pipeline(tmp / "tiny-sd", seed=0)
+    pipe = demo_pipeline_dir
     run_experiment(Experiment.from_data({
         "name": "pipe",
         "model": {"pipeline": "StableDiffusionPipeline", "path": str(pipe), "dtype": "float32", "device": "cpu"},
@@ -230,3 +230,77 @@ def test_explorer_in_headless_chromium(runs: Path, browser: Any) -> None:
     assert pg.errors == [], pg.errors
     shot = pg.shot("final")
     print(f"explorer screenshots: {ARTIFACTS} (e.g. {shot})")
+
+
+GROUP = ["a red circle", "a blue circle", "a big blue circle"]  # source, word swap, swap with one more word
+
+
+@pytest.fixture(scope="module")
+def group_run(tmp_path_factory: pytest.TempPathFactory, demo_pipeline_dir: Path) -> Path:
+    tmp = tmp_path_factory.mktemp("group")
+    run_experiment(Experiment.from_data({
+        "name": "group",
+        "model": {"pipeline": "StableDiffusionPipeline", "path": str(demo_pipeline_dir), "device": "cpu"},
+        "inputs": {"prompts": [GROUP], "steps": 2, "height": 64, "width": 64},
+        "trace": {"rules": [{"use": "heatmap", "match": "*attn2"},
+                            {"use": "attnmaps", "match": "*attn2", "with": {"resolution": 8}}]},
+        "output": str(tmp / "group"),
+    }), progress=False)  # fmt: skip
+    write_report(tmp / "group")
+    return tmp / "group"
+
+
+def test_edit_group_images_have_their_own_words(group_run: Path, demo_pipeline_dir: Path) -> None:
+    """Each image of an edit group gets its own prompt's words, with the saved maps of its own tokens."""
+    from safetensors.numpy import load_file
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(demo_pipeline_dir, subfolder="tokenizer")
+    (item,) = _payload(group_run / "index.html")["runs"][0]["items"]
+    assert item["prompts"] == GROUP
+    hm, am = item["heatmaps"][0], item["attnmaps"][0]
+    words = [p.split() for p in GROUP]
+    assert hm["row_words"] == am["row_words"] == words and hm["words"] == words[0]
+    saved = load_file(str(group_run / "items" / item["id"] / "heatmap" / "heatmap.safetensors"))["maps"]
+    rows, width = hm["shape"][:2]
+    q = _u8(hm["data"]).reshape(hm["shape"]).astype(np.float32)
+    lo, hi = _f32(hm["lo"]).reshape(rows, width), _f32(hm["hi"]).reshape(rows, width)
+    for r, prompt in enumerate(GROUP):
+        # Independent token positions: each word tokenised alone (this small vocabulary splits some words),
+        # after the start token; a word's map is the sum of its tokens' maps.
+        spans, at = [], 1
+        for word in prompt.split():
+            n = len(tok.tokenize(word))
+            spans.append(list(range(at, at + n)))
+            at += n
+        assert at == len(tok(prompt)["input_ids"]) - 1
+        for w, span in enumerate(spans):
+            want = saved[r, span].sum(axis=0)
+            got = lo[r, w] + q[r, w] / 255 * (hi[r, w] - lo[r, w])
+            assert np.abs(got - want).max() <= (want.max() - want.min()) / 255 + 1e-6, (prompt, w)
+    # the swapped word of image 1 is its own "blue", not the source's "red"
+    assert hm["row_words"][1][1] == "blue" and "red" not in hm["row_words"][1]
+
+
+def test_edit_group_word_buttons_in_chromium(group_run: Path, browser: Any) -> None:
+    pg = Page(browser, (group_run / "index.html").as_uri())
+    page = pg.page
+    assert page.locator("#words button").all_inner_texts() == ["a", "red", "circle"]
+    bars = page.locator("#heat-views .row-words")
+    assert [bars.nth(r).locator("button").all_inner_texts() for r in range(3)] == [
+        ["a", "red", "circle"], ["a", "blue", "circle"], ["a", "big", "blue", "circle"]]  # fmt: skip
+    page.click("#words button[data-word='1']")  # "red" on the source: the swapped word on the edited image
+    caps = page.locator("#heat-views figcaption").all_inner_texts()
+    assert "word \u201cred\u201d" in caps[0] and "word \u201cblue\u201d" in caps[1], caps
+    assert bars.nth(1).locator("button.active").inner_text() == "blue"
+    before = pg.pixels("#heat-views canvas", 2)
+    bars.nth(2).locator("button", has_text="blue").click()  # the third image's own "blue"
+    caps = page.locator("#heat-views figcaption").all_inner_texts()
+    assert "word \u201cblue\u201d" in caps[2] and "position" not in caps[2] and "word \u201cred\u201d" in caps[0]
+    assert pg.pixels("#heat-views canvas", 2) != before
+    pg.tab("steps")
+    steps = page.locator("#steps-views .row-words")
+    assert steps.nth(2).locator("button").all_inner_texts() == ["a", "big", "blue", "circle"]
+    assert "word \u201cblue\u201d" in page.locator("#steps-views figcaption").nth(2).inner_text()
+    pg.shot("edit-group")
+    assert pg.errors == [], pg.errors

@@ -80,6 +80,8 @@ class MasaCtrl(Observer):
     Params = MasaCtrlParams
     #: Works across the images of one pipeline call (source and targets), which share start latents.
     group_editor = True
+    #: In an experiment file, an item that is a single prompt has no target image: an error at validation.
+    requires_group = True
 
     def __init__(self, params: Any = None, **kwargs: Any) -> None:
         # Masks given as tensors/arrays/images in Python are kept aside: the params hold only YAML forms.

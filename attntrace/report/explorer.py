@@ -80,6 +80,30 @@ def _merge_words(maps: np.ndarray, groups: list[list[int]], axis: int) -> np.nda
     return np.stack([np.take(maps, g, axis=axis).sum(axis=axis) for g in groups], axis=axis)
 
 
+def _merge_row_words(
+    maps: np.ndarray, row_tokens: list[list[str] | None], row_axis: int, token_axis: int
+) -> tuple[np.ndarray, list[list[str]]]:
+    """Merge each batch row's token maps into its own prompt's words (an edit group's images have different
+    prompts); rows with fewer words are padded with empty maps. Returns (maps, words of each row)."""
+    per_row = [_words(t, maps.shape[token_axis]) for t in row_tokens]
+    width = max(len(w) for w, _ in per_row)
+    out = []
+    for r, (words, groups) in enumerate(per_row):
+        merged = _merge_words(np.take(maps, [r], axis=row_axis), groups, axis=token_axis)
+        pad = [(0, 0)] * merged.ndim
+        pad[token_axis] = (0, width - len(words))
+        out.append(np.pad(merged, pad))
+    return np.concatenate(out, axis=row_axis), [w for w, _ in per_row]
+
+
+def _row_tokens(tokens: list[str] | None, prompt_tokens: Any, rows: int) -> list[list[str] | None]:
+    """The tokens of each batch row: an edit group's own prompt per image, else the item's prompt for all."""
+    if isinstance(prompt_tokens, list) and len(prompt_tokens) == rows:
+        return list(prompt_tokens)
+    return [tokens] * rows
+
+
+
 def _quantise(maps: np.ndarray, map_dims: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """8-bit maps, each scaled to its own [min, max]: (uint8 maps, min per map, max per map)."""
     flat = maps.reshape(-1, int(np.prod(maps.shape[-map_dims:]))).astype(np.float32)
@@ -95,19 +119,22 @@ def _packed(maps: np.ndarray, map_dims: int) -> dict[str, Any]:
     return {"shape": list(maps.shape), "data": _b64(q), "lo": _b64(lo), "hi": _b64(hi)}
 
 
-def _heatmap(folder: Path, tokens: list[str] | None) -> dict[str, Any] | None:
+def _heatmap(folder: Path, tokens: list[str] | None, prompt_tokens: Any = None) -> dict[str, Any] | None:
     from safetensors.numpy import load_file
 
     data = load_file(str(folder / "heatmap.safetensors"))
     maps = data.get("maps")
     if maps is None or maps.ndim != 4:
         return None
-    words, groups = _words(tokens, maps.shape[1])
-    merged = _merge_words(maps.astype(np.float32), groups, axis=1)  # (rows, words, R, R)
-    return {"label": folder.name, "words": words, **_packed(merged, 2)}
+    rows = _row_tokens(tokens, prompt_tokens, maps.shape[0])
+    merged, row_words = _merge_row_words(maps.astype(np.float32), rows, row_axis=0, token_axis=1)
+    # `words`: the first image's (the word bar); `row_words`: each image's own (rows, words, R, R)
+    return {"label": folder.name, "words": row_words[0], "row_words": row_words, **_packed(merged, 2)}
 
 
-def _attnmaps(folder: Path, tokens: list[str] | None, keep_heads: bool, step_stride: int, shrink: int) -> Any:
+def _attnmaps(
+    folder: Path, tokens: list[str] | None, keep_heads: bool, step_stride: int, shrink: int, prompt_tokens: Any = None
+) -> Any:
     from safetensors import safe_open
 
     with safe_open(str(folder / "attnmaps.safetensors"), framework="numpy") as fh:
@@ -135,13 +162,13 @@ def _attnmaps(folder: Path, tokens: list[str] | None, keep_heads: bool, step_str
         out["labels"] = _token_labels(tokens, n)
         out.update(_packed(maps, 2))
     else:
-        words, groups = _words(tokens, maps.shape[4])
-        maps = _merge_words(maps, groups, axis=4)
+        rows = _row_tokens(tokens, prompt_tokens, maps.shape[2])
+        maps, row_words = _merge_row_words(maps, rows, row_axis=2, token_axis=4)
         if shrink > 1 and maps.shape[-1] // shrink >= 4:
             r = maps.shape[-1] // shrink
             maps = maps.reshape(*maps.shape[:-2], r, shrink, r, shrink).mean(axis=(-1, -3))
             dropped.append(f"resolution {r}x{r}")
-        out["words"] = words
+        out["words"], out["row_words"] = row_words[0], row_words
         out.update(_packed(maps, 2))
     out["dropped"] = dropped
     return out
@@ -239,11 +266,12 @@ def _item(run: Path, iid: str, rec: dict[str, Any], opts: dict[str, Any]) -> dic
     out["images"] = [_image_uri(p) for p in images]
     for folder in sorted(p for p in item_dir.iterdir() if p.is_dir()):
         if (folder / "heatmap.safetensors").is_file():
-            hm = _heatmap(folder, tokens)
+            hm = _heatmap(folder, tokens, rec.get("prompt_tokens"))
             if hm:
                 out["heatmaps"].append(hm)
         if (folder / "attnmaps.safetensors").is_file():
-            out["attnmaps"].append(_attnmaps(folder, tokens, opts["map_heads"], opts["step_stride"], opts["shrink"]))
+            out["attnmaps"].append(_attnmaps(folder, tokens, opts["map_heads"], opts["step_stride"], opts["shrink"],
+                                             rec.get("prompt_tokens")))  # fmt: skip
         st = _stats(folder, opts["stat_heads"])
         if st:
             out["stats"].append(st)

@@ -14,17 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 _records: list[dict[str, Any]] = []
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _threads(one_thread: None) -> None:
+    """Every test here runs with torch on one thread (`one_thread` of tests/conftest.py)."""
 
 
 @pytest.hookimpl(hookwrapper=True)

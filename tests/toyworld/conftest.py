@@ -3,7 +3,6 @@ measurements several tests read (computed once per session)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -11,12 +10,8 @@ import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny models: one thread is as fast, and it never waits on a descheduled second thread.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _threads(one_thread: None) -> None:
+    """Every test here runs with torch on one thread (`one_thread` of tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")

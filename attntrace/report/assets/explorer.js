@@ -5,7 +5,8 @@
   var DATA = JSON.parse(document.getElementById("attntrace-data").textContent);
   var $ = function (id) { return document.getElementById(id); };
   var state = { run: 0, a: 0, b: -1, tab: "heat", word: 0, alpha: 0.5, from: 0, to: 1e9, group: -1,
-                head: -1, metric: 0, grouping: "site", hidden: {}, tokGroup: 0, tokHead: -1, hm: 0, am: 0 };
+                head: -1, metric: 0, grouping: "site", hidden: {}, tokGroup: 0, tokHead: -1, hm: 0, am: 0,
+                rowWord: {} };  // rowWord["item:row"]: a word chosen on one image of an edit group
 
   // -- decoding -------------------------------------------------------------------------------
   var cache = new Map();
@@ -103,10 +104,32 @@
     words.forEach(function (w, i) {
       var b = el("button", { "data-word": i, type: "button" }, w);
       if (i === state.word) b.className = "active";
-      b.onclick = function () { state.word = i; render(); };
+      b.onclick = function () { state.word = i; state.rowWord = {}; render(); };
       box.appendChild(b);
     });
     if (!words.length) box.appendChild(el("span", { "class": "muted" }, "no words"));
+  }
+  // Each image of an edit group has its own prompt's words (p.row_words[r]). The word shown on image r:
+  // the one chosen with its own buttons, else the word bar's word by name, else the word at its position
+  // (a swapped word: "red" on the source is "blue" on the edited image).
+  function rowWords(p, r) { return (p.row_words && p.row_words[r]) || p.words; }
+  function rowWord(it, p, r) {
+    var words = rowWords(p, r), mine = state.rowWord[it.id + ":" + r], name = wordList()[state.word];
+    if (mine !== undefined && words.indexOf(mine) >= 0) return { w: words.indexOf(mine), note: "" };
+    if (words.indexOf(name) >= 0) return { w: words.indexOf(name), note: "" };
+    var w = Math.max(0, Math.min(state.word, words.length - 1));
+    return { w: w, note: name === undefined ? "" : " (no \u201c" + name + "\u201d here: the word at its position)" };
+  }
+  function rowWordBar(fig, it, p, r, chosen) {  // an edit group's image: buttons of its own prompt's words
+    if (!it.prompts || it.prompts.length < 2 || !p.row_words) return;
+    var bar = el("div", { "class": "words row-words", "data-row": r });
+    rowWords(p, r).forEach(function (w, i) {
+      var b = el("button", { "data-word": i, type: "button" }, w);
+      if (i === chosen) b.className = "active";
+      b.onclick = function () { state.rowWord[it.id + ":" + r] = w; render(); };
+      bar.appendChild(b);
+    });
+    fig.appendChild(bar);
   }
 
   // -- tab: heat maps (heatmap observer) ----------------------------------------------------------
@@ -118,13 +141,12 @@
       var hm = it.heatmaps[state.hm] || it.heatmaps[0];
       if (!hm) { col.appendChild(el("p", { "class": "muted" }, "no heatmap results in this item")); box.appendChild(col); return; }
       var rows = hm.shape[0], W = hm.shape[1], side = hm.shape[3];
-      var wname = wordList()[state.word], w = hm.words.indexOf(wname), note = "";
-      if (w < 0) { w = Math.min(state.word, W - 1); note = " (no \u201c" + wname + "\u201d here: the word at its position)"; }
       for (var r = 0; r < rows; r++) {
-        var fig = el("figure");
-        overlay(fig, it.images[r] || it.images[0], packedMap(hm, r * W + w), side,
-          rowLabel(it, r, rows) + "word \u201c" + hm.words[w] + "\u201d" + note + " · mean over " +
+        var fig = el("figure"), pick = rowWord(it, hm, r);
+        overlay(fig, it.images[r] || it.images[0], packedMap(hm, r * W + pick.w), side,
+          rowLabel(it, r, rows) + "word \u201c" + rowWords(hm, r)[pick.w] + "\u201d" + pick.note + " · mean over " +
           "every traced step and layer (" + hm.label + ")");
+        rowWordBar(fig, it, hm, r, pick.w);
         col.appendChild(fig);
       }
       box.appendChild(col);
@@ -158,13 +180,13 @@
       col.appendChild(el("h3", {}, title(it) + ": " + (it.prompt || "")));
       var am = it.attnmaps.filter(function (a) { return a.kind === "image"; })[0];
       if (!am) { col.appendChild(el("p", { "class": "muted" }, "no per-step maps: add the attnmaps observer to the trace")); box.appendChild(col); return; }
-      var w = Math.max(0, am.words.indexOf(wordList()[state.word]));
       var where = (state.group >= 0 ? am.groups[state.group] : "all layers") + (state.head >= 0 ? ", head " + state.head : "");
       var span = "steps " + am.steps[Math.min(state.from, am.steps.length - 1)] + "\u2013" + am.steps[Math.min(state.to, am.steps.length - 1)];
       for (var r = 0; r < am.shape[2]; r++) {
-        var fig = el("figure"), map = stepMaps(am, r, w);
+        var pick = rowWord(it, am, r), fig = el("figure"), map = stepMaps(am, r, pick.w);
         overlay(fig, it.images[r] || it.images[0], map, am.shape[5],
-          rowLabel(it, r, am.shape[2]) + "word \u201c" + am.words[w] + "\u201d · " + span + " · " + where + (map ? "" : " (nothing recorded there)"));
+          rowLabel(it, r, am.shape[2]) + "word \u201c" + rowWords(am, r)[pick.w] + "\u201d" + pick.note + " · " + span + " · " + where + (map ? "" : " (nothing recorded there)"));
+        rowWordBar(fig, it, am, r, pick.w);
         col.appendChild(fig);
       }
       if (am.dropped && am.dropped.length) col.appendChild(el("p", { "class": "muted" }, "left out to fit the page: " + am.dropped.join(", ")));
