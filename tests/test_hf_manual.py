@@ -252,11 +252,11 @@ def test_unchanged_probs_through_the_edit_path_match_native(name: str) -> None:
 @pytest.mark.parametrize(
     ("name", "model_class", "why"),
     [
-        # Sliding-window sites are traced with banded probs: an observer wanting a dense matrix is refused.
+        # Sliding-window and block-sparse sites are traced read-only: an observer wanting dense probs is refused.
         ("longformer", "LongformerSelfAttention", "sliding-window"),
         ("led", "LEDEncoderSelfAttention", "sliding-window"),
         ("reformer", "ReformerModel", "logsumexp"),
-        ("bigbird_pegasus_sparse", "BigBirdPegasusModel", "block-sparse"),
+        ("bigbird_pegasus_sparse", "BigBirdPegasusBlockSparseAttention", "block-sparse"),
     ],
 )
 def test_untraceable_attention_is_listed_and_refused_at_attach(name: str, model_class: str, why: str) -> None:
