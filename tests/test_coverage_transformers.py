@@ -60,7 +60,8 @@ class Recorder(Observer):
     where value and output exist."""
 
     needs = frozenset({"query", "key", "value", "probs", "output"})
-    probs_layouts = frozenset({"dense", "banded", "block_sparse"})  # compared with eager's weights as they are
+    # compared with eager's weights as they are
+    probs_layouts = frozenset({"dense", "banded", "block_sparse", "block_local"})
 
     def __init__(self, unavailable: frozenset[str] = frozenset()) -> None:
         super().__init__()
@@ -208,6 +209,10 @@ def _block0_repeats(module: torch.nn.Module, out: Any) -> Any:
     returned (B, H, L, L) matrix holds once (rows sum to less than 1); the weight block 0 gets in rows of
     query blocks 1..-2 is (1 + random blocks) times that (by the definition: tests/test_transformers_block_sparse.py).
     Rows of padded queries are zero there (their output is zeroed too)."""
+    if isinstance(out, tuple) and hasattr(module, "block_len") and out[-1] is not None and out[-1].dim() == 5:
+        # LongT5's block-local (B, blocks, H, block, 3·block + G) weights, read as (B, H, L, 3·block + G)
+        b, nb, h, bl, k = out[-1].shape
+        return (*out[:-1], out[-1].transpose(1, 2).reshape(b, h, nb * bl, k)[:, :, : out[0].shape[1]])
     if not (isinstance(out, tuple) and hasattr(module, "num_random_blocks") and not module.training):
         return out
     weights, bs = out[1].clone(), int(module.block_size)
@@ -437,7 +442,10 @@ def check_family(model_type: str) -> dict[str, Any]:
                      "eager function's post-softmax step")  # fmt: skip
         editing = "q/k/v/output (not probs)"
     if any(s.probs_layout != "dense" for s in sites):
-        editing = "read-only at banded / block-sparse sites"
+        editing = "read-only at banded / block-sparse / block-local sites"
+    local = [s for s in sites if s.probs_layout == "block_local"]
+    if local:
+        notes.append(f"{len(local)} block-local site(s): probs (B, H, L, 3·block + global), compared with eager's")
     if obs.masked_rows:
         notes.append("fully masked query rows occur: probs there equal eager's uniform rows")
     banded = [s for s in sites if s.probs_layout == "banded"]

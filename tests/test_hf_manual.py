@@ -385,12 +385,12 @@ def test_3d_scores_with_unknown_head_count_are_listed_and_refused() -> None:
         ("swiftformer.modeling_swiftformer", "SwiftFormerEfficientAdditiveAttention", "additive attention"),
         ("slanet.modeling_slanet", "SLANetAttentionGRUCell", "additive (Bahdanau)"),
         ("groupvit.modeling_groupvit", "GroupViTAssignAttention", "slot assignment"),
-        ("longt5.modeling_longt5", "LongT5LocalAttention", "block-local"),
     ],
 )
 def test_softmax_not_over_keys_is_classified_as_refused(module: str, cls: str, why: str) -> None:
-    # Softmaxes over a (B, L, 1) score vector, over the query axis, or over 3-block neighbourhoods are
-    # not an (Lq, Lk) probability matrix: listed with the reason, refused at attach (not crashing mid-call).
+    # Softmaxes over a (B, L, 1) score vector or over the query axis are not an (Lq, Lk) probability matrix:
+    # listed with the reason, refused at attach (not crashing mid-call). LongT5's block-local attention is
+    # traced read-only (tests/test_transformers_block_sparse.py).
     import importlib
 
     from attntrace.adapters.hf_manual import classify

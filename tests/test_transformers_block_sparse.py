@@ -5,6 +5,9 @@ draws no random blocks (each row's random blocks are key block 0 again) and that
 weight once, so its rows sum to less than 1; the traced probs are the weight each key receives. Checked
 against the definition (a softmax over the multiset of attended keys, from the module's own projections),
 against the module's own output (probs @ value == its context), and against eager's `output_attentions`.
+
+Block-local attention (LongT5 local and transient-global) with `probs_layout="block_local"`: its
+(B, blocks, H, block, 3·block + global) weights as (B, H, L, 3·block + global), equal to eager's.
 """
 
 from __future__ import annotations
@@ -190,3 +193,58 @@ def test_bigbird_pegasus_encoder_block_sparse_is_traced() -> None:
     eager = ref.encoder_attentions[0].clone()
     eager[:, :, BS:-BS, :BS] *= 1 + R
     assert float((probs - eager).abs().max()) <= 1e-6
+
+
+@pytest.mark.parametrize(("attention", "global_keys"), [("local", 0), ("transient-global", 2)])
+def test_longt5_block_local_probs_equal_eager(attention: str, global_keys: int, tmp_path: Any) -> None:
+    torch.set_num_threads(1)
+    cfg = transformers.LongT5Config(
+        vocab_size=50, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_decoder_layers=1, num_heads=4,
+        local_radius=2, global_block_size=4, encoder_attention_type=attention,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LongT5Model(cfg).eval()
+    n = 11  # not a multiple of the block (3): the padded rows are dropped
+    ids = torch.randint(3, 50, (2, n), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, n, dtype=torch.long)
+    mask[1, -3:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": ids[:, :3]}
+    names = [f"encoder.block.{i}.layer.0.{'Local' if attention == 'local' else 'TransientGlobal'}SelfAttention"
+             for i in range(2)]  # fmt: skip
+    assert [s.name for s in find_sites(model) if s.probs_layout == "block_local"] == names
+    with torch.no_grad():
+        plain = model(**inputs)
+        ref = model(**inputs, output_attentions=True)
+    tracer = Tracer(output_dir=tmp_path)
+    obs = tracer.add(Sparse(), match=names)
+    obs.probs_layouts = frozenset({"block_local"})  # type: ignore[misc]
+    stats = tracer.add("stats", match=names, metrics=["entropy"])
+    with torch.no_grad(), tracer.attach(model):
+        traced = model(**inputs)
+        traced_att = model(**inputs, output_attentions=True)
+    for a, b in ((plain, traced), (ref, traced_att)):
+        ta, tb = ([t for t in x.to_tuple() if isinstance(t, torch.Tensor)] for x in (a, b))
+        assert len(ta) == len(tb) and all(torch.equal(x, y) for x, y in zip(ta, tb))
+    assert [s for s, _, _ in obs.calls] == names * 2
+    for i, (_, probs, layout) in enumerate(obs.calls[:2]):
+        assert (layout.probs, layout.window, layout.global_keys) == ("block_local", 3, global_keys)
+        assert probs.shape == (2, 4, n, 9 + global_keys)
+        eager = ref.encoder_attentions[i]  # (B, blocks, H, 3, 9 + G)
+        assert eager.dim() == 5
+        assert float((probs - eager.transpose(1, 2).flatten(2, 3)[:, :, :n]).abs().max()) <= 1e-6
+        assert float((probs.sum(-1) - 1).abs().max()) <= 1e-5
+        # column j of query i is key (i // 3 - 1)·3 + j: from query 7, keys 8, 9 (columns 5, 6) get weight but
+        # not where padded (batch 1); key 10 (column 7) is beyond the local radius 2; key 5 (column 2) is within
+        assert float(probs[1, :, 7, 5:8].abs().max()) <= 1e-6 < float(probs[0, :, 7, [2, 5, 6]].min())
+        assert float(probs[0, :, 7, [0, 1, 7, 8]].abs().max()) <= 1e-6
+    p = obs.calls[0][1][0]
+    entropy = -(p.clamp_min(1e-30).log() * p).sum(-1).mean(-1)
+    rows = [r for r in stats.result() if r["site"] == names[0] and r["batch"] == 0 and r["index"] == 0]
+    assert len(rows) == 8  # two forwards: the same probs twice
+    assert all(abs(r["value"] - float(entropy[r["head"]])) <= 1e-5 for r in rows)
+    for observer, params in (("heatmap", {}), ("ablate", {"heads": [0]})):
+        t = Tracer()
+        t.add(observer, match=names, **params)
+        with pytest.raises(SelectionError, match=rf"'{observer}' needs a dense .* block_local probabilities"):
+            t.attach(model)
+        assert not any("forward" in vars(m) for m in model.modules())

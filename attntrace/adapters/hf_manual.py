@@ -15,6 +15,8 @@ probabilities with `output_attentions=True` (which does not change its computati
 with `Site.probs_layout="banded"` (see `Layout.probs`), read-only, by a forward that asks for them.
 Block-sparse attention (BigBird, BigBird-Pegasus) returns a (B, H, L, L) matrix filled on the attended
 blocks: traced the same way with `probs_layout="block_sparse"` (repeated key blocks summed, see `_block_sparse`).
+Block-local attention (LongT5 local and transient-global) returns (B, blocks, H, block, 3·block + global):
+`probs_layout="block_local"`; its output is returned after the output projection and is not exposed.
 
 What cannot be traced is listed with a note and refused at attach: LSH/chunked attention normalised with
 `logsumexp` (Reformer), deformable attention (softmax over sampling points, not keys), and I-BERT built with
@@ -68,11 +70,14 @@ BLOCK_SPARSE = (
     "block-sparse attention (BigBird): probs are (B, H, L, L), zero outside the attended global, sliding "
     "and random blocks, from the module's returned weights; read-only (stats, save)"
 )
+BLOCK_LOCAL = (
+    "block-local attention (LongT5 local / transient-global): probs are (B, H, L, 3·block + global), each "
+    "query's weights on the keys of its block and the two next to it, then on the transient global tokens, "
+    "as `output_attentions` returns them; read-only (stats, save); output not exposed (returned projected)"
+)
 # Notes of read-only sites -> their `Site.probs_layout`.
-_PRECOMPUTED = {BANDED: "banded", BLOCK_SPARSE: "block_sparse"}
+_PRECOMPUTED = {BANDED: "banded", BLOCK_SPARSE: "block_sparse", BLOCK_LOCAL: "block_local"}
 _REFUSALS = (
-    ("_concatenate_3_blocks", "block-local attention (LongT5 local): 5D (B, blocks, H, block, 3·block) scores "
-     "over each block's 3-block neighbourhood, no (Lq, Lk) probability matrix over the sequence"),
     ("self.w_g", "additive attention (SwiftFormer): a learned vector scores each token, (B, L, 1), and the "
      "softmax pools one global query; there is no softmax(q·kᵀ) over keys"),
     ("hard_softmax(", "slot assignment (GroupViT): the softmax runs over the groups (the query axis; one-hot "
@@ -130,6 +135,8 @@ def classify(cls: type) -> tuple[bool, str]:
         return True, BANDED
     if "bigbird_block_sparse_attention" in src and "attention_probs" in src:
         return True, BLOCK_SPARSE
+    if "_concatenate_3_blocks" in src and "output_attentions" in src:
+        return True, BLOCK_LOCAL
     for needle, why in _REFUSALS:
         if needle in src:
             return True, why
@@ -183,11 +190,26 @@ def _block_sparse(module: torch.nn.Module, out: tuple[Any, ...]) -> tuple[torch.
     return probs, {"block_size": int(module.block_size)}
 
 
-# Read-only layouts: (how to read the module's returned weights, whether it must be asked for them).
-_READERS: dict[str, tuple[Callable[..., tuple[torch.Tensor, dict[str, Any]]], bool]] = {
-    "banded": (_banded, True),
-    "block_sparse": (_block_sparse, False),
+def _block_local(module: torch.nn.Module, out: tuple[Any, ...]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """LongT5's (B, blocks, H, block, 3·block + G) weights as (B, H, L, 3·block + G) (padding rows dropped)."""
+    w = out[-1]
+    b, nb, h, bl, k = w.shape
+    probs = w.transpose(1, 2).reshape(b, h, nb * bl, k)[:, :, : out[0].shape[1]]
+    return probs, {"window": bl, "global_keys": k - 3 * bl}
+
+
+# Read-only layouts: (how to read the module's returned weights, whether it must be asked for them and how
+# many outputs it returns when not asked (None: it always returns them), whether its first output is the
+# attention before the output projection).
+_READERS: dict[str, tuple[Callable[..., tuple[torch.Tensor, dict[str, Any]]], int | None, bool]] = {
+    "banded": (_banded, 1, True),
+    "block_sparse": (_block_sparse, None, True),
+    "block_local": (_block_local, 2, False),
 }
+
+
+_UNAVAILABLE = {"banded": frozenset({"query", "key", "value"}), "block_sparse": frozenset({"query", "key", "value"}),
+                "block_local": frozenset({"query", "key", "value", "output"})}  # fmt: skip
 
 
 def _precomputed_forward(binding: SiteBinding, modality: str | None) -> Undo:
@@ -200,14 +222,15 @@ def _precomputed_forward(binding: SiteBinding, modality: str | None) -> Undo:
     original = module.forward
     sig = inspect.signature(original)
     layout_name = binding.site.probs_layout
-    read, ask = _READERS[layout_name]
+    read, kept, heads_out = _READERS[layout_name]
+    missing = frozenset({"query", "key", "value"} | (set() if heads_out else {"output"}))
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         layer = binding.enter()
         if layer is None:
             return original(*args, **kwargs)
         asked = True
-        if ask:
+        if kept is not None:
             bound = sig.bind(*args, **kwargs)
             asked = bool(bound.arguments.get("output_attentions", False))
             bound.arguments["output_attentions"] = True
@@ -215,7 +238,8 @@ def _precomputed_forward(binding: SiteBinding, modality: str | None) -> Undo:
         out = original(*args, **kwargs)
         probs, fields = read(module, out)
         b, h, length, k = probs.shape
-        attn = out[0].view(b, length, h, -1).transpose(1, 2)  # (B, H, L, D): heads before the output projection
+        # (B, H, L, D): heads before the output projection (a width-0 stand-in where only the projection is returned)
+        attn = out[0].view(b, length, h, -1).transpose(1, 2) if heads_out else probs.new_empty((b, h, length, 0))
         layout = replace(token_layout(binding.site.kind, modality, length, length), text=None, probs=layout_name,
                          window=fields.pop("window", 0), global_keys=fields.pop("global_keys", 0))  # fmt: skip
         call = run_call(binding, layer, KernelCall(
@@ -223,12 +247,12 @@ def _precomputed_forward(binding: SiteBinding, modality: str | None) -> Undo:
             value=probs.new_empty((b, h, k, attn.shape[-1])), attn_mask=None, scale=None, is_causal=False,
             enable_gqa=False, kernel_fn=_no_kernel(binding), native_fn=lambda: attn, precomputed_probs=probs,
             layout=layout, extra={"hand_written": True, **fields},
-            make=partial(ManualCall, missing=frozenset({"query", "key", "value"}),
+            make=partial(ManualCall, missing=missing,
                          where=f"site {binding.site.name!r} ({binding.site.module_class})"),
         ), result=False).call  # fmt: skip
         if call.edited:  # editors are refused at attach; an observer that edits anyway is not ignored
             raise EditError(f"site {binding.site.name!r}: {layout_name} probabilities are read-only")
-        return out if asked else out[:1]
+        return out if asked else out[:kept]
 
     module.forward = forward
 
@@ -296,7 +320,7 @@ class HFManualAdapter(Adapter):
                     processor_class="softmax (hand-written)",
                     heads=heads,
                     note=note or "hand-written attention: probs and output editable, q/k/v read-only",
-                    unavailable=frozenset({"query", "key", "value"}) if layout != "dense" else unavailable,
+                    unavailable=_UNAVAILABLE.get(layout, unavailable),
                     inputs_editable=False,
                     probs_layout=layout,
                 )

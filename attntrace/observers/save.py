@@ -46,7 +46,8 @@ COMMIT_EVERY_S = 0.5
 
 def _banded(layout: Any) -> dict[str, Any]:
     """Manifest fields of a probability map laid out otherwise than `dense` (see `Layout.probs`)."""
-    band = {"window": layout.window, "global_keys": layout.global_keys} if layout.probs == "banded" else {}
+    windowed = layout.probs in ("banded", "block_local")
+    band = {"window": layout.window, "global_keys": layout.global_keys} if windowed else {}
     return {} if layout.probs == "dense" else {"probs_layout": layout.probs, **band}
 
 
@@ -99,8 +100,8 @@ class Save(Observer):
 
     name = "save"
     Params = SaveParams
-    # Saved as the call gives them; a banded or block-sparse map's manifest entry records its layout.
-    probs_layouts = frozenset({"dense", "banded", "block_sparse"})
+    # Saved as the call gives them; a banded, block-sparse or block-local map's manifest entry records its layout.
+    probs_layouts = frozenset({"dense", "banded", "block_sparse", "block_local"})
 
     def __init__(self, params: Any = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
