@@ -441,8 +441,10 @@ def check_family(model_type: str) -> dict[str, Any]:
         notes.append(f"output is not probs @ value (differs by {obs.max_err:.1e}): probs edits drop the "
                      "eager function's post-softmax step")  # fmt: skip
         editing = "q/k/v/output (not probs)"
-    if any(s.probs_layout != "dense" for s in sites):
-        editing = "read-only at banded / block-sparse / block-local sites"
+    fixed = [s for s in sites if s.probs_layout != "dense"]
+    if fixed:  # probs handed over as the module returns them (banded, block-sparse, block-local): read-only
+        layouts = "/".join(sorted({s.probs_layout for s in fixed}))
+        editing = f"{editing}, except {len(fixed)} read-only {layouts} site(s)" if len(fixed) < len(sites) else "no"
     local = [s for s in sites if s.probs_layout == "block_local"]
     if local:
         notes.append(f"{len(local)} block-local site(s): probs (B, H, L, 3·block + global), compared with eager's")

@@ -102,7 +102,8 @@ _DEFORMABLE = (
 )
 _LOGSUMEXP = (
     "LSH/chunked attention normalised with logsumexp and exp (Reformer): probabilities are per hash "
-    "bucket or chunk, with no softmax over the keys"
+    "bucket or chunk, with no softmax over the keys; its `output_attentions` weights (LSH) are per hash round "
+    "in bucket-sorted order, mixed across rounds afterwards, so they are not the weight each key receives"
 )
 
 
