@@ -250,6 +250,9 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "bamba": {"attn_layer_indices": [1]},
     "granitemoehybrid": {"layer_types": ["mamba", "attention"]},
     "mamba2": {"num_heads": 8},
+    # Block-sparse attention needs L > (5 + 2·random blocks)·block_size, else the model switches to full.
+    "big_bird": {"block_size": 1, "num_random_blocks": 1},
+    "bigbird_pegasus": {"block_size": 1, "num_random_blocks": 1},
 }
 
 

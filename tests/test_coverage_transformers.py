@@ -60,7 +60,8 @@ class Recorder(Observer):
     where value and output exist."""
 
     needs = frozenset({"query", "key", "value", "probs", "output"})
-    probs_layouts = frozenset({"dense", "banded"})  # sliding-window probs are compared with eager's as they are
+    # compared with eager's weights as they are
+    probs_layouts = frozenset({"dense", "banded", "block_sparse", "block_local"})
 
     def __init__(self, unavailable: frozenset[str] = frozenset()) -> None:
         super().__init__()
@@ -203,6 +204,22 @@ def _torch_mha(model: torch.nn.Module) -> list[str]:
     return sorted(names)
 
 
+def _block0_repeats(module: torch.nn.Module, out: Any) -> Any:
+    """BigBird's block-sparse weights at inference: its random blocks are key block 0 again, which the
+    returned (B, H, L, L) matrix holds once (rows sum to less than 1); the weight block 0 gets in rows of
+    query blocks 1..-2 is (1 + random blocks) times that (by the definition: tests/test_transformers_block_sparse.py).
+    Rows of padded queries are zero there (their output is zeroed too)."""
+    if isinstance(out, tuple) and hasattr(module, "block_len") and out[-1] is not None and out[-1].dim() == 5:
+        # LongT5's block-local (B, blocks, H, block, 3·block + G) weights, read as (B, H, L, 3·block + G)
+        b, nb, h, bl, k = out[-1].shape
+        return (*out[:-1], out[-1].transpose(1, 2).reshape(b, h, nb * bl, k)[:, :, : out[0].shape[1]])
+    if not (isinstance(out, tuple) and hasattr(module, "num_random_blocks") and not module.training):
+        return out
+    weights, bs = out[1].clone(), int(module.block_size)
+    weights[:, :, bs:-bs, :bs] *= 1 + int(module.num_random_blocks)
+    return (out[0], weights, *out[2:])
+
+
 def oracle_weights(
     model_type: str, model: torch.nn.Module, inputs: dict[str, Any], site_names: list[str]
 ) -> tuple[dict[str, list[torch.Tensor]], list[torch.Tensor]]:
@@ -216,7 +233,9 @@ def oracle_weights(
     returned: dict[str, list[torch.Tensor]] = {}
     handles = [
         modules[n].register_forward_hook(
-            lambda m, a, out, n=n: returned.setdefault(n, []).extend(w.detach().clone() for w in _weights_in(out))
+            lambda m, a, out, n=n: returned.setdefault(n, []).extend(
+                w.detach().clone() for w in _weights_in(_block0_repeats(m, out), hasattr(m, "num_random_blocks"))
+            )
         )
         for n in by_id.values()
     ]
@@ -422,12 +441,25 @@ def check_family(model_type: str) -> dict[str, Any]:
         notes.append(f"output is not probs @ value (differs by {obs.max_err:.1e}): probs edits drop the "
                      "eager function's post-softmax step")  # fmt: skip
         editing = "q/k/v/output (not probs)"
+    fixed = [s for s in sites if s.probs_layout != "dense"]
+    if fixed:  # probs handed over as the module returns them (banded, block-sparse, block-local): read-only
+        layouts = "/".join(sorted({s.probs_layout for s in fixed}))
+        editing = f"{editing}, except {len(fixed)} read-only {layouts} site(s)" if len(fixed) < len(sites) else "no"
+    local = [s for s in sites if s.probs_layout == "block_local"]
+    if local:
+        notes.append(f"{len(local)} block-local site(s): probs (B, H, L, 3·block + global), compared with eager's")
     if obs.masked_rows:
         notes.append("fully masked query rows occur: probs there equal eager's uniform rows")
     banded = [s for s in sites if s.probs_layout == "banded"]
     if banded:
         notes.append(f"{len(banded)} sliding-window site(s): banded probs (B, H, L, global + 2w+1), compared with "
                      "eager's as they are")  # fmt: skip
+    sparse = [s for s in sites if s.probs_layout == "block_sparse"]
+    if sparse:
+        notes.append(
+            f"{len(sparse)} block-sparse site(s): probs (B, H, L, L) zero outside the attended blocks, "
+            "compared with eager's weights with the repeated key block 0 counted at each occurrence"
+        )
     partly = sorted({s.note for s in sites if "partly traced" in s.note})
     notes += partly  # the adapter says what it leaves out (Pegasus-X's local block attention)
     if no_qk:

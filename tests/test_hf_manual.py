@@ -252,11 +252,11 @@ def test_unchanged_probs_through_the_edit_path_match_native(name: str) -> None:
 @pytest.mark.parametrize(
     ("name", "model_class", "why"),
     [
-        # Sliding-window sites are traced with banded probs: an observer wanting a dense matrix is refused.
+        # Sliding-window and block-sparse sites are traced read-only: an observer wanting dense probs is refused.
         ("longformer", "LongformerSelfAttention", "sliding-window"),
         ("led", "LEDEncoderSelfAttention", "sliding-window"),
         ("reformer", "ReformerModel", "logsumexp"),
-        ("bigbird_pegasus_sparse", "BigBirdPegasusModel", "block-sparse"),
+        ("bigbird_pegasus_sparse", "BigBirdPegasusBlockSparseAttention", "block-sparse"),
     ],
 )
 def test_untraceable_attention_is_listed_and_refused_at_attach(name: str, model_class: str, why: str) -> None:
@@ -385,12 +385,12 @@ def test_3d_scores_with_unknown_head_count_are_listed_and_refused() -> None:
         ("swiftformer.modeling_swiftformer", "SwiftFormerEfficientAdditiveAttention", "additive attention"),
         ("slanet.modeling_slanet", "SLANetAttentionGRUCell", "additive (Bahdanau)"),
         ("groupvit.modeling_groupvit", "GroupViTAssignAttention", "slot assignment"),
-        ("longt5.modeling_longt5", "LongT5LocalAttention", "block-local"),
     ],
 )
 def test_softmax_not_over_keys_is_classified_as_refused(module: str, cls: str, why: str) -> None:
-    # Softmaxes over a (B, L, 1) score vector, over the query axis, or over 3-block neighbourhoods are
-    # not an (Lq, Lk) probability matrix: listed with the reason, refused at attach (not crashing mid-call).
+    # Softmaxes over a (B, L, 1) score vector or over the query axis are not an (Lq, Lk) probability matrix:
+    # listed with the reason, refused at attach (not crashing mid-call). LongT5's block-local attention is
+    # traced read-only (tests/test_transformers_block_sparse.py).
     import importlib
 
     from attntrace.adapters.hf_manual import classify

@@ -333,8 +333,9 @@ def test_longformer_stats_and_save_work_dense_observers_are_refused(tmp_path: An
     tracer.add("save")
     with torch.no_grad(), tracer.attach(model):
         model(input_ids=ids)
-    tracer.close()  # the saver's files and manifest are written
     rows = [r for r in stats.result() if r["site"] == "encoder.layer.1.attention.self" and r["batch"] == 1]
+    assert {r["metric"] for r in rows} == {"entropy", "max"}  # read before close(), which releases them
+    tracer.close()  # the saver's files and manifest are written
     p = ref[1][1].float()  # (H, L, 2w+1)
     entropy = -(p.clamp_min(1e-30).log() * p).sum(-1).mean(-1)
     for r in rows:
@@ -349,7 +350,7 @@ def test_longformer_stats_and_save_work_dense_observers_are_refused(tmp_path: An
     for observer, params in (("heatmap", {}), ("ablate", {"heads": [0]})):
         t = Tracer()
         t.add(observer, **params)
-        with pytest.raises(SelectionError, match=rf"'{observer}' needs a token x token .* banded probabilities"):
+        with pytest.raises(SelectionError, match=rf"'{observer}' needs a dense token x token .* banded probabilities"):
             t.attach(model)
         assert not any("forward" in vars(m) for m in model.modules())
 

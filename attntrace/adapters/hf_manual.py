@@ -13,12 +13,16 @@ shared hand-written engine (`attntrace.tracing.handwritten`).
 Sliding-window attention (Longformer, LED's encoder) has no (Lq, Lk) matrix; its module returns the banded
 probabilities with `output_attentions=True` (which does not change its computation): the site is traced
 with `Site.probs_layout="banded"` (see `Layout.probs`), read-only, by a forward that asks for them.
+Block-sparse attention (BigBird, BigBird-Pegasus) returns a (B, H, L, L) matrix filled on the attended
+blocks: traced the same way with `probs_layout="block_sparse"` (repeated key blocks summed, see `_block_sparse`).
+Block-local attention (LongT5 local and transient-global) returns (B, blocks, H, block, 3·block + global):
+`probs_layout="block_local"`; its output is returned after the output projection and is not exposed.
 
-What cannot be traced is listed with a note and refused at attach: block-sparse scores (BigBird),
-LSH/chunked attention normalised with `logsumexp` (Reformer), deformable attention (softmax over sampling
-points, not keys), and I-BERT built with `quant_mode=True` (an integer approximation of the softmax; with
-`quant_mode=False` it is traced). `query`, `key`, `value` and the mask cannot be edited at hand-written
-sites (the scores are not rebuilt from them); observers that edit them are refused at attach.
+What cannot be traced is listed with a note and refused at attach: LSH/chunked attention normalised with
+`logsumexp` (Reformer), deformable attention (softmax over sampling points, not keys), and I-BERT built with
+`quant_mode=True` (an integer approximation of the softmax; with `quant_mode=False` it is traced). `query`,
+`key`, `value` and the mask cannot be edited at hand-written sites (the scores are not rebuilt from them);
+observers that edit them are refused at attach.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ from .detect import (
     token_modality,
 )
 
-__all__ = ["BANDED", "HFManualAdapter", "attention_source", "classify", "refusal_reason"]
+__all__ = ["BANDED", "BLOCK_SPARSE", "HFManualAdapter", "attention_source", "classify", "refusal_reason"]
 
 # Sliding-window attention returns its banded probabilities with `output_attentions=True`: traced with
 # `probs_layout="banded"` (see `Layout.probs`), read-only.
@@ -62,11 +66,18 @@ BANDED = (
     "sliding-window attention (Longformer/LED local attention): probs are banded, (B, H, L, global + 2w+1) "
     "as `output_attentions` returns them, not a token x token matrix; read-only (stats, save)"
 )
+BLOCK_SPARSE = (
+    "block-sparse attention (BigBird): probs are (B, H, L, L), zero outside the attended global, sliding "
+    "and random blocks, from the module's returned weights; read-only (stats, save)"
+)
+BLOCK_LOCAL = (
+    "block-local attention (LongT5 local / transient-global): probs are (B, H, L, 3·block + global), each "
+    "query's weights on the keys of its block and the two next to it, then on the transient global tokens, "
+    "as `output_attentions` returns them; read-only (stats, save); output not exposed (returned projected)"
+)
+# Notes of read-only sites -> their `Site.probs_layout`.
+_PRECOMPUTED = {BANDED: "banded", BLOCK_SPARSE: "block_sparse", BLOCK_LOCAL: "block_local"}
 _REFUSALS = (
-    ("block_sparse", "block-sparse attention (BigBird): scores are computed block by block, no (Lq, Lk) "
-     "probability matrix exists"),
-    ("_concatenate_3_blocks", "block-local attention (LongT5 local): 5D (B, blocks, H, block, 3·block) scores "
-     "over each block's 3-block neighbourhood, no (Lq, Lk) probability matrix over the sequence"),
     ("self.w_g", "additive attention (SwiftFormer): a learned vector scores each token, (B, L, 1), and the "
      "softmax pools one global query; there is no softmax(q·kᵀ) over keys"),
     ("hard_softmax(", "slot assignment (GroupViT): the softmax runs over the groups (the query axis; one-hot "
@@ -91,7 +102,8 @@ _DEFORMABLE = (
 )
 _LOGSUMEXP = (
     "LSH/chunked attention normalised with logsumexp and exp (Reformer): probabilities are per hash "
-    "bucket or chunk, with no softmax over the keys"
+    "bucket or chunk, with no softmax over the keys; its `output_attentions` weights (LSH) are per hash round "
+    "in bucket-sorted order, mixed across rounds afterwards, so they are not the weight each key receives"
 )
 
 
@@ -122,6 +134,10 @@ def classify(cls: type) -> tuple[bool, str]:
         return False, ""
     if _BANDED_NEEDLE in src and "output_attentions" in src:
         return True, BANDED
+    if "bigbird_block_sparse_attention" in src and "attention_probs" in src:
+        return True, BLOCK_SPARSE
+    if "_concatenate_3_blocks" in src and "output_attentions" in src:
+        return True, BLOCK_LOCAL
     for needle, why in _REFUSALS:
         if needle in src:
             return True, why
@@ -148,45 +164,96 @@ def _instance_refusal(module: torch.nn.Module) -> str | None:
 def refusal_reason(module: torch.nn.Module) -> str | None:
     """Why `module` (a hand-written attention module) cannot be traced, or None if it can."""
     ok, note = classify(type(module))
-    if note == BANDED:
+    if note in _PRECOMPUTED:
         return None
     return (note or _instance_refusal(module)) if ok else None
 
 
-def _banded_forward(binding: SiteBinding, modality: str | None) -> Undo:
-    """Shadow a sliding-window module's forward: run it with `output_attentions=True` (its computation does
-    not depend on it) and hand its banded probabilities (B, L, H, G + 2w+1) to the observers as (B, H, L, K)."""
+def _banded(module: torch.nn.Module, out: tuple[Any, ...]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Sliding-window probs (B, L, H, G + 2w+1) as (B, H, L, K), and their layout fields."""
+    probs = out[1].transpose(1, 2)
+    window = int(module.one_sided_attn_window_size)
+    return probs, {"window": window, "global_keys": probs.shape[-1] - (2 * window + 1),
+                   "global_probs": out[2] if len(out) > 2 else None}  # fmt: skip
+
+
+def _block_sparse(module: torch.nn.Module, out: tuple[Any, ...]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """BigBird's (B, H, L, L) weights as the weight each key receives. At inference transformers draws no
+    random blocks: each row's r random blocks are key block 0 again, attended besides block 0 itself (as a
+    global block, or in q[1]'s window), and the returned matrix holds that weight once (rows sum to less
+    than 1); the weight block 0 gets is (1 + r) times it. In training the random blocks avoid the window
+    and global blocks and the weights are taken as they are."""
+    probs = out[1]
+    if not module.training:
+        bs, r = int(module.block_size), int(module.num_random_blocks)
+        probs = probs.clone()  # the caller's weights stay as transformers returns them
+        probs[:, :, bs:-bs, :bs] *= 1 + r
+    return probs, {"block_size": int(module.block_size)}
+
+
+def _block_local(module: torch.nn.Module, out: tuple[Any, ...]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """LongT5's (B, blocks, H, block, 3·block + G) weights as (B, H, L, 3·block + G) (padding rows dropped)."""
+    w = out[-1]
+    b, nb, h, bl, k = w.shape
+    probs = w.transpose(1, 2).reshape(b, h, nb * bl, k)[:, :, : out[0].shape[1]]
+    return probs, {"window": bl, "global_keys": k - 3 * bl}
+
+
+# Read-only layouts: (how to read the module's returned weights, whether it must be asked for them and how
+# many outputs it returns when not asked (None: it always returns them), whether its first output is the
+# attention before the output projection).
+_READERS: dict[str, tuple[Callable[..., tuple[torch.Tensor, dict[str, Any]]], int | None, bool]] = {
+    "banded": (_banded, 1, True),
+    "block_sparse": (_block_sparse, None, True),
+    "block_local": (_block_local, 2, False),
+}
+
+
+_UNAVAILABLE = {"banded": frozenset({"query", "key", "value"}), "block_sparse": frozenset({"query", "key", "value"}),
+                "block_local": frozenset({"query", "key", "value", "output"})}  # fmt: skip
+
+
+def _precomputed_forward(binding: SiteBinding, modality: str | None) -> Undo:
+    """Shadow the forward of a module whose attention has no (Lq, Lk) scores to intercept but which returns
+    its probabilities (asked with `output_attentions=True` where needed, which does not change its
+    computation): hand them to the observers with the site's `probs_layout`, read-only."""
     module = binding.site.module
     if "forward" in vars(module):
         raise AttachError(f"site {binding.site.name!r} already has an instance-level forward; detach it first")
     original = module.forward
     sig = inspect.signature(original)
-    window = int(module.one_sided_attn_window_size)
+    layout_name = binding.site.probs_layout
+    read, kept, heads_out = _READERS[layout_name]
+    missing = frozenset({"query", "key", "value"} | (set() if heads_out else {"output"}))
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         layer = binding.enter()
         if layer is None:
             return original(*args, **kwargs)
-        bound = sig.bind(*args, **kwargs)
-        asked = bool(bound.arguments.get("output_attentions", False))
-        bound.arguments["output_attentions"] = True
-        out = original(*bound.args, **bound.kwargs)
-        probs = out[1].transpose(1, 2)  # (B, H, L, G + 2w + 1)
+        asked = True
+        if kept is not None:
+            bound = sig.bind(*args, **kwargs)
+            asked = bool(bound.arguments.get("output_attentions", False))
+            bound.arguments["output_attentions"] = True
+            args, kwargs = bound.args, bound.kwargs
+        out = original(*args, **kwargs)
+        probs, fields = read(module, out)
         b, h, length, k = probs.shape
-        attn = out[0].view(b, length, h, -1).transpose(1, 2)  # (B, H, L, D): heads before the output projection
+        # (B, H, L, D): heads before the output projection (a width-0 stand-in where only the projection is returned)
+        attn = out[0].view(b, length, h, -1).transpose(1, 2) if heads_out else probs.new_empty((b, h, length, 0))
+        layout = replace(token_layout(binding.site.kind, modality, length, length), text=None, probs=layout_name,
+                         window=fields.pop("window", 0), global_keys=fields.pop("global_keys", 0))  # fmt: skip
         call = run_call(binding, layer, KernelCall(
             query=probs.new_empty((b, h, length, 0)), key=probs.new_empty((b, h, k, 0)),
             value=probs.new_empty((b, h, k, attn.shape[-1])), attn_mask=None, scale=None, is_causal=False,
             enable_gqa=False, kernel_fn=_no_kernel(binding), native_fn=lambda: attn, precomputed_probs=probs,
-            layout=replace(token_layout(binding.site.kind, modality, length, length), text=None, probs="banded",
-                           window=window, global_keys=k - (2 * window + 1)),
-            extra={"hand_written": True, "global_probs": out[2] if len(out) > 2 else None},
-            make=partial(ManualCall, missing=frozenset({"query", "key", "value"}),
+            layout=layout, extra={"hand_written": True, **fields},
+            make=partial(ManualCall, missing=missing,
                          where=f"site {binding.site.name!r} ({binding.site.module_class})"),
         ), result=False).call  # fmt: skip
         if call.edited:  # editors are refused at attach; an observer that edits anyway is not ignored
-            raise EditError(f"site {binding.site.name!r}: banded sliding-window probabilities are read-only")
-        return out if asked else out[:1]
+            raise EditError(f"site {binding.site.name!r}: {layout_name} probabilities are read-only")
+        return out if asked else out[:kept]
 
     module.forward = forward
 
@@ -199,10 +266,9 @@ def _banded_forward(binding: SiteBinding, modality: str | None) -> Undo:
 
 def _no_kernel(binding: SiteBinding) -> Callable[..., torch.Tensor]:
     def kernel_fn(*_: Any) -> torch.Tensor:
-        raise EditError(f"site {binding.site.name!r}: banded sliding-window attention cannot be recomputed")
+        raise EditError(f"site {binding.site.name!r}: {binding.site.probs_layout} attention cannot be recomputed")
 
     return kernel_fn
-
 
 
 # -- the adapter ----------------------------------------------------------------------------------
@@ -245,7 +311,7 @@ class HFManualAdapter(Adapter):
             self.modality[name] = token_modality(modules, "" if kind == "cross" else name)
             if not note and heads_unknown(module, heads, src):
                 note, unavailable = HEADS_UNKNOWN, PER_HEAD
-            banded = note == BANDED
+            layout = _PRECOMPUTED.get(note, "dense")
             sites.append(
                 Site(
                     name=name or type(module).__name__,
@@ -255,9 +321,9 @@ class HFManualAdapter(Adapter):
                     processor_class="softmax (hand-written)",
                     heads=heads,
                     note=note or "hand-written attention: probs and output editable, q/k/v read-only",
-                    unavailable=frozenset({"query", "key", "value"}) if banded else unavailable,
+                    unavailable=_UNAVAILABLE.get(layout, unavailable),
                     inputs_editable=False,
-                    probs_layout="banded" if banded else "dense",
+                    probs_layout=layout,
                 )
             )
         return sites
@@ -273,6 +339,6 @@ class HFManualAdapter(Adapter):
         return None
 
     def install(self, binding: SiteBinding) -> Undo:
-        if binding.site.probs_layout == "banded":
-            return _banded_forward(binding, self.modality.get(binding.site.name))
+        if binding.site.probs_layout != "dense":
+            return _precomputed_forward(binding, self.modality.get(binding.site.name))
         return shadow_forward(binding, head_count(binding.site.module), modality=self.modality.get(binding.site.name))

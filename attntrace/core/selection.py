@@ -64,7 +64,7 @@ def probs_layout_refusal(where: str, label: str, understood: frozenset[str], sit
         return None
     shown = ", ".join(s.name for s in odd[:5]) + (" ..." if len(odd) > 5 else "")
     return (
-        f"{where}: observer {label!r} needs a token x token probability matrix, but {len(odd)} site(s) give "
+        f"{where}: observer {label!r} needs a dense token x token probability matrix, but {len(odd)} site(s) give "
         f"{odd[0].probs_layout} probabilities ({odd[0].module_class}: {odd[0].note or odd[0].adapter}): {shown}; "
         f"exclude them from the match or use an observer that reads {odd[0].probs_layout} probs (stats, save)"
     )

@@ -23,8 +23,9 @@ class Site:
     are refused at attach. `traceable` is False for attention-looking modules listed only to say why
     they cannot be traced (`note`); attaching to them is refused. `layout` says how the token layout of
     its calls is resolved (e.g. "text first, joined by the block"), "" for the plain kinds. `probs_layout`
-    is the layout of its calls' probabilities (`Layout.probs`: `dense`, or `banded` for sliding-window
-    attention); observers that do not declare it in `Observer.probs_layouts` are refused there.
+    is the layout of its calls' probabilities (`Layout.probs`: `dense`, `banded` for sliding-window
+    attention, `block_sparse` for BigBird); observers that do not declare it in `Observer.probs_layouts`
+    are refused there.
     """
 
     name: str

@@ -45,10 +45,10 @@ COMMIT_EVERY_S = 0.5
 
 
 def _banded(layout: Any) -> dict[str, Any]:
-    """Manifest fields of a probability map that is not token x token (banded sliding-window probs)."""
-    if layout.probs == "dense":
-        return {}
-    return {"probs_layout": layout.probs, "window": layout.window, "global_keys": layout.global_keys}
+    """Manifest fields of a probability map laid out otherwise than `dense` (see `Layout.probs`)."""
+    windowed = layout.probs in ("banded", "block_local")
+    band = {"window": layout.window, "global_keys": layout.global_keys} if windowed else {}
+    return {} if layout.probs == "dense" else {"probs_layout": layout.probs, **band}
 
 
 class SaveParams(BaseModel):
@@ -100,8 +100,8 @@ class Save(Observer):
 
     name = "save"
     Params = SaveParams
-    # Saved as the call gives them; a banded map's manifest entry records its layout (`probs_layout`).
-    probs_layouts = frozenset({"dense", "banded"})
+    # Saved as the call gives them; a banded, block-sparse or block-local map's manifest entry records its layout.
+    probs_layouts = frozenset({"dense", "banded", "block_sparse", "block_local"})
 
     def __init__(self, params: Any = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
