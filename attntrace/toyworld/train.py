@@ -257,7 +257,7 @@ def train_vae(vae: Any, rng: np.random.Generator, s: Settings, log: Any) -> floa
         opt.step()
         mse = float(F.mse_loss(rec.detach(), x))
         if step % 100 == 0 or step == s.vae_steps - 1:
-            log(f"vae {step:5d}/{s.vae_steps} mse {mse:.4f} kl {float(kl):.3f}")
+            log(f"vae {step:5d}/{s.vae_steps} mse {mse:.4f} kl {float(kl.detach()):.3f}")
     vae.eval()
     return mse
 
