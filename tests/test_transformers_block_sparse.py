@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import warnings
 from typing import Any
 
 import pytest
@@ -248,3 +250,91 @@ def test_longt5_block_local_probs_equal_eager(attention: str, global_keys: int, 
         with pytest.raises(SelectionError, match=rf"'{observer}' needs a dense .* block_local probabilities"):
             t.attach(model)
         assert not any("forward" in vars(m) for m in model.modules())
+
+
+class Both(Sparse):
+    """Passive: reads dense and block-sparse probs (follows BigBird's switch between them)."""
+
+    probs_layouts = frozenset({"dense", "block_sparse"})
+
+
+def _sparse_pair(family: str) -> tuple[torch.nn.Module, torch.nn.Module, list[str], dict[str, Any]]:
+    """Two identical block-sparse models (one stays untraced), their encoder attention sites, extra inputs."""
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        if family == "big_bird":
+            models.append(_bigbird())
+        else:
+            cfg = transformers.BigBirdPegasusConfig(
+                vocab_size=50, d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4,
+                decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, block_size=BS,
+                num_random_blocks=R, max_position_embeddings=64, attention_type="block_sparse",
+            )  # fmt: skip
+            models.append(transformers.BigBirdPegasusModel(cfg).eval())
+    if family == "big_bird":
+        return models[0], models[1], [f"encoder.layer.{i}.attention.self" for i in range(2)], {}
+    dec = {"decoder_input_ids": _ids()[:, :3]}
+    return models[0], models[1], [f"encoder.layers.{i}.self_attn.self" for i in range(2)], dec
+
+
+def _patched(model: torch.nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules()
+            if {"forward", "set_attention_type"} & set(vars(m)) or m._forward_pre_hooks]  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["big_bird", "bigbird_pegasus"])
+def test_short_input_switch_to_full_attention_is_followed(family: str) -> None:
+    """A short input makes BigBird swap its block-sparse modules for full attention inside forward (for good):
+    the tracer follows onto the new modules (dense probs, equal to eager's), says so once, and detaches clean."""
+    torch.set_num_threads(1)
+    plain_model, model, names, extra = _sparse_pair(family)
+    short, long = _ids()[:, :8], _ids()  # 8 <= (5 + 2R)·BS = 14 < 16
+    tracer = Tracer()
+    obs = tracer.add(Both(), match=names)
+    announced = r"switched its attention to 'original_full' at a sequence length of 8 \(block-sparse attention needs "
+    announced += r"more than .* = 14 tokens.*traced as .*'dense'"
+    with torch.no_grad(), tracer.attach(model), pytest.warns(RuntimeWarning, match=announced):
+        traced = [model(input_ids=short, **extra), model(input_ids=long, **extra)]
+    assert _patched(model) == []
+    with torch.no_grad():
+        plain = [plain_model(input_ids=short, **extra), plain_model(input_ids=long, **extra)]
+        # transformers returns no attentions from the call that switched; now full, it does
+        eager = plain_model(input_ids=short, **extra, output_attentions=True)
+    for a, b in zip(plain, traced):
+        assert torch.equal(a.last_hidden_state, b.last_hidden_state)
+    assert [s for s, _, _ in obs.calls] == names * 2
+    assert all(layout.probs == "dense" for _, _, layout in obs.calls)
+    assert [p.shape[-1] for _, p, _ in obs.calls] == [8, 8, 16, 16]
+    ref = eager.attentions if family == "big_bird" else eager.encoder_attentions
+    for (_, probs, _), expected in zip(obs.calls, ref):
+        assert torch.allclose(probs, expected, atol=1e-6)
+    assert type(model.get_submodule(names[0])) is type(plain_model.get_submodule(names[0]))
+    assert type(model.get_submodule(names[0])).__name__.endswith("SelfAttention")
+
+    # Switched back by the user while attached: followed to block-sparse again; an observer reading only
+    # block-sparse probs is not carried onto a dense module, with a warning naming it.
+    owner = model if family == "big_bird" else model.encoder
+    plain_owner = plain_model if family == "big_bird" else plain_model.encoder
+    plain_owner.set_attention_type("block_sparse")
+    tracer = Tracer()
+    obs = tracer.add(Both(), match=names)
+    with torch.no_grad(), tracer.attach(model):
+        owner.set_attention_type("block_sparse")
+        with pytest.warns(RuntimeWarning, match=r"switched its attention to 'block_sparse' at a sequence length of "
+                          r"16; .*traced as .*BlockSparseAttention \(probs layout 'block_sparse'\)"):  # fmt: skip
+            traced_sparse = model(input_ids=long, **extra)
+    with torch.no_grad():
+        assert torch.equal(plain_model(input_ids=long, **extra).last_hidden_state, traced_sparse.last_hidden_state)
+    assert [(s, layout.probs) for s, _, layout in obs.calls] == [(n, "block_sparse") for n in names]
+    assert _patched(model) == []
+    tracer = Tracer()
+    tracer.add(Sparse(), match=names)
+    with torch.no_grad(), tracer.attach(model), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(input_ids=short, **extra)
+    ours = [str(w.message) for w in caught if "attntrace" in str(w.message)]
+    assert len(ours) == 1  # once, not per site
+    assert re.search(rf"replaced site '{names[0]}' .* by \w+SelfAttention \('original_full'\), which is not traced: "
+                     r"observer 'sparse' reads block_sparse probabilities, not dense ones", ours[0])  # fmt: skip
+    assert _patched(model) == []

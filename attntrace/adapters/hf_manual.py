@@ -15,6 +15,8 @@ probabilities with `output_attentions=True` (which does not change its computati
 with `Site.probs_layout="banded"` (see `Layout.probs`), read-only, by a forward that asks for them.
 Block-sparse attention (BigBird, BigBird-Pegasus) returns a (B, H, L, L) matrix filled on the attended
 blocks: traced the same way with `probs_layout="block_sparse"` (repeated key blocks summed, see `_block_sparse`).
+BigBird swaps its block-sparse modules for full attention inside `forward` on short inputs: the tracer follows
+the swap onto the new module (`attntrace.adapters.hf_switch`).
 Block-local attention (LongT5 local and transient-global) returns (B, blocks, H, block, 3·block + global):
 `probs_layout="block_local"`; its output is returned after the output projection and is not exposed.
 
@@ -56,6 +58,7 @@ from .detect import (
     looks_like_attention,
     token_modality,
 )
+from .hf_switch import SwitchNotice, follow_switch
 
 __all__ = ["BANDED", "BLOCK_SPARSE", "HFManualAdapter", "attention_source", "classify", "refusal_reason"]
 
@@ -282,6 +285,7 @@ class HFManualAdapter(Adapter):
 
     def __init__(self) -> None:
         self.modality: dict[str, str | None] = {}
+        self._notice = SwitchNotice()
 
     def find_sites(self, model: torch.nn.Module) -> list[Site]:
         modules = dict(model.named_modules())
@@ -297,36 +301,38 @@ class HFManualAdapter(Adapter):
                 attention_names.append(name)
         sites = []
         for name, module, note in found:
-            note = note or _instance_refusal(module) or ""
             prefix = f"{name}." if name else ""
             if any(other.startswith(prefix) for other in attention_names if other != name):
                 continue  # an inner module computes the attention
-            src = attention_source(type(module))
-            unavailable = frozenset() if QK_RE.search(src) else frozenset({"query", "key"})
-            heads = head_count(module)
-            for needle, part in _PARTIAL:
-                if not note and needle in src:
-                    note = f"hand-written attention, partly traced: {part}"
-            kind = kind_by_name(name, module)
-            self.modality[name] = token_modality(modules, "" if kind == "cross" else name)
-            if not note and heads_unknown(module, heads, src):
-                note, unavailable = HEADS_UNKNOWN, PER_HEAD
-            layout = _PRECOMPUTED.get(note, "dense")
-            sites.append(
-                Site(
-                    name=name or type(module).__name__,
-                    kind=kind,
-                    module=module,
-                    adapter=self.name,
-                    processor_class="softmax (hand-written)",
-                    heads=heads,
-                    note=note or "hand-written attention: probs and output editable, q/k/v read-only",
-                    unavailable=_UNAVAILABLE.get(layout, unavailable),
-                    inputs_editable=False,
-                    probs_layout=layout,
-                )
-            )
+            sites.append(self._site(modules, name, module, note))
         return sites
+
+    def _site(self, modules: dict[str, torch.nn.Module], name: str, module: torch.nn.Module, note: str) -> Site:
+        """The site of one hand-written attention module (`note`: its class's refusal or layout note)."""
+        note = note or _instance_refusal(module) or ""
+        src = attention_source(type(module))
+        unavailable = frozenset() if QK_RE.search(src) else frozenset({"query", "key"})
+        heads = head_count(module)
+        for needle, part in _PARTIAL:
+            if not note and needle in src:
+                note = f"hand-written attention, partly traced: {part}"
+        kind = kind_by_name(name, module)
+        self.modality[name] = token_modality(modules, "" if kind == "cross" else name)
+        if not note and heads_unknown(module, heads, src):
+            note, unavailable = HEADS_UNKNOWN, PER_HEAD
+        layout = _PRECOMPUTED.get(note, "dense")
+        return Site(
+            name=name or type(module).__name__,
+            kind=kind,
+            module=module,
+            adapter=self.name,
+            processor_class="softmax (hand-written)",
+            heads=heads,
+            note=note or "hand-written attention: probs and output editable, q/k/v read-only",
+            unavailable=_UNAVAILABLE.get(layout, unavailable),
+            inputs_editable=False,
+            probs_layout=layout,
+        )
 
     def prepare(self, model: torch.nn.Module, bindings: list[SiteBinding]) -> Undo | None:
         for b in bindings:
@@ -339,6 +345,17 @@ class HFManualAdapter(Adapter):
         return None
 
     def install(self, binding: SiteBinding) -> Undo:
+        # BigBird swaps its attention module inside forward for short inputs: follow it (`hf_switch`).
+        return follow_switch(binding, self._install, partial(self._resite, binding.attachment.model), self._notice)
+
+    def _install(self, binding: SiteBinding) -> Undo:
         if binding.site.probs_layout != "dense":
             return _precomputed_forward(binding, self.modality.get(binding.site.name))
         return shadow_forward(binding, head_count(binding.site.module), modality=self.modality.get(binding.site.name))
+
+    def _resite(self, model: torch.nn.Module, site: Site, module: torch.nn.Module) -> Site:
+        """The site `site` becomes when its module is replaced by `module` (refused: `traceable=False`)."""
+        ok, note = classify(type(module))
+        new = self._site(dict(model.named_modules()), site.name, module, note if ok else "")
+        why = refusal_reason(module) if ok else f"{type(module).__name__} is not hand-written attention"
+        return replace(new, traceable=False, note=why) if why else new
