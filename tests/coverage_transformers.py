@@ -254,6 +254,19 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "big_bird": {"block_size": 1, "num_random_blocks": 1},
     "bigbird_pegasus": {"block_size": 1, "num_random_blocks": 1},
 }
+# DETR family. Two-stage detectors pick their top `num_queries` encoder tokens: at 32 px there are fewer
+# than the default 300. Models with a timm backbone by default get transformers' own ResNet instead (timm
+# is not installed), with the stages their feature levels read.
+_FEW_QUERIES = {"num_queries": 4}
+_RESNET = {
+    "use_timm_backbone": False, "use_pretrained_backbone": False, "num_queries": 4,
+    "backbone_config": {"model_type": "resnet", "embedding_size": 8, "hidden_sizes": [8, 8, 8, 8],
+                        "depths": [1, 1, 1, 1], "out_features": ["stage2", "stage3", "stage4"]},
+}  # fmt: skip
+OVERRIDES.update(dict.fromkeys(("rt_detr", "rt_detr_v2", "d_fine", "deimv2", "grounding-dino", "mm-grounding-dino",
+                                "rf_detr"), _FEW_QUERIES))  # fmt: skip
+OVERRIDES.update(dict.fromkeys(("deformable_detr", "conditional_detr", "dab-detr", "detr", "table-transformer",
+                                "omdet-turbo"), _RESNET))  # fmt: skip
 
 
 def tiny_config(model_type: str, impl: str | dict[str, str] | None = None) -> Any:

@@ -61,7 +61,7 @@ class Recorder(Observer):
 
     needs = frozenset({"query", "key", "value", "probs", "output"})
     # compared with eager's weights as they are
-    probs_layouts = frozenset({"dense", "banded", "block_sparse", "block_local"})
+    probs_layouts = frozenset({"dense", "banded", "block_sparse", "block_local", "sampling_point"})
 
     def __init__(self, unavailable: frozenset[str] = frozenset()) -> None:
         super().__init__()
@@ -213,6 +213,10 @@ def _block0_repeats(module: torch.nn.Module, out: Any) -> Any:
         # LongT5's block-local (B, blocks, H, block, 3·block + G) weights, read as (B, H, L, 3·block + G)
         b, nb, h, bl, k = out[-1].shape
         return (*out[:-1], out[-1].transpose(1, 2).reshape(b, h, nb * bl, k)[:, :, : out[0].shape[1]])
+    if isinstance(out, tuple) and hasattr(module, "sampling_offsets") and len(out) == 2 and out[1].dim() in (4, 5):
+        # deformable attention's (B, Q, H, levels, points) weights, read as (B, H, Q, levels·points)
+        b, q, h = out[1].shape[:3]
+        return out[0], out[1].reshape(b, q, h, -1).transpose(1, 2)
     if not (isinstance(out, tuple) and hasattr(module, "num_random_blocks") and not module.training):
         return out
     weights, bs = out[1].clone(), int(module.block_size)
@@ -454,6 +458,10 @@ def check_family(model_type: str) -> dict[str, Any]:
     if banded:
         notes.append(f"{len(banded)} sliding-window site(s): banded probs (B, H, L, global + 2w+1), compared with "
                      "eager's as they are")  # fmt: skip
+    points = [s for s in sites if s.probs_layout == "sampling_point"]
+    if points:
+        notes.append(f"{len(points)} deformable site(s): probs (B, H, Q, levels·points) over each query's sampling "
+                     "points, compared with the weights the module returns")  # fmt: skip
     sparse = [s for s in sites if s.probs_layout == "block_sparse"]
     if sparse:
         notes.append(

@@ -340,13 +340,14 @@ def test_sdpa_branch_of_a_hand_written_module_is_caught_at_the_same_site() -> No
     _assert_restored(model)
 
 
-def test_deformable_attention_is_classified_as_refused() -> None:
+def test_deformable_attention_is_classified_as_sampling_point() -> None:
     from transformers.models.deformable_detr import modeling_deformable_detr as dd
 
-    from attntrace.adapters.hf_manual import classify
+    from attntrace.adapters.hf_manual import SAMPLING_POINT, classify
 
     ok, note = classify(dd.DeformableDetrMultiscaleDeformableAttention)
-    assert ok and "deformable" in note and "sampling points" in note
+    # traced read-only (tests/test_transformers_deformable.py)
+    assert ok and note == SAMPLING_POINT and "sampling points" in note
     # Its registry-based self-attention in the same model is not claimed by this adapter.
     assert classify(dd.DeformableDetrSelfAttention) == (False, "")
 

@@ -60,7 +60,8 @@ from .detect import (
 )
 from .hf_switch import SwitchNotice, follow_switch
 
-__all__ = ["BANDED", "BLOCK_SPARSE", "HFManualAdapter", "attention_source", "classify", "refusal_reason"]
+__all__ = ["BANDED", "BLOCK_SPARSE", "SAMPLING_POINT", "HFManualAdapter", "attention_source", "classify",
+           "refusal_reason"]
 
 # Sliding-window attention returns its banded probabilities with `output_attentions=True`: traced with
 # `probs_layout="banded"` (see `Layout.probs`), read-only.
@@ -78,8 +79,15 @@ BLOCK_LOCAL = (
     "query's weights on the keys of its block and the two next to it, then on the transient global tokens, "
     "as `output_attentions` returns them; read-only (stats, save); output not exposed (returned projected)"
 )
+SAMPLING_POINT = (
+    "multi-scale deformable attention (DETR family): probs are (B, H, Q, levels·points), each query's softmax "
+    "over its own sampling points (reference point + learned offset, bilinearly sampled from each feature "
+    "level: data-dependent locations, not exposed), as the module returns them; read-only (stats, save); "
+    "output not exposed"
+)
 # Notes of read-only sites -> their `Site.probs_layout`.
-_PRECOMPUTED = {BANDED: "banded", BLOCK_SPARSE: "block_sparse", BLOCK_LOCAL: "block_local"}
+_PRECOMPUTED = {BANDED: "banded", BLOCK_SPARSE: "block_sparse", BLOCK_LOCAL: "block_local",
+                SAMPLING_POINT: "sampling_point"}  # fmt: skip
 _REFUSALS = (
     ("self.w_g", "additive attention (SwiftFormer): a learned vector scores each token, (B, L, 1), and the "
      "softmax pools one global query; there is no softmax(q·kᵀ) over keys"),
@@ -99,6 +107,7 @@ _PARTIAL = (
      "block-local attention concatenates global and local-block scores in one 5D softmax and slices the "
      "probabilities apart, no (Lq, Lk) matrix, and is not traced"),
 )  # fmt: skip
+_RETURNS_WEIGHTS_RE = re.compile(r"return output, attention_weights\s*$", re.M)
 _DEFORMABLE = (
     "deformable attention: the softmax runs over sampling points around reference locations, not over "
     "keys; there is no (Lq, Lk) probability matrix"
@@ -128,7 +137,8 @@ def classify(cls: type) -> tuple[bool, str]:
     if "ALL_ATTENTION_FUNCTIONS" in src:
         return False, ""
     if SOFTMAX_RE.search(src) and ("grid_sample" in src or "sampling_locations" in src):
-        return True, _DEFORMABLE
+        # the module returns its softmax over sampling points (all transformers 5.24 members do)
+        return True, SAMPLING_POINT if _RETURNS_WEIGHTS_RE.search(src) else _DEFORMABLE
     if not PRODUCT_RE.search(src):
         return False, ""
     if not SOFTMAX_RE.search(src):
@@ -202,6 +212,16 @@ def _block_local(module: torch.nn.Module, out: tuple[Any, ...]) -> tuple[torch.T
     return probs, {"window": bl, "global_keys": k - 3 * bl}
 
 
+def _sampling_point(module: torch.nn.Module, out: tuple[Any, ...]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Deformable attention's (B, Q, H, levels, points) or (B, Q, H, Σ points) weights as (B, H, Q, Σ points)."""
+    w = out[1]
+    b, q, h = w.shape[:3]
+    points = getattr(module, "num_points_list", None) or getattr(module, "n_points_list", None)
+    if not points:
+        points = [int(module.n_points)] * int(module.n_levels)
+    return w.reshape(b, q, h, -1).transpose(1, 2), {"points": tuple(int(p) for p in points)}
+
+
 # Read-only layouts: (how to read the module's returned weights, whether it must be asked for them and how
 # many outputs it returns when not asked (None: it always returns them), whether its first output is the
 # attention before the output projection).
@@ -209,11 +229,13 @@ _READERS: dict[str, tuple[Callable[..., tuple[torch.Tensor, dict[str, Any]]], in
     "banded": (_banded, 1, True),
     "block_sparse": (_block_sparse, None, True),
     "block_local": (_block_local, 2, False),
+    "sampling_point": (_sampling_point, None, False),
 }
 
 
 _UNAVAILABLE = {"banded": frozenset({"query", "key", "value"}), "block_sparse": frozenset({"query", "key", "value"}),
-                "block_local": frozenset({"query", "key", "value", "output"})}  # fmt: skip
+                "block_local": frozenset({"query", "key", "value", "output"}),
+                "sampling_point": frozenset({"query", "key", "value", "output"})}  # fmt: skip
 
 
 def _precomputed_forward(binding: SiteBinding, modality: str | None) -> Undo:
@@ -244,8 +266,9 @@ def _precomputed_forward(binding: SiteBinding, modality: str | None) -> Undo:
         b, h, length, k = probs.shape
         # (B, H, L, D): heads before the output projection (a width-0 stand-in where only the projection is returned)
         attn = out[0].view(b, length, h, -1).transpose(1, 2) if heads_out else probs.new_empty((b, h, length, 0))
+        shape = {key: fields.pop(key) for key in ("window", "global_keys", "points") if key in fields}
         layout = replace(token_layout(binding.site.kind, modality, length, length), text=None, probs=layout_name,
-                         window=fields.pop("window", 0), global_keys=fields.pop("global_keys", 0))  # fmt: skip
+                         **shape)  # fmt: skip
         call = run_call(binding, layer, KernelCall(
             query=probs.new_empty((b, h, length, 0)), key=probs.new_empty((b, h, k, 0)),
             value=probs.new_empty((b, h, k, attn.shape[-1])), attn_mask=None, scale=None, is_causal=False,

@@ -180,7 +180,9 @@ def _traced(
             return native_weights[0].float()
         q = call.query
         m = call.attn_mask
-        if m is not None and m.dtype == torch.bool:
+        # A boolean mask is sdpa's keep-mask; eager's own function reads it as the model ran it (Grounding DINO's
+        # text encoder hands eager a boolean mask, which that function adds as 0/1).
+        if m is not None and m.dtype == torch.bool and impl != "eager":
             m = torch.zeros(m.shape, dtype=q.dtype, device=q.device).masked_fill(~m, torch.finfo(q.dtype).min)
         if m is None and call.is_causal:
             lk = call.key.shape[-2]

@@ -32,7 +32,10 @@ class Layout:
       `block_sparse` (BigBird): indexed like `dense`, zero outside the blocks each query attends (global,
       sliding, random); read-only. `block_local` (LongT5): `3·window` columns where column j of query i is
       the weight on key `(i // window - 1)·window + j` (zero outside the sequence), then `global_keys` columns
-      on transient global tokens (sums of blocks, not tokens); read-only.
+      on transient global tokens (sums of blocks, not tokens); read-only. `sampling_point` (multi-scale
+      deformable attention, the DETR family): query i's weights on its own sampling points, `points[l]` per
+      feature level l in level order (`sum(points)` columns); where a point lies is data-dependent (reference
+      point plus a learned offset, a bilinear sample of the value map) and is not part of the layout; read-only.
 
     `text` is None on calls with no text keys (self-attention, an image-context call of a cross-attention
     module); `image` is None where no image tokens exist (a text model).
@@ -47,6 +50,12 @@ class Layout:
     probs: str = "dense"
     window: int = 0
     global_keys: int = 0
+    points: tuple[int, ...] = ()
+
+    @property
+    def levels(self) -> int:
+        """Feature levels of a `sampling_point` layout (0 otherwise)."""
+        return len(self.points)
 
     @property
     def frames(self) -> int:
@@ -66,6 +75,8 @@ class Layout:
             parts.append("grid " + "x".join(map(str, self.grid)))
         if self.probs == "banded":
             parts.append(f"probs banded window {self.window} global {self.global_keys}")
+        if self.probs == "sampling_point":
+            parts.append(f"probs sampling points {'+'.join(map(str, self.points))} over {self.levels} level(s)")
         return " ".join(parts)
 
     @property

@@ -48,6 +48,7 @@ def _banded(layout: Any) -> dict[str, Any]:
     """Manifest fields of a probability map laid out otherwise than `dense` (see `Layout.probs`)."""
     windowed = layout.probs in ("banded", "block_local")
     band = {"window": layout.window, "global_keys": layout.global_keys} if windowed else {}
+    band |= {"levels": layout.levels, "points": list(layout.points)} if layout.points else {}
     return {} if layout.probs == "dense" else {"probs_layout": layout.probs, **band}
 
 
@@ -101,7 +102,7 @@ class Save(Observer):
     name = "save"
     Params = SaveParams
     # Saved as the call gives them; a banded, block-sparse or block-local map's manifest entry records its layout.
-    probs_layouts = frozenset({"dense", "banded", "block_sparse", "block_local"})
+    probs_layouts = frozenset({"dense", "banded", "block_sparse", "block_local", "sampling_point"})
 
     def __init__(self, params: Any = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)

@@ -84,10 +84,10 @@ class Stats(Observer):
 
     name = "stats"
     needs = frozenset({"probs"})
-    # Block-sparse probs are token x token (zero outside the attended blocks). Banded (sliding-window) probs:
-    # every metric but `mean` is per row and layout-free; `mean` is then over the row's band columns
-    # (1/(2w+1) for unmasked rows) and `token_mass` is skipped (no text key axis).
-    probs_layouts = frozenset({"dense", "banded", "block_sparse", "block_local"})
+    # Block-sparse probs are token x token (zero outside the attended blocks). Banded, block-local and sampling-
+    # point (deformable) probs: every metric but `mean` is per row and layout-free; `mean` is then over the row's
+    # columns (band, neighbourhood or sampling points) and `token_mass` is skipped (no text key axis).
+    probs_layouts = frozenset({"dense", "banded", "block_sparse", "block_local", "sampling_point"})
     Params = StatsParams
 
     def __init__(self, params: Any = None, **kwargs: Any) -> None:

@@ -15,7 +15,7 @@ the original under a per-site torch-function mode (`ManualInterceptor`, a `Kerne
   result is returned (bit-identical); edited, the result is rebuilt from the edited probabilities or
   output. `query`, `key`, `value` and the mask are read-only (the scores are not rebuilt from them).
 
-About 440 lines: one torch-function mode whose handlers (products, softmax, uses of the probabilities)
+About 450 lines: one torch-function mode whose handlers (products, softmax, uses of the probabilities)
 share its pending state; the pure operand bookkeeping is in `attntrace.tracing.operands`.
 """
 
@@ -268,6 +268,16 @@ class ManualInterceptor(KernelInterceptor):
                 if query is None or key is None or query.shape[-1] != key.shape[-1]:
                     query = key = None
                 break
+        else:
+            # Scores taken from a transposed product (bidirectional attention, Grounding DINO's text-to-image
+            # half: S = A·M is the image-to-text map, Sᵀ = Mᵀ·Aᵀ the text-to-image one): query Mᵀ, key A.
+            for a, m, prod in reversed(self.products):
+                if lq != lk and prod.numel() == x.numel() and prod.shape[-2:] == (lk, lq) and m.dim() >= 2:
+                    lead = prod.shape[:-2]
+                    query, key = bhld(m.transpose(-1, -2), lead, b, h, lq), bhld(a, lead, b, h, lk)
+                    if query is None or key is None or query.shape[-1] != key.shape[-1]:
+                        query = key = None
+                    break
         entry = _Pending(probs=out.reshape(b, h, lq, lk), query=query, key=key, keep=[out])
         self.pending[id(out)] = entry
         return out
