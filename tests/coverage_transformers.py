@@ -265,6 +265,9 @@ _RESNET = {
 }  # fmt: skip
 OVERRIDES.update(dict.fromkeys(("rt_detr", "rt_detr_v2", "d_fine", "deimv2", "grounding-dino", "mm-grounding-dino",
                                 "rf_detr"), _FEW_QUERIES))  # fmt: skip
+# Windowed vision encoders: the window must fit the 4x4 patch grid of a 32 px image and, merged, the next stage.
+OVERRIDES.update({t: {"window_size": 2, "depths": [1, 1], "num_heads": [2, 4]} for t in ("swin", "donut-swin")})
+OVERRIDES["lw_detr_vit"] = {"num_windows": 4}
 OVERRIDES.update(dict.fromkeys(("deformable_detr", "conditional_detr", "dab-detr", "detr", "table-transformer",
                                 "omdet-turbo"), _RESNET))  # fmt: skip
 
@@ -404,6 +407,8 @@ def make_inputs(model: torch.nn.Module) -> dict[str, Any]:
         return pool[torch.randint(0, len(pool), (B, length), generator=g)]
 
     want = {main, *required}
+    if "grid_thw" in want and "input_ids" not in sig:
+        want.discard("input_ids")  # a vision tower whose `main_input_name` is inherited
     if "input_ids" in want:
         inputs["input_ids"] = ids(L)
         if "attention_mask" in sig:
@@ -413,7 +418,7 @@ def make_inputs(model: torch.nn.Module) -> dict[str, Any]:
     dual = not any(k in _token_names(cfg) for k in ("image_token_id", "image_token_index"))
     if "pixel_values" in sig and dual and main == "input_ids" and getattr(cfg, "vision_config", None) is not None:
         want.add("pixel_values")  # dual encoders (CLIP-like) need both modalities
-    if "pixel_values" in want:
+    if "pixel_values" in want and "grid_thw" not in want:
         vc = [getattr(cfg, "vision_config", None) or cfg, *cfgs]
         size = _first(vc, "image_size", default=32)
         size = size[0] if isinstance(size, (list, tuple)) else size
@@ -423,6 +428,19 @@ def make_inputs(model: torch.nn.Module) -> dict[str, Any]:
         frames = _first(vc, "num_frames", default=None)
         shape = (B, frames, ch, size, size) if isinstance(frames, int) else (B, ch, size, size)
         inputs["pixel_values"] = torch.randn(*shape, generator=g)
+    if "grid_thw" in want:
+        # Qwen2-VL-style vision towers: flattened patches (Σ t·h·w, C·temporal_patch·patch²) and each image's
+        # (t, h, w) patch grid; h and w a multiple of the spatial merge.
+        vc = [getattr(cfg, "vision_config", None) or cfg, *cfgs]
+        merge = int(_first(vc, "spatial_merge_size", "merge_size", default=1) or 1)
+        patch = _first(vc, "patch_size", default=8)
+        patch = patch[0] if isinstance(patch, (list, tuple)) else int(patch)
+        dim = (int(_first(vc, "in_channels", "num_channels", default=3))
+               * int(_first(vc, "temporal_patch_size", default=1) or 1) * patch * patch)  # fmt: skip
+        side = 2 * merge
+        inputs["grid_thw"] = torch.tensor([[1, side, side]] * B)
+        flat = "hidden_states" if "hidden_states" in want else "pixel_values"
+        inputs[flat] = torch.randn(B * side * side, dim, generator=g)
     if "input_features" in want:
         bins = _first(cfgs, "num_mel_bins", "feature_size", "input_feat_per_channel", default=80)
         n_pos = _first(cfgs, "max_source_positions", default=None)

@@ -19,9 +19,11 @@ BigBird swaps its block-sparse modules for full attention inside `forward` on sh
 the swap onto the new module (`attntrace.adapters.hf_switch`).
 Block-local attention (LongT5 local and transient-global) returns (B, blocks, H, block, 3·block + global):
 `probs_layout="block_local"`; its output is returned after the output projection and is not exposed.
+Multi-scale deformable attention (the DETR family) returns its softmax over each query's sampling points,
+(B, Q, H, levels, points): `probs_layout="sampling_point"`, output not exposed.
 
 What cannot be traced is listed with a note and refused at attach: LSH/chunked attention normalised with
-`logsumexp` (Reformer), deformable attention (softmax over sampling points, not keys), and I-BERT built with
+`logsumexp` (Reformer), deformable attention that does not return its weights, and I-BERT built with
 `quant_mode=True` (an integer approximation of the softmax; with `quant_mode=False` it is traced). `query`,
 `key`, `value` and the mask cannot be edited at hand-written sites (the scores are not rebuilt from them);
 observers that edit them are refused at attach.

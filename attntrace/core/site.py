@@ -24,8 +24,8 @@ class Site:
     they cannot be traced (`note`); attaching to them is refused. `layout` says how the token layout of
     its calls is resolved (e.g. "text first, joined by the block"), "" for the plain kinds. `probs_layout`
     is the layout of its calls' probabilities (`Layout.probs`: `dense`, `banded` for sliding-window
-    attention, `block_sparse` for BigBird); observers that do not declare it in `Observer.probs_layouts`
-    are refused there.
+    attention, `block_sparse` for BigBird, `block_local` for LongT5, `sampling_point` for deformable
+    attention); observers that do not declare it in `Observer.probs_layouts` are refused there.
     """
 
     name: str
