@@ -265,6 +265,8 @@ _RESNET = {
 }  # fmt: skip
 OVERRIDES.update(dict.fromkeys(("rt_detr", "rt_detr_v2", "d_fine", "deimv2", "grounding-dino", "mm-grounding-dino",
                                 "rf_detr"), _FEW_QUERIES))  # fmt: skip
+# SLANet's head runs its attention cell max_text_length + 1 times per forward (default 500).
+OVERRIDES["slanet"] = {"max_text_length": 4}
 # Windowed vision encoders: the window must fit the 4x4 patch grid of a 32 px image and, merged, the next stage.
 OVERRIDES.update({t: {"window_size": 2, "depths": [1, 1], "num_heads": [2, 4]} for t in ("swin", "donut-swin")})
 OVERRIDES["lw_detr_vit"] = {"num_windows": 4}

@@ -61,7 +61,7 @@ class Recorder(Observer):
 
     needs = frozenset({"query", "key", "value", "probs", "output"})
     # compared with eager's weights as they are
-    probs_layouts = frozenset({"dense", "banded", "block_sparse", "block_local", "sampling_point"})
+    probs_layouts = frozenset({"dense", "banded", "block_sparse", "block_local", "sampling_point", "additive"})
 
     def __init__(self, unavailable: frozenset[str] = frozenset()) -> None:
         super().__init__()
@@ -213,6 +213,8 @@ def _block0_repeats(module: torch.nn.Module, out: Any) -> Any:
         # LongT5's block-local (B, blocks, H, block, 3·block + G) weights, read as (B, H, L, 3·block + G)
         b, nb, h, bl, k = out[-1].shape
         return (*out[:-1], out[-1].transpose(1, 2).reshape(b, h, nb * bl, k)[:, :, : out[0].shape[1]])
+    if isinstance(out, tuple) and hasattr(module, "score") and len(out) == 2 and out[1].dim() == 3:
+        return out[0], out[1].unsqueeze(1)  # SLANet's additive attention: (B, 1, L), one head and one query
     if isinstance(out, tuple) and hasattr(module, "sampling_offsets") and len(out) == 2 and out[1].dim() in (4, 5):
         # deformable attention's (B, Q, H, levels, points) weights, read as (B, H, Q, levels·points)
         b, q, h = out[1].shape[:3]

@@ -384,14 +384,14 @@ def test_3d_scores_with_unknown_head_count_are_listed_and_refused() -> None:
     ("module", "cls", "why"),
     [
         ("swiftformer.modeling_swiftformer", "SwiftFormerEfficientAdditiveAttention", "additive attention"),
-        ("slanet.modeling_slanet", "SLANetAttentionGRUCell", "additive (Bahdanau)"),
         ("groupvit.modeling_groupvit", "GroupViTAssignAttention", "slot assignment"),
     ],
 )
 def test_softmax_not_over_keys_is_classified_as_refused(module: str, cls: str, why: str) -> None:
     # Softmaxes over a (B, L, 1) score vector or over the query axis are not an (Lq, Lk) probability matrix:
     # listed with the reason, refused at attach (not crashing mid-call). LongT5's block-local attention is
-    # traced read-only (tests/test_transformers_block_sparse.py).
+    # traced read-only (tests/test_transformers_block_sparse.py), and so is SLANet's additive attention, which
+    # returns its weights (tests/test_transformers_deformable.py).
     import importlib
 
     from attntrace.adapters.hf_manual import classify

@@ -165,14 +165,24 @@ def test_stats_and_save_read_sampling_points_dense_observers_and_editors_are_ref
 # Built by the coverage sweep's builder (tests/coverage_transformers.py): the family's module classes with
 # their own kernels (transformers' `MultiScaleDeformableAttention` module, `multi_scale_deformable_attention`
 # functions v1/v2, per-level point counts, no output projection in D-FINE).
-FAMILY = ["rt_detr_v2", "d_fine", "mask2former", "grounding-dino"]
+FAMILY = {"rt_detr_v2": "RTDetrV2", "d_fine": "DFine", "mask2former": "Mask2Former", "grounding-dino": "GroundingDino"}
+
+
+def _build(model_type: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The sweep's tiny model of one family (its shrinker and overrides), without listing every family."""
+    config_cls = getattr(transformers, f"{FAMILY[model_type]}Config")
+    kw = ct.shrink(config_cls, config_cls())
+    kw.update(ct.OVERRIDES.get(model_type, {}))
+    torch.manual_seed(0)
+    model_cls = getattr(transformers, f"{FAMILY[model_type]}Model")
+    model = model_cls._from_config(config_cls(**kw), attn_implementation="eager")
+    return model.eval(), ct.make_inputs(model)
 
 
 @pytest.mark.parametrize("model_type", FAMILY)
 def test_family_sampling_point_probs_equal_the_returned_weights(model_type: str) -> None:
     torch.set_num_threads(1)
-    built = ct.build(model_type, probe=False)
-    model, inputs = built.model, built.inputs
+    model, inputs = _build(model_type)
     names = [s.name for s in find_sites(model) if s.probs_layout == "sampling_point"]
     assert names and all(s.traceable for s in find_sites(model) if s.name in names)
     returned: dict[str, list[torch.Tensor]] = {}
@@ -214,8 +224,7 @@ def test_grounding_dino_bidirectional_attention_gives_both_halves_query_and_key(
     """Grounding DINO's fusion layer takes one product S = q_img·k_txtᵀ and two softmaxes: over S (image to
     text) and over Sᵀ (text to image, whose queries are the text keys and keys the image queries)."""
     torch.set_num_threads(1)
-    built = ct.build("grounding-dino", probe=False)
-    model, inputs = built.model, built.inputs
+    model, inputs = _build("grounding-dino")
     name = "encoder.layers.0.fusion_layer.attn"
     tracer = Tracer()
     obs = tracer.add(QK(), match=[name])
@@ -260,3 +269,45 @@ def test_every_deformable_class_is_classified_sampling_point() -> None:
             if own and classify(cls)[1] == SAMPLING_POINT:
                 found[family] = cls_name
     assert found == DEFORMABLE_CLASSES
+
+
+# -- SLANet: additive (Bahdanau) attention, read-only with probs_layout="additive" ---------------------------
+def test_slanet_additive_probs_equal_definition_and_drive_the_recurrent_state() -> None:
+    torch.set_num_threads(1)
+    cfg = transformers.SLANetConfig(**ct.shrink(transformers.SLANetConfig, transformers.SLANetConfig()))
+    cfg.max_text_length = 3  # the head runs its attention cell max_text_length + 1 times per forward
+    torch.manual_seed(0)
+    model = transformers.SLANetForTableRecognition(cfg).eval()
+    x = _pixels()
+    name = "head.structure_attention_cell"
+    cell = model.get_submodule(name)
+    site = next(s for s in find_sites(model) if s.name == name)
+    assert (site.probs_layout, site.traceable) == ("additive", True)
+    seen: list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, torch.Tensor]]] = []
+    hook = cell.register_forward_hook(lambda m, a, out: seen.append((a, out)) and None)
+    with torch.no_grad():
+        plain = ct.all_tensors(model(pixel_values=x))
+    hook.remove()
+    tracer = Tracer()
+    obs = tracer.add(Points(), match=[name])
+    obs.probs_layouts = frozenset({"additive"})  # type: ignore[misc]
+    stats = tracer.add("stats", match=[name], metrics=["entropy"])
+    with torch.no_grad(), tracer.attach(model):
+        traced = ct.all_tensors(model(pixel_values=x))
+    assert len(plain) == len(traced) and all(torch.equal(a, b) for a, b in zip(plain, traced))
+    assert _patched(model) == [] and len(obs.calls) == len(seen) == 4
+    for (_, probs, layout), ((prev, hidden, onehot), (state, weights)) in zip(obs.calls, seen):
+        assert layout.probs == "additive" and probs.shape == (2, 1, 1, hidden.shape[1])
+        assert torch.equal(probs, weights.unsqueeze(1))
+        with torch.no_grad():
+            scores = cell.score(torch.tanh(cell.input_to_hidden(hidden) + cell.hidden_to_hidden(prev)[:, None]))
+            assert float((probs[:, 0, 0] - scores[..., 0].softmax(-1)).abs().max()) <= 1e-6
+            context = (probs[:, 0] @ hidden)[:, 0]  # the weighted tokens are what the GRU reads
+            assert float((cell.rnn(torch.cat([context, onehot], 1), prev) - state).abs().max()) <= 1e-5
+    p = obs.calls[0][1][1, 0]  # (1, L)
+    row = next(r for r in stats.result() if r["batch"] == 1 and r["index"] == 0 and r["step"] == 0)
+    assert abs(row["value"] - float(-(p * p.clamp_min(1e-30).log()).sum())) <= 1e-5
+    t = Tracer()
+    t.add("heatmap", match=[name])
+    with pytest.raises(SelectionError, match=r"'heatmap' needs a dense .* additive probabilities"):
+        t.attach(model)

@@ -20,7 +20,8 @@ the swap onto the new module (`attntrace.adapters.hf_switch`).
 Block-local attention (LongT5 local and transient-global) returns (B, blocks, H, block, 3·block + global):
 `probs_layout="block_local"`; its output is returned after the output projection and is not exposed.
 Multi-scale deformable attention (the DETR family) returns its softmax over each query's sampling points,
-(B, Q, H, levels, points): `probs_layout="sampling_point"`, output not exposed.
+(B, Q, H, levels, points): `probs_layout="sampling_point"`, output not exposed. SLANet's additive attention
+returns one decoder state's weights over the tokens: `probs_layout="additive"`, (B, 1, 1, L).
 
 What cannot be traced is listed with a note and refused at attach: LSH/chunked attention normalised with
 `logsumexp` (Reformer), deformable attention that does not return its weights, and I-BERT built with
@@ -62,7 +63,7 @@ from .detect import (
 )
 from .hf_switch import SwitchNotice, follow_switch
 
-__all__ = ["BANDED", "BLOCK_SPARSE", "SAMPLING_POINT", "HFManualAdapter", "attention_source", "classify",
+__all__ = ["ADDITIVE", "BANDED", "BLOCK_SPARSE", "SAMPLING_POINT", "HFManualAdapter", "attention_source", "classify",
            "refusal_reason"]
 
 # Sliding-window attention returns its banded probabilities with `output_attentions=True`: traced with
@@ -87,9 +88,14 @@ SAMPLING_POINT = (
     "level: data-dependent locations, not exposed), as the module returns them; read-only (stats, save); "
     "output not exposed"
 )
+ADDITIVE = (
+    "additive (Bahdanau) attention (SLANet): one decoder state's softmax over the L encoder tokens of "
+    "score(tanh(W·h + U·s)), no q·kᵀ; probs are (B, 1, 1, L) as the module returns them; read-only (stats, "
+    "save); q/k/v and output not exposed (the module returns the recurrent state)"
+)
 # Notes of read-only sites -> their `Site.probs_layout`.
 _PRECOMPUTED = {BANDED: "banded", BLOCK_SPARSE: "block_sparse", BLOCK_LOCAL: "block_local",
-                SAMPLING_POINT: "sampling_point"}  # fmt: skip
+                SAMPLING_POINT: "sampling_point", ADDITIVE: "additive"}  # fmt: skip
 _REFUSALS = (
     ("self.w_g", "additive attention (SwiftFormer): a learned vector scores each token, (B, L, 1), and the "
      "softmax pools one global query; there is no softmax(q·kᵀ) over keys"),
@@ -157,7 +163,7 @@ def classify(cls: type) -> tuple[bool, str]:
         if needle in src:
             return True, why
     if _ADDITIVE_RE.search(src) and "self.score(" in src:
-        return True, _ADDITIVE
+        return True, ADDITIVE if re.search(r"return \w+, attn_weights\s*$", src, re.M) else _ADDITIVE
     return True, ""
 
 
@@ -224,6 +230,11 @@ def _sampling_point(module: torch.nn.Module, out: tuple[Any, ...]) -> tuple[torc
     return w.reshape(b, q, h, -1).transpose(1, 2), {"points": tuple(int(p) for p in points)}
 
 
+def _additive(module: torch.nn.Module, out: tuple[Any, ...]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """SLANet's (B, 1, L) weights of one decoder state as (B, 1 head, 1 query, L)."""
+    return out[1].unsqueeze(1), {}
+
+
 # Read-only layouts: (how to read the module's returned weights, whether it must be asked for them and how
 # many outputs it returns when not asked (None: it always returns them), whether its first output is the
 # attention before the output projection).
@@ -232,12 +243,14 @@ _READERS: dict[str, tuple[Callable[..., tuple[torch.Tensor, dict[str, Any]]], in
     "block_sparse": (_block_sparse, None, True),
     "block_local": (_block_local, 2, False),
     "sampling_point": (_sampling_point, None, False),
+    "additive": (_additive, None, False),
 }
 
 
 _UNAVAILABLE = {"banded": frozenset({"query", "key", "value"}), "block_sparse": frozenset({"query", "key", "value"}),
                 "block_local": frozenset({"query", "key", "value", "output"}),
-                "sampling_point": frozenset({"query", "key", "value", "output"})}  # fmt: skip
+                "sampling_point": frozenset({"query", "key", "value", "output"}),
+                "additive": frozenset({"query", "key", "value", "output"})}  # fmt: skip
 
 
 def _precomputed_forward(binding: SiteBinding, modality: str | None) -> Undo:

@@ -36,6 +36,8 @@ class Layout:
       deformable attention, the DETR family): query i's weights on its own sampling points, `points[l]` per
       feature level l in level order (`sum(points)` columns); where a point lies is data-dependent (reference
       point plus a learned offset, a bilinear sample of the value map) and is not part of the layout; read-only.
+      `additive` (Bahdanau attention, SLANet): one query, the decoder state, and one head; `probs[..., 0, j]`
+      is its weight on encoder token j; read-only.
 
     `text` is None on calls with no text keys (self-attention, an image-context call of a cross-attention
     module); `image` is None where no image tokens exist (a text model).

@@ -102,7 +102,7 @@ class Save(Observer):
     name = "save"
     Params = SaveParams
     # Saved as the call gives them; a banded, block-sparse or block-local map's manifest entry records its layout.
-    probs_layouts = frozenset({"dense", "banded", "block_sparse", "block_local", "sampling_point"})
+    probs_layouts = frozenset({"dense", "banded", "block_sparse", "block_local", "sampling_point", "additive"})
 
     def __init__(self, params: Any = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)

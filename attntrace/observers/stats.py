@@ -87,7 +87,7 @@ class Stats(Observer):
     # Block-sparse probs are token x token (zero outside the attended blocks). Banded, block-local and sampling-
     # point (deformable) probs: every metric but `mean` is per row and layout-free; `mean` is then over the row's
     # columns (band, neighbourhood or sampling points) and `token_mass` is skipped (no text key axis).
-    probs_layouts = frozenset({"dense", "banded", "block_sparse", "block_local", "sampling_point"})
+    probs_layouts = frozenset({"dense", "banded", "block_sparse", "block_local", "sampling_point", "additive"})
     Params = StatsParams
 
     def __init__(self, params: Any = None, **kwargs: Any) -> None:
