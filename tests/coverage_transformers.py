@@ -267,6 +267,9 @@ OVERRIDES.update(dict.fromkeys(("rt_detr", "rt_detr_v2", "d_fine", "deimv2", "gr
                                 "rf_detr"), _FEW_QUERIES))  # fmt: skip
 # SLANet's head runs its attention cell max_text_length + 1 times per forward (default 500).
 OVERRIDES["slanet"] = {"max_text_length": 4}
+# V-JEPA 2: 256 px clips of 64 frames and a 12-layer predictor are not size fields the shrinker knows.
+OVERRIDES["vjepa2"] = {"crop_size": 32, "patch_size": 8, "frames_per_clip": 2, "pred_hidden_size": HIDDEN,
+                       "pred_num_hidden_layers": LAYERS, "pred_num_attention_heads": HEADS}  # fmt: skip
 # Windowed vision encoders: the window must fit the 4x4 patch grid of a 32 px image and, merged, the next stage.
 OVERRIDES.update({t: {"window_size": 2, "depths": [1, 1], "num_heads": [2, 4]} for t in ("swin", "donut-swin")})
 OVERRIDES["lw_detr_vit"] = {"num_windows": 4}
@@ -464,6 +467,23 @@ def make_inputs(model: torch.nn.Module) -> dict[str, Any]:
         pad[1, :patch] = 1.0  # the first patch of row 1 is padding: masked keys
         inputs["past_values_padding"] = pad
         inputs["freq"] = torch.zeros(B, 1, dtype=torch.long)
+    if "qformer_input_ids" in want:  # InstructBLIP: the Q-Former reads the instruction too
+        inputs["qformer_input_ids"] = ids(L)
+        if "qformer_attention_mask" in sig:
+            inputs["qformer_attention_mask"] = torch.ones(B, L, dtype=torch.long)
+    if "input_features_mask" in want and "input_features" in inputs:  # audio encoders: every frame valid
+        inputs["input_features_mask"] = torch.ones(B, inputs["input_features"].shape[-1], dtype=torch.long)
+    if "pixel_values_videos" in want:  # video encoders: (B, frames, C, H, W), frames a multiple of the tubelet
+        vc = [getattr(cfg, "vision_config", None) or cfg, *cfgs]
+        size = _first(vc, "crop_size", "image_size", default=32)
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        frames = max(2, int(_first(vc, "tubelet_size", default=2) or 2))
+        inputs["pixel_values_videos"] = torch.randn(B, frames, _first(vc, "num_channels", default=3), size, size,
+                                                    generator=g)  # fmt: skip
+    if "past_values" in want and "past_time_features" not in want and "past_values" not in inputs:
+        # PatchTST/PatchTSMixer: (B, context length, channels)
+        length = int(_first(cfgs, "context_length", default=32))
+        inputs["past_values"] = torch.randn(B, length, int(_first(cfgs, "num_input_channels", default=1)), generator=g)
     if "decoder_input_ids" in sig and getattr(cfg, "is_encoder_decoder", False) and "inputs_embeds" not in want:
         inputs["decoder_input_ids"] = ids(DEC_L)
     missing = [n for n in required if n not in inputs]
