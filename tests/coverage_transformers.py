@@ -265,6 +265,8 @@ _RESNET = {
 }  # fmt: skip
 OVERRIDES.update(dict.fromkeys(("rt_detr", "rt_detr_v2", "d_fine", "deimv2", "grounding-dino", "mm-grounding-dino",
                                 "rf_detr"), _FEW_QUERIES))  # fmt: skip
+# Reformer: axial position embeddings must factor the sequence and sum to the hidden size; plain ones here.
+OVERRIDES["reformer"] = {"axial_pos_embds": False}
 # SLANet's head runs its attention cell max_text_length + 1 times per forward (default 500).
 OVERRIDES["slanet"] = {"max_text_length": 4}
 # V-JEPA 2: 256 px clips of 64 frames and a 12-layer predictor are not size fields the shrinker knows.

@@ -464,6 +464,10 @@ def check_family(model_type: str) -> dict[str, Any]:
     if points:
         notes.append(f"{len(points)} deformable site(s): probs (B, H, Q, levels·points) over each query's sampling "
                      "points, compared with the weights the module returns")  # fmt: skip
+    additive = [s for s in sites if s.probs_layout == "additive"]
+    if additive:
+        notes.append(f"{len(additive)} additive (Bahdanau) site(s): probs (B, 1, 1, L) of each decoder state, "
+                     "compared with the weights the module returns")  # fmt: skip
     sparse = [s for s in sites if s.probs_layout == "block_sparse"]
     if sparse:
         notes.append(
