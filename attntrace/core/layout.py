@@ -34,6 +34,10 @@ class Layout:
       the weight on key `(i // window - 1)·window + j` (zero outside the sequence), then `global_keys` columns
       on transient global tokens (sums of blocks, not tokens); read-only.
 
+    - `batch`: the role of each batch row, `cond` or `uncond`, from the generation the call belongs to
+      (a pipeline call with classifier-free guidance batches `[uncond..., cond...]`); None where no
+      generation says (a bare model outside `tracer.generation(...)`).
+
     `text` is None on calls with no text keys (self-attention, an image-context call of a cross-attention
     module); `image` is None where no image tokens exist (a text model).
     """
@@ -47,6 +51,7 @@ class Layout:
     probs: str = "dense"
     window: int = 0
     global_keys: int = 0
+    batch: tuple[str, ...] | None = None
 
     @property
     def frames(self) -> int:
@@ -67,6 +72,16 @@ class Layout:
         if self.probs == "banded":
             parts.append(f"probs banded window {self.window} global {self.global_keys}")
         return " ".join(parts)
+
+    def rows(self, role: str) -> slice | None:
+        """The batch rows labelled `role` (`cond` / `uncond`), None when the rows are not labelled.
+
+        Labels come from a generation, whose batch is `[uncond..., cond...]`: each role's rows are contiguous.
+        """
+        if self.batch is None:
+            return None
+        idx = [i for i, r in enumerate(self.batch) if r == role]
+        return slice(idx[0], idx[-1] + 1) if idx else slice(0, 0)
 
     @property
     def hw(self) -> tuple[int, int] | None:
