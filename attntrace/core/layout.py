@@ -73,6 +73,14 @@ class Layout:
             parts.append(f"probs banded window {self.window} global {self.global_keys}")
         return " ".join(parts)
 
+    def labelled(self, batch: tuple[str, ...]) -> Layout:
+        """A copy with its batch rows labelled `batch`. Done on every traced call, so it copies the fields
+        directly: `dataclasses.replace` re-runs the frozen `__init__`, ten times slower (27 µs vs 3 µs)."""
+        new = object.__new__(Layout)
+        new.__dict__.update(self.__dict__)
+        object.__setattr__(new, "batch", batch)
+        return new
+
     def rows(self, role: str) -> slice | None:
         """The batch rows labelled `role` (`cond` / `uncond`), None when the rows are not labelled.
 

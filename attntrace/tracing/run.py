@@ -16,7 +16,6 @@ run the kernel, how to get the native result, the token layout — and hands it 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,7 +86,7 @@ def dispatch(binding: SiteBinding, call: AttentionCall, observers: Sequence[Obse
 def _labelled(layout: Layout, generation: Generation | None, batch: int) -> Layout:
     """`layout` with its batch rows labelled `cond`/`uncond` by the open generation (unchanged without one)."""
     roles = generation.roles(batch) if generation is not None else None
-    return layout if roles is None else dataclasses.replace(layout, batch=roles)
+    return layout if roles is None or roles == layout.batch else layout.labelled(roles)
 
 
 def run_call(
