@@ -30,12 +30,8 @@ NO_TEXT: dict[str, str] = {
     "StableAudio3DiTModel": "audio latents: a 1D sequence, no image grid",
     "LongCatAudioDiTTransformer": "audio latents: a 1D sequence, no image grid",
     "AnimaTextConditioner": "a text conditioner: its queries are text tokens",
-    "Kandinsky5Transformer3DModel": "visual tokens' grid not read from its inputs (left for later)",
-    "BriaFibo2Transformer2DModel": "perceiver latents and a joined sequence; grid not read (left for later)",
-    "SanaWMLTX2RefinerTransformer3DModel": "video grid not read from its inputs (left for later)",
-    "WanAnimate2Transformer3DModel": "video grid not read from its inputs (left for later)",
-    "HunyuanVideoFramepackTransformer3DModel": "image tokens include packed history frames; grid not read",
-    "JoyImageEditPlusTransformer3DModel": "image tokens include the edit references; grid not read",
+    "SanaWMLTX2RefinerTransformer3DModel": "packed (B, L, C) latents of one AR block: (frames, h, w) is only in its "
+    "precomputed RoPE tables",
 }
 # Classes whose joint layout cannot be known (the heat map is refused at attach there, by site name).
 UNKNOWN: set[str] = {"ZImageTransformer2DModel", "ZImageControlNetModel", "OmniGenTransformer2DModel"}

@@ -20,8 +20,9 @@ from typing import Any
 import pytest
 import torch
 
-from attntrace import Observer, Tracer, find_sites
+from attntrace import Tracer, find_sites
 from tests.coverage_models import CASES
+from tests.layout_probe import changed_rows, record_calls
 
 pytest.importorskip("diffusers")
 
@@ -47,39 +48,16 @@ FAMILIES: list[tuple[str, tuple[str, ...], str, str]] = [
     ("QwenImageTransformer2DModel", (), "encoder_hidden_states", "hidden_states"),
     ("WanTransformer3DModel", (), "encoder_hidden_states", "hidden_states"),
     ("LTXVideoTransformer3DModel", (), "encoder_hidden_states", "hidden_states"),
+    ("Kandinsky5Transformer3DModel", (), "encoder_hidden_states", "hidden_states"),
+    ("HunyuanVideoFramepackTransformer3DModel", (), "encoder_hidden_states", "hidden_states"),
+    ("HunyuanVideoFramepackTransformer3DModel", ("transformer_blocks",), "encoder_hidden_states", "hidden_states"),
+    ("JoyImageEditTransformer3DModel", (), "encoder_hidden_states", "hidden_states"),
 ]
+# Not checkable this way (tests/test_layout_frames.py checks their image ranges patch by patch): Kandinsky 6's
+# audio stream queries the text too (no image queries), JoyImage-Edit-Plus packs its reference images into
+# `hidden_states`, Bria-Fibo 2's injection blocks see gist and image tokens mixed, Wan-Animate 2 takes lists.
 # Not checkable this way: Mochi pools the caption into the timestep embedding that modulates the image
 # stream, so every image key row follows the text too (no call keeps the streams apart).
-
-
-class _Keys(Observer):
-    """Keeps every call's queries, keys and layout (first forward only)."""
-
-    needs = frozenset({"query", "key"})
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple[str, int, torch.Tensor, torch.Tensor, Any]] = []
-
-    def on_call(self, call: Any) -> None:
-        self.calls.append((call.site, call.index, call.query.detach().clone(), call.key.detach().clone(), call.layout))
-
-
-def _run(model: torch.nn.Module, inputs: dict[str, Any]) -> list[tuple[str, int, torch.Tensor, torch.Tensor, Any]]:
-    tracer = Tracer()
-    rec = tracer.add(_Keys())
-    with tracer.attach(model), torch.no_grad():
-        model(**inputs)
-    return rec.calls
-
-
-def _changed(a: torch.Tensor, b: torch.Tensor) -> set[int]:
-    """Token rows (axis -2) that differ anywhere over batch, heads and features."""
-    if a.shape != b.shape:
-        return set()
-    diff = (a.float() - b.float()).abs().amax(dim=(0, 1, 3))
-    scale = a.float().abs().amax().clamp_min(1e-6)
-    return {int(i) for i in torch.nonzero(diff > 1e-5 * scale).flatten()}
 
 
 def _rows(s: slice | None) -> set[int]:
@@ -104,15 +82,15 @@ def test_layout_matches_which_rows_come_from_text_and_latents(
     for attr in drop:
         setattr(model, attr, torch.nn.ModuleList())
     assert text_input in inputs and latent_input in inputs, sorted(inputs)
-    base = _run(model, inputs)
-    by_text = _run(model, _noisy(inputs, text_input))
-    by_latent = _run(model, _noisy(inputs, latent_input))
+    base = record_calls(model, inputs)
+    by_text = record_calls(model, _noisy(inputs, text_input))
+    by_latent = record_calls(model, _noisy(inputs, latent_input))
     assert len(base) == len(by_text) == len(by_latent) > 0
     checked = []
     for (site, index, q0, k0, layout), (_, _, q1, k1, _), (_, _, q2, k2, _) in zip(base, by_text, by_latent):
         if layout.kind not in ("cross", "joint"):
             continue
-        text_keys, image_keys = _changed(k0, k1), _changed(k0, k2)
+        text_keys, image_keys = changed_rows(k0, k1), changed_rows(k0, k2)
         if text_keys & image_keys:
             continue  # the streams have mixed in an earlier block: no independent reading here
         assert layout.known, f"{case} {site}: layout unknown ({layout.note})"
@@ -123,10 +101,10 @@ def test_layout_matches_which_rows_come_from_text_and_latents(
         assert _rows(layout.text) == text_keys, f"{where}: text rows measured {sorted(text_keys)}"
         if layout.kind == "joint":
             assert _rows(layout.image) == image_keys, f"{where}: image rows measured {sorted(image_keys)}"
-            assert _changed(q0, q1) == text_keys and _changed(q0, q2) == image_keys, f"{where}: query axis"
+            assert changed_rows(q0, q1) == text_keys and changed_rows(q0, q2) == image_keys, f"{where}: query axis"
         else:
             assert not image_keys, f"{where}: cross-attention keys follow the latents"
-            assert _rows(layout.image) == _changed(q0, q2), f"{where}: image query rows"
+            assert _rows(layout.image) == changed_rows(q0, q2), f"{where}: image query rows"
         grid = layout.grid
         assert grid is not None and grid[0] * grid[1] * grid[2] == len(_rows(layout.image)), where
         checked.append((site, layout.kind))
@@ -147,7 +125,7 @@ def test_single_stream_sites_are_joint_for_kind_rules() -> None:
 
 def test_video_grid_is_frames_height_width() -> None:
     model, inputs = CASES["WanTransformer3DModel"]()
-    calls = _run(model, inputs)
+    calls = record_calls(model, inputs)
     x = inputs["hidden_states"]  # (B, C, F, H, W), patch (1, 2, 2)
     expected = (x.shape[2], x.shape[3] // 2, x.shape[4] // 2)
     grids = {layout.grid for _, _, _, _, layout in calls}

@@ -56,6 +56,15 @@ class Generation:
             )
         return slice(batch // 2, batch)
 
+    def roles(self, batch: int) -> tuple[str, ...] | None:
+        """The role (`cond` / `uncond`) of each row of a denoiser batch of size `batch`; None for a batch
+        that cannot be this generation's (an odd batch under guidance)."""
+        if not self.cfg:
+            return ("cond",) * batch
+        if batch % 2:
+            return None
+        return ("uncond",) * (batch // 2) + ("cond",) * (batch // 2)
+
     def uncond_rows(self, batch: int) -> slice | None:
         """Rows of the unconditional images, or None without CFG."""
         if not self.cfg:

@@ -136,10 +136,17 @@ class Observer:
         return f"{type(self).__name__}({self.params!r})"
 
 
-def batch_rows(call: AttentionCall, cond_half: bool) -> slice:
-    """The batch items to keep: all, or the conditional half of an [uncond, cond] guidance batch."""
+def batch_rows(call: AttentionCall, cond_half: bool, *, strict: bool = True) -> slice:
+    """The batch items to keep: all, or the conditional rows of a guidance batch — those the call's layout
+    labels `cond` (from the generation), else, unlabelled, the second half of an [uncond, cond] batch (an odd
+    unlabelled batch: an error, or with `strict=False` every row)."""
     batch = call.shape[0]
     if not cond_half:
+        return slice(0, batch)
+    labelled = call.layout.rows("cond")
+    if labelled is not None:
+        return labelled
+    if batch % 2 and not strict:
         return slice(0, batch)
     if batch % 2:
         raise ConfigError(

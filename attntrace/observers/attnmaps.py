@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..core.call import AttentionCall
-from ..core.observer import Observer
+from ..core.observer import Observer, batch_rows
 
 __all__ = ["AttnMaps", "AttnMapsParams", "site_group"]
 
@@ -84,10 +84,6 @@ class AttnMaps(Observer):
         self.bytes = 0
         self.truncated = False
 
-    def _rows(self, batch: int) -> slice:
-        b0 = batch // 2 if (self.params.cond_half and batch >= 2 and batch % 2 == 0) else 0
-        return slice(b0, batch)
-
     def on_call(self, call: AttentionCall) -> None:
         if call.kind in ("cross", "joint") and call.image_hw is not None and call.text_tokens is not None:
             maps = self._image_maps(call)
@@ -134,7 +130,7 @@ class AttnMaps(Observer):
         n_img = image.stop - image.start
         if h * w != n_img:
             return None
-        keep = self._rows(call.query.shape[0])
+        keep = batch_rows(call, self.params.cond_half, strict=False)
         n_text = min(text.stop - text.start, self.params.max_tokens)  # type: ignore[union-attr]
         keys = slice(text.start, text.start + n_text)  # type: ignore[union-attr]
         rows = keep.stop - keep.start

@@ -48,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..core.call import AttentionCall
 from ..core.errors import RunError
-from ..core.observer import Observer
+from ..core.observer import Observer, batch_rows
 from ..core.words import special_positions
 from .heatsums import frame_count, is_picture, split_frames, upsample
 from .wordmaps import (
@@ -142,14 +142,6 @@ class Heatmap(Observer):
             # Latents (output_type="latent") are not pictures to draw on.
             self._images = [im if is_picture(im) else None for im in images]
 
-    def _rows(self, batch: int) -> slice:
-        gen = self._generation
-        if not self.params.cond_half:
-            return slice(0, batch)
-        if gen is not None and getattr(gen, "cfg", None) is not None:
-            return gen.cond_rows(batch) if gen.cfg else slice(0, batch)
-        return slice(batch // 2 if batch >= 2 and batch % 2 == 0 else 0, batch)
-
     # -- collection ------------------------------------------------------------------------------
     def _warn(self, site: str, why: str) -> None:
         if site not in self._warned:
@@ -176,8 +168,7 @@ class Heatmap(Observer):
         daam = self.params.mode == "daam"
         if daam and "mid_block" in call.site.split("."):
             return  # DAAM's locator leaves the mid block out
-        batch = call.query.shape[0]
-        rows = self._rows(batch)
+        rows = batch_rows(call, self.params.cond_half, strict=False)  # the rows the generation labels `cond`
         kept = rows.stop - rows.start
         heads = self.params.heads
         if heads is not None and any(i >= call.heads or i < -call.heads for i in heads):

@@ -70,6 +70,17 @@ class P2PParams(BaseModel):
         return v
 
 
+def _write_block(probs: torch.Tensor, rows: list[int], q: slice, keys: slice, block: torch.Tensor) -> None:
+    """Write `block` (len(rows), H, q, keys) into `probs[rows][:, :, q, keys]` (advanced row indexing copies,
+    so a partial block goes through a copy of the rows)."""
+    if q == slice(None) and keys == slice(None):
+        probs[rows] = block
+        return
+    part = probs[rows]
+    part[:, :, q, keys] = block
+    probs[rows] = part
+
+
 def _bounds(window: Window) -> tuple[float, float]:
     return (0.0, float(window)) if isinstance(window, float | int) else (float(window[0]), float(window[1]))
 
@@ -266,22 +277,11 @@ class GroupEdit(Observer):
             own = probs[ed][:, :, q, text]
             a = cross_alpha.to(own.device).reshape(len(ed), 1, 1, -1)
             blended = self.cross_map(call, rows, src, own, chain) * a + (1 - a) * own
-            if q == slice(None) and text == slice(None):
-                new[ed] = blended
-            else:
-                block = new[ed]
-                block[:, :, q, text] = blended
-                new[ed] = block
+            _write_block(new, ed, q, text, blended)
         if do_self:
             assert image is not None
             src_self = probs[rows.source][:, q, image]
-            injected = src_self.unsqueeze(0).expand(len(ed), *src_self.shape)
-            if q == slice(None) and image == slice(None):
-                new[ed] = injected
-            else:
-                block = new[ed]
-                block[:, :, q, image] = injected
-                new[ed] = block
+            _write_block(new, ed, q, image, src_self.unsqueeze(0).expand(len(ed), *src_self.shape))
         if call.kind == "joint":
             self._renormalize_joint(new, ed, q, text, image)
         call.probs = new

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ..core.generation import Generation
 from ..core.observer import Observer
 from ..core.selection import StepSelector, kind_matches, pattern_matches
 from ..core.site import Site
@@ -31,6 +32,7 @@ class Session(Protocol):
     disabled: set[Observer]
     timestep: Any
     root_hw: tuple[int, int] | None
+    current: Generation | None
 
     @property
     def step(self) -> int: ...

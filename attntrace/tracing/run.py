@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ..core.call import AttentionCall, KernelFn, ProbsFn
+from ..core.generation import Generation
 from ..core.layout import Layout
 from ..core.observer import Observer
 from .binding import LayerCall, SiteBinding
@@ -82,6 +83,12 @@ def dispatch(binding: SiteBinding, call: AttentionCall, observers: Sequence[Obse
             session.observer_failed(observer, binding.site.name, call.step, exc)
 
 
+def _labelled(layout: Layout, generation: Generation | None, batch: int) -> Layout:
+    """`layout` with its batch rows labelled `cond`/`uncond` by the open generation (unchanged without one)."""
+    roles = generation.roles(batch) if generation is not None else None
+    return layout if roles is None or roles == layout.batch else layout.labelled(roles)
+
+
 def run_call(
     binding: SiteBinding,
     layer: LayerCall,
@@ -99,11 +106,12 @@ def run_call(
     """
     index = layer.kernel_calls
     layer.kernel_calls += 1
+    layout = _labelled(kc.layout or Layout(binding.site.kind), binding.attachment.current, int(kc.query.shape[0]))
     call = kc.make(
         site=binding.site, step=layer.step, timestep=layer.timestep, query=kc.query, key=kc.key,
         value=kc.value, attn_mask=kc.attn_mask, scale=kc.scale, is_causal=kc.is_causal,
         enable_gqa=kc.enable_gqa, kernel_fn=kc.kernel_fn, native_fn=kc.native_fn, to_canonical=kc.to_canonical,
-        probs_fn=kc.probs_fn, precomputed_probs=kc.precomputed_probs, index=index, layout=kc.layout,
+        probs_fn=kc.probs_fn, precomputed_probs=kc.precomputed_probs, index=index, layout=layout,
         extra=kc.extra,
     )  # fmt: skip
     with quiet() if quiet is not None else contextlib.nullcontext():

@@ -26,6 +26,7 @@ from ...core.layout import Layout, grid_for
 from ...core.site import Kind
 from ...tracing.binding import LayerCall
 from ..detect import concat_order, getsource
+from .families import family_inputs
 
 __all__ = ["Joining", "ModelInputs", "install_input_hook", "joining", "resolve"]
 
@@ -74,12 +75,22 @@ def joining(name: str, processor: Any, modules: dict[str, torch.nn.Module], root
 
 @dataclass
 class ModelInputs:
-    """What the traced model's current forward got: text lengths, image-token count and grid."""
+    """What the traced model's current forward got: text lengths, image-token count and grid.
+
+    `streams`: where a family packs other tokens (history, references, gist latents) with the generated
+    image tokens: latent-stream length -> offset of the image tokens in it (empty: the stream is the image).
+    `prompt_offset`: tokens the model puts before the prompt's in the text stream. `note`: why the grid
+    is unknown, where the family says.
+    """
 
     text_lens: tuple[int, ...] = ()
     image_len: int | None = None
     grid: tuple[int, int, int] | None = None
     root_hw: tuple[int, int] | None = field(default=None)
+    streams: dict[int, int] = field(default_factory=dict)
+    prompt_offset: int = 0
+    note: str = ""
+    family: bool = False
 
 
 def install_input_hook(model: torch.nn.Module, inputs: ModelInputs) -> Callable[[], None]:
@@ -136,6 +147,11 @@ def _read(
     x = flat.get("hidden_states", flat.get("sample"))
     inputs.image_len, inputs.grid = _image_tokens(model, x, flat) if isinstance(x, torch.Tensor) else (None, None)
     inputs.root_hw = (int(x.shape[-2]), int(x.shape[-1])) if isinstance(x, torch.Tensor) and x.dim() >= 4 else None
+    family = family_inputs(model, flat)
+    inputs.streams, inputs.prompt_offset, inputs.note, inputs.family = {}, 0, "", family is not None
+    if family is not None:
+        inputs.image_len, inputs.grid, inputs.root_hw = family.image_len, family.grid, None
+        inputs.streams, inputs.prompt_offset, inputs.note = family.streams, family.prompt_offset, family.note
 
 
 def _image_tokens(
@@ -191,6 +207,22 @@ def _grid(layer: LayerCall, inputs: ModelInputs, n: int, root_hw: tuple[int, int
     return None if hw is None else (1, *hw)
 
 
+def _image_in(
+    stream: slice, layer: LayerCall, inputs: ModelInputs, root_hw: tuple[int, int] | None
+) -> tuple[slice | None, Grid | None]:
+    """The generated image tokens among the latent-stream tokens at `stream`, and their grid. A family that
+    packs other tokens with them says where they sit (`ModelInputs.streams`); a stream it does not name
+    (Perceiver latents, a text refiner's tokens) holds no image tokens."""
+    length = stream.stop - stream.start
+    if not inputs.family:
+        return stream, _grid(layer, inputs, length, root_hw)
+    n = inputs.image_len
+    offset = inputs.streams.get(length, 0 if length == n else None)
+    if offset is None or n is None:
+        return None, None
+    return slice(stream.start + offset, stream.start + offset + n), inputs.grid
+
+
 def resolve(
     site_kind: Kind,
     join: Joining | None,
@@ -203,21 +235,27 @@ def resolve(
 ) -> Layout:
     """The layout of one kernel call with `q_len` queries and `k_len` keys at a processor site."""
     t_proc, i_proc = layer.text_len, layer.image_len
+    note = inputs.note if inputs.family and inputs.grid is None else ""
     if site_kind == "linear":
-        return Layout("linear", image=slice(0, q_len), grid=_grid(layer, inputs, q_len, root_hw))
+        image, grid = _image_in(slice(0, q_len), layer, inputs, root_hw)
+        return Layout("linear", image=image, grid=grid, note=note)
     if t_proc and i_proc and q_len == k_len == t_proc + i_proc:
         # Both streams handed to the processor, joined inside it (dual-stream blocks, CogVideoX...).
         order = seen_text_first if seen_text_first is not None else (join.text_first if join else None)
         if order is None:
             return Layout("joint", known=False, note="the order of text and image tokens is unknown")
-        image = slice(t_proc, q_len) if order else slice(0, i_proc)
-        return Layout("joint", text=_text_part(order, image, t_proc, q_len, inputs), image=image,
-                      grid=_grid(layer, inputs, i_proc, root_hw))  # fmt: skip
+        stream = slice(t_proc, q_len) if order else slice(0, i_proc)
+        image, grid = _image_in(stream, layer, inputs, root_hw)
+        return Layout("joint", text=_text_part(order, stream, t_proc, q_len, inputs), image=image, grid=grid,
+                      note=note)  # fmt: skip
     if site_kind == "cross" or (t_proc is not None and k_len != q_len):
         # Keys are the text when their count is a text input's (the model's own inputs say so), else, for
         # models whose inputs name no text, when they are the processor's context.
         text: slice | None = slice(0, k_len)
-        note = ""
+        latent_keys = k_len in (inputs.image_len, *inputs.streams) and k_len not in inputs.text_lens
+        if inputs.family and k_len != q_len and latent_keys:  # Kandinsky 6's audio queries on the video tokens
+            image, grid = _image_in(slice(0, q_len), layer, inputs, root_hw)
+            return Layout("cross", image=image, grid=grid, note="keys are the image tokens")
         if inputs.text_lens and k_len - q_len in inputs.text_lens and k_len not in inputs.text_lens:
             # Keys are the image tokens and the text joined inside the processor (PRX, NucleusMoE): the
             # processor's names for them are not ones the order rule reads.
@@ -231,11 +269,12 @@ def resolve(
                 text, note = slice(0, t), f"keys: the prompt's {t} tokens, then {k_len - t} conditioning tokens"
         elif not inputs.text_lens and t_proc is not None and k_len != t_proc:
             text, note = None, "keys are not the text (an image-context call)"
-        return Layout("cross", text=text, image=slice(0, q_len), grid=_grid(layer, inputs, q_len, root_hw),
-                      note=note)  # fmt: skip
+        image, grid = _image_in(slice(0, q_len), layer, inputs, root_hw)
+        return Layout("cross", text=text, image=image, grid=grid, note=note)
     if join is not None and join.where != "processor" and q_len == k_len:
         return _single_stream(join, layer, inputs, q_len, root_hw)
-    return Layout("self", image=slice(0, q_len), grid=_grid(layer, inputs, q_len, root_hw))
+    image, grid = _image_in(slice(0, q_len), layer, inputs, root_hw)
+    return Layout("self", image=image, grid=grid, note=note)
 
 
 def _single_stream(
@@ -244,23 +283,31 @@ def _single_stream(
     """A block that gets text and image tokens already joined: the image count comes from the model's
     inputs, the order from the source that joined them, the text from what remains."""
     i = inputs.image_len
+    if inputs.streams:  # the latent stream holds other tokens too: its length is the family's
+        i = max((s for s in inputs.streams if s <= length), default=None)
     if i == length:
-        return Layout("self", image=slice(0, length), grid=_grid(layer, inputs, length, root_hw))
+        image, grid = _image_in(slice(0, length), layer, inputs, root_hw)
+        return Layout("self", image=image, grid=grid)
     if join.text_first is None:
         return Layout("joint", known=False, note=join.note or "the order of text and image tokens is unknown")
     if i is None or i > length:
         return Layout("joint", known=False, note=f"{length} tokens, and the model's image-token count is unknown")
-    image = slice(length - i, length) if join.text_first else slice(0, i)
-    text = _text_part(join.text_first, image, length - i, length, inputs)
-    return Layout("joint", text=text, image=image, grid=_grid(layer, inputs, i, root_hw))
+    stream = slice(length - i, length) if join.text_first else slice(0, i)
+    text = _text_part(join.text_first, stream, length - i, length, inputs)
+    image, grid = _image_in(stream, layer, inputs, root_hw)
+    return Layout("joint", text=text, image=image, grid=grid)
 
 
 def _text_part(text_first: bool, image: slice, n_text: int, length: int, inputs: ModelInputs) -> slice:
     """The prompt's tokens among the `n_text` non-image tokens: all of them, or, when the model adds
     tokens of its own to the text stream (AuraFlow's registers, a ControlNet's mode token: before the
-    prompt; a second encoder's tokens: after it), the model's first text input's tokens."""
+    prompt; a second encoder's tokens: after it; Framepack's image prompt: before it, by the family's
+    word), the model's first text input's tokens."""
     t = inputs.text_lens[0] if inputs.text_lens else None
     start = 0 if text_first else image.stop
+    if inputs.prompt_offset:
+        first = start + inputs.prompt_offset
+        return slice(first, start + n_text if t is None else min(start + n_text, first + t))
     if t is None or t >= n_text:
         return slice(start, start + n_text)
     return slice(start + n_text - t, start + n_text) if text_first else slice(start, start + t)
