@@ -390,7 +390,8 @@ def train_diffusion(
                 pe.lerp_(p, 1 - decay)
         if step % 100 == 0 or step == s.steps - 1:
             rate = (step + 1) / (time.perf_counter() - t0)
-            log(f"unet {step:5d}/{s.steps} loss {float(loss):.4f} attn {float(attn_loss):.3f} ({rate:.2f} steps/s)")
+            losses = f"loss {float(loss.detach()):.4f} attn {float(attn_loss.detach()):.3f}"
+            log(f"unet {step:5d}/{s.steps} {losses} ({rate:.2f} steps/s)")
     return ema_unet, ema_text
 
 
