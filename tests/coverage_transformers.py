@@ -32,7 +32,9 @@ _INT_FIELDS: dict[str, int] = {
     **dict.fromkeys(("hidden_size", "d_model", "n_embd", "embed_dim", "dim", "hidden_dim_model",
                      "projection_dim", "projection_size", "projector_hidden_size", "text_hidden_size",
                      "vision_hidden_size", "d_embed", "word_embed_proj_dim", "embedding_size", "audio_hidden_size",
-                     "encoder_hidden_size", "decoder_hidden_size", "hidden_dim"), HIDDEN),
+                     "encoder_hidden_size", "decoder_hidden_size", "hidden_dim",
+                     # widths a validator ties to the hidden size (codec quantizers, flow heads, vision outputs)
+                     "codebook_dim", "condition_dim", "out_hidden_size"), HIDDEN),
     **dict.fromkeys(("num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_layers",
                      "decoder_layers", "num_decoder_layers", "num_encoder_layers", "depth",
                      "num_text_layers", "num_vision_layers", "text_layers", "vision_layers",
@@ -134,8 +136,8 @@ def _fields(cls: type) -> dict[str, inspect.Parameter]:
 def _shrink_value(key: str, default: Any, tiny: int) -> Any:
     if default is None and key == "head_dim":
         return tiny  # "derive from hidden_size" is not honoured everywhere (Ministral reads it as is)
-    if isinstance(default, bool) or default is None:
-        return default
+    if isinstance(default, bool) or default is None or default == 0:
+        return default  # 0 switches a part off (GLM-5 Next's NoPE attention: qk_rope_head_dim=0)
     if isinstance(default, int):
         return tiny
     if isinstance(default, float) and key in _INT_FIELDS:
@@ -186,7 +188,11 @@ def shrink(config_cls: type, default: Any, depth: int = 0) -> dict[str, Any]:
                 new: dict[str, Any] = {}
                 for k, v in plc.items():
                     j = kinds.index(str(d[key][int(k)]))
-                    new[f"{j:02d}"] = {f: _per_layer_value(f, x) for f, x in v.items()} if isinstance(v, dict) else v
+                    if isinstance(v, dict):
+                        v = {f: _per_layer_value(f, x) for f, x in v.items()}
+                        if plc[k].get("num_key_value_heads") == plc[k].get("num_attention_heads"):
+                            v["num_key_value_heads"] = v.get("num_attention_heads")  # full multi-head layers
+                    new[f"{j:02d}"] = v
                 kw["per_layer_config"] = new
     # Rope sections must add up to half the (new) head dim.
     for key in ("rope_parameters", "rope_scaling"):
@@ -236,6 +242,11 @@ def shrink(config_cls: type, default: Any, depth: int = 0) -> dict[str, Any]:
             for drop in ("transformers_version", "architectures", "_name_or_path"):
                 sd.pop(drop, None)
             sd.update(sub_kw)
+            # Fields the sub-config derives in its constructor (Parakeet's kv heads from the head count) are
+            # not constructor arguments: dropped so they are derived again from the tiny values.
+            sub_fields = _fields(sub_cls)
+            for k in [k for k in sd if k in _INT_FIELDS and k not in sub_fields and k not in sub_kw]:
+                del sd[k]
             if sd.get("out_features") is None:
                 sd.pop("out_features", None)
                 sd.pop("stage_names", None)
@@ -275,8 +286,38 @@ OVERRIDES["vjepa2"] = {"crop_size": 32, "patch_size": 8, "frames_per_clip": 2, "
 # Windowed vision encoders: the window must fit the 4x4 patch grid of a 32 px image and, merged, the next stage.
 OVERRIDES.update({t: {"window_size": 2, "depths": [1, 1], "num_heads": [2, 4]} for t in ("swin", "donut-swin")})
 OVERRIDES["lw_detr_vit"] = {"num_windows": 4}
+OVERRIDES["lw_detr"] = {"backbone_config.num_windows": 4}
+# Validators that tie one field to another the shrinker does not know about (or to a per-layer pattern).
+OVERRIDES.update({
+    "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
+    "dia": {"delay_pattern": [0, 1, 2]},  # one delay per codebook channel (3 after shrinking)
+    "zaya": {"num_experts_per_tok": 1},
+    "molmo2": {"adapter_config.vision_feature_layer": [-1, -2]},
+    "fun_asr_nano": {"adaptor_config.intermediate_size": HIDDEN // 4},
+    "neomme": {"rope_parameters.full_attention.partial_rotary_factor": 0.5},  # M-RoPE: a multiple of 4 dims
+    "efficientloftr": {"out_features": [HIDDEN] * 4},
+})
 OVERRIDES.update(dict.fromkeys(("deformable_detr", "conditional_detr", "dab-detr", "detr", "table-transformer",
                                 "omdet-turbo"), _RESNET))  # fmt: skip
+
+
+def _set_override(kw: dict[str, Any], default: Any, key: str, value: Any) -> None:
+    """`kw[key] = value`; a dotted key ("adapter_config.vision_feature_layer") sets a field inside a
+    sub-config or dict field, starting from the shrunk (else the default) value of its first part."""
+    head, *rest = key.split(".")
+    if not rest:
+        kw[key] = value
+        return
+    base = kw.get(head)
+    if base is None:
+        base = getattr(default, head, None)
+        base = base.to_dict() if hasattr(base, "to_dict") else dict(base or {})
+    node = base = dict(base)
+    for part in rest[:-1]:
+        node[part] = dict(node.get(part) or {})
+        node = node[part]
+    node[rest[-1]] = value
+    kw[head] = base
 
 
 def tiny_config(model_type: str, impl: str | dict[str, str] | None = None) -> Any:
@@ -288,7 +329,8 @@ def tiny_config(model_type: str, impl: str | dict[str, str] | None = None) -> An
     except Exception as exc:
         raise NotBuilt(f"default config fails: {type(exc).__name__}: {_short(exc)}") from None
     kw = shrink(fam.config_cls, default)
-    kw.update(OVERRIDES.get(model_type, {}))
+    for key, value in OVERRIDES.get(model_type, {}).items():
+        _set_override(kw, default, key, value)
     try:
         cfg = fam.config_cls(**kw)
     except Exception as exc:
@@ -357,10 +399,18 @@ def build(model_type: str, impl: str | dict[str, str] = "sdpa", seed: int = 0, p
 
 
 def _probe(model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[dict[str, Any], list[torch.Tensor]]:
-    """One forward; audio features are tried time-major too (Parakeet-style encoders take (B, T, bins))."""
+    """One forward; then the layouts other families of the same input name take: audio features time-major
+    (Parakeet-style encoders take (B, T, bins)) or with two frames stacked (W2V-BERT: (B, T, 2·bins)),
+    waveforms with a channel axis (codecs: (B, 1, T)), images as a pair (keypoint matchers: (B, 2, C, H, W))."""
     tries = [inputs]
     if "input_features" in inputs:
-        tries.append({**inputs, "input_features": inputs["input_features"].transpose(1, 2).contiguous()})
+        feats = inputs["input_features"]
+        tries.append({**inputs, "input_features": feats.transpose(1, 2).contiguous()})
+        tries.append({**inputs, "input_features": feats.transpose(1, 2).reshape(B, -1, 2 * feats.shape[1])})
+    if "input_values" in inputs and inputs["input_values"].dim() == 2:
+        tries.append({**inputs, "input_values": inputs["input_values"][:, None]})
+    if "pixel_values" in inputs and inputs["pixel_values"].dim() == 4:
+        tries.append({**inputs, "pixel_values": torch.stack([inputs["pixel_values"]] * 2, 1).flip(1, 4)})
     first: Exception | None = None
     for kw in tries:
         try:
