@@ -190,8 +190,10 @@ def shrink(config_cls: type, default: Any, depth: int = 0) -> dict[str, Any]:
                     j = kinds.index(str(d[key][int(k)]))
                     if isinstance(v, dict):
                         v = {f: _per_layer_value(f, x) for f, x in v.items()}
-                        if plc[k].get("num_key_value_heads") == plc[k].get("num_attention_heads"):
-                            v["num_key_value_heads"] = v.get("num_attention_heads")  # full multi-head layers
+                        was = plc[k]
+                        heads = was.get("num_attention_heads")
+                        if heads is not None and was.get("num_key_value_heads") == heads:
+                            v["num_key_value_heads"] = v["num_attention_heads"]  # full multi-head layers stay so
                     new[f"{j:02d}"] = v
                 kw["per_layer_config"] = new
     # Rope sections must add up to half the (new) head dim.
@@ -287,6 +289,18 @@ OVERRIDES["vjepa2"] = {"crop_size": 32, "patch_size": 8, "frames_per_clip": 2, "
 OVERRIDES.update({t: {"window_size": 2, "depths": [1, 1], "num_heads": [2, 4]} for t in ("swin", "donut-swin")})
 OVERRIDES["lw_detr_vit"] = {"num_windows": 4}
 OVERRIDES["lw_detr"] = {"backbone_config.num_windows": 4}
+# Probabilistic forecasters: no default horizon; a short context with few lags and one time feature.
+_FORECAST = {"prediction_length": 4, "context_length": 8, "lags_sequence": [1, 2], "num_time_features": 1}
+OVERRIDES.update(dict.fromkeys(("time_series_transformer", "informer", "autoformer"), _FORECAST))
+# Convolutional stems: the 32 px image must survive every downsampling stage.
+OVERRIDES.update({"convnext": {"patch_size": 4}, "convnextv2": {"patch_size": 4}, "mobilevitv2": {"patch_size": 2}})
+_DPT_NECK = {"reassemble_hidden_size": HIDDEN}
+OVERRIDES.update(dict.fromkeys(("depth_anything", "prompt_depth_anything"), _DPT_NECK))
+OVERRIDES["swinv2"] = OVERRIDES["swin"]
+OVERRIDES["deepseek_v2"] = {"num_experts_per_tok": 2}  # None by default (no routed experts): top-k needs a k
+OVERRIDES["step3p7"] = {"text_config.sliding_window": 4}
+OVERRIDES["qwen3_asr_encoder"] = {"n_window": 16}  # features are padded to a multiple of 2·n_window (2x16 here)
+OVERRIDES["dory"] = {"layer_types": ["sliding_attention", "mlp", "full_attention", "mlp"], "num_hidden_layers": 4}
 # Validators that tie one field to another the shrinker does not know about (or to a per-layer pattern).
 OVERRIDES.update({
     "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
@@ -409,6 +423,8 @@ def _probe(model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[dict[str, An
         tries.append({**inputs, "input_features": feats.transpose(1, 2).reshape(B, -1, 2 * feats.shape[1])})
     if "input_values" in inputs and inputs["input_values"].dim() == 2:
         tries.append({**inputs, "input_values": inputs["input_values"][:, None]})
+    if "bbox" in inputs:  # boxes normalised to [0, 1] (UDOP) rather than 0..1000
+        tries.append({**inputs, "bbox": inputs["bbox"].float() / 1000})
     if "pixel_values" in inputs and inputs["pixel_values"].dim() == 4:
         tries.append({**inputs, "pixel_values": torch.stack([inputs["pixel_values"]] * 2, 1).flip(1, 4)})
     first: Exception | None = None
@@ -445,6 +461,14 @@ def _first(cfgs: list[Any], *names: str, default: Any = None) -> Any:
     return default
 
 
+# Forward inputs a family needs beside its `main_input_name` that the signature does not mark required (the
+# model checks them at run time: "You have to specify either input_ids or ...").
+EXTRA_INPUTS: dict[str, set[str]] = {
+    "kosmos-2": {"input_ids"}, "sam3": {"input_ids"}, "sam3_lite_text": {"input_ids"}, "vilt": {"pixel_values"},
+    "voxtral_realtime": {"input_features"}, "speech-encoder-decoder": {"input_values"},
+}  # fmt: skip
+
+
 def make_inputs(model: torch.nn.Module) -> dict[str, Any]:
     """Forward inputs from the signature: what `main_input_name` names, plus masks and decoder ids."""
     cfg = model.config
@@ -463,7 +487,8 @@ def make_inputs(model: torch.nn.Module) -> dict[str, Any]:
         pool = torch.tensor([i for i in range(3, vocab) if i not in bad])
         return pool[torch.randint(0, len(pool), (B, length), generator=g)]
 
-    want = {main, *required}
+    want = {main, *required, *EXTRA_INPUTS.get(getattr(cfg, "model_type", ""), ())}
+    want.discard("inputs")  # a generic encoder-decoder's alias of its encoder's input (named in EXTRA_INPUTS)
     if "grid_thw" in want and "input_ids" not in sig:
         want.discard("input_ids")  # a vision tower whose `main_input_name` is inherited
     if "input_ids" in want:
@@ -519,6 +544,18 @@ def make_inputs(model: torch.nn.Module) -> dict[str, Any]:
         pad[1, :patch] = 1.0  # the first patch of row 1 is padding: masked keys
         inputs["past_values_padding"] = pad
         inputs["freq"] = torch.zeros(B, 1, dtype=torch.long)
+    if "bbox" in sig and "input_ids" in inputs:  # layout models: one box (x0, y0, x1, y1) in 0..1000 per token
+        xy = torch.randint(0, 500, (B, L, 2), generator=g)
+        inputs["bbox"] = torch.cat([xy, xy + torch.randint(1, 500, (B, L, 2), generator=g)], -1)
+    if "past_time_features" in want:
+        # Probabilistic forecasters: a context of context_length + max(lags) steps, then the horizon.
+        ctx = int(cfg.context_length) + max(cfg.lags_sequence)
+        n_tf, horizon = int(cfg.num_time_features), int(cfg.prediction_length)
+        inputs["past_values"] = torch.randn(B, ctx, generator=g)
+        inputs["past_time_features"] = torch.randn(B, ctx, n_tf, generator=g)
+        inputs["past_observed_mask"] = torch.ones(B, ctx)
+        inputs["future_values"] = torch.randn(B, horizon, generator=g)
+        inputs["future_time_features"] = torch.randn(B, horizon, n_tf, generator=g)
     if "qformer_input_ids" in want:  # InstructBLIP: the Q-Former reads the instruction too
         inputs["qformer_input_ids"] = ids(L)
         if "qformer_attention_mask" in sig:
