@@ -48,8 +48,12 @@ _RECORDS: dict[str, dict[str, Any]] = {}
 # Families whose `output_attentions` are the scores before the softmax (padding mask included), not the
 # probabilities: the oracle is their softmax. SqueezeBERT returns `attention_score` (modeling_squeezebert).
 RETURNS_SCORES = {"squeezebert"}
-# Families whose failure lies in transformers itself at a tiny config (investigated): model type -> reason.
-XFAIL: dict[str, str] = {}
+# Families whose failure lies in transformers itself at a tiny config (investigated), or an open attntrace bug
+# found by the sweep (the reason says which): model type -> reason. Listed as failing in the table.
+XFAIL: dict[str, str] = {
+    "glm5_next_text": "open attntrace bug: with the tracer attached the output differs from the untraced one and the "
+                      "DSA indexer site (layers.1.self_attn.indexer) runs without a call seen",
+}
 
 
 class Recorder(Observer):
