@@ -291,7 +291,8 @@ OVERRIDES["lw_detr_vit"] = {"num_windows": 4}
 OVERRIDES["lw_detr"] = {"backbone_config.num_windows": 4}
 # Probabilistic forecasters: no default horizon; a short context with few lags and one time feature.
 _FORECAST = {"prediction_length": 4, "context_length": 8, "lags_sequence": [1, 2], "num_time_features": 1}
-OVERRIDES.update(dict.fromkeys(("time_series_transformer", "informer", "autoformer"), _FORECAST))
+OVERRIDES.update(dict.fromkeys(("time_series_transformer", "informer"), _FORECAST))
+OVERRIDES["autoformer"] = {**_FORECAST, "label_length": 2}  # the decoder's start window: within the context
 # Convolutional stems: the 32 px image must survive every downsampling stage.
 OVERRIDES.update({"convnext": {"patch_size": 4}, "convnextv2": {"patch_size": 4}, "mobilevitv2": {"patch_size": 2}})
 _DPT_NECK = {"reassemble_hidden_size": HIDDEN}
