@@ -54,6 +54,7 @@ XFAIL: dict[str, str] = {
     "glm5_next_text": "open attntrace bug: with the tracer attached the output differs from the untraced one and the "
                       "DSA indexer site (layers.1.self_attn.indexer) runs without a call seen",
 }
+XFAIL["glm5_next"] = XFAIL["glm5_next_text"]  # the same text stack inside the composite model
 
 
 class Recorder(Observer):
