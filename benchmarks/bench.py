@@ -62,7 +62,7 @@ def build_sd15_pipeline() -> Any:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from attntrace.demo import DATA
+    from attntrace.bundled import DATA
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768).eval()
@@ -92,7 +92,7 @@ def build_workload(workload: str) -> tuple[torch.nn.Module, Any, Callable[[], An
     if workload == "W3":
         from diffusers import StableDiffusionPipeline
 
-        from attntrace.demo import build_demo_pipeline
+        from attntrace.bundled import build_demo_pipeline
 
         pipe = StableDiffusionPipeline.from_pretrained(build_demo_pipeline())
         steps, size = 20, 128
