@@ -42,11 +42,12 @@ def sites() -> list[tuple[str, str, int]]:
 
 
 def build(root: Path, items: int, heads: bool) -> Path:
+    from safetensors.torch import save_file
+
     from attntrace.experiment.runner import write_json_atomic
     from attntrace.observers.attnmaps import AttnMaps
     from attntrace.observers.shapes import Shapes
     from attntrace.observers.stats import Stats
-    from safetensors.torch import save_file
 
     run = root / "sdxl-50"
     tokens = ["<|startoftext|>", *[f"w{i}</w>" for i in range(WORDS)], "<|endoftext|>"]
