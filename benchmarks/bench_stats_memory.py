@@ -41,6 +41,7 @@ def run_case(case: str, mib: float) -> dict[str, float]:
     root = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(root))
     from attntrace.core.call import AttentionCall
+    from attntrace.core.layout import Layout
     from attntrace.core.site import Site
     from attntrace.observers.stats import Stats
 
@@ -53,7 +54,7 @@ def run_case(case: str, mib: float) -> dict[str, float]:
 
     call = AttentionCall(
         site=site, step=0, timestep=None, query=q, key=k, value=v, attn_mask=None, scale=None,
-        is_causal=False, enable_gqa=False, kernel_fn=kernel, image_tokens=slice(0, L), image_hw=(64, 64),
+        is_causal=False, enable_gqa=False, kernel_fn=kernel, layout=Layout("self", image=slice(0, L), grid=(1, 64, 64)),
     )  # fmt: skip
     stats = Stats(max_chunk_mib=mib)
     # Warm up allocator/threads on a small call so one-off costs do not count.
