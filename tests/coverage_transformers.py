@@ -617,4 +617,13 @@ def all_tensors(out: Any) -> list[torch.Tensor]:
     return []
 
 
-__all__ = ["Built", "Family", "NotBuilt", "build", "families", "make_inputs", "run", "tiny_config"]
+def outputs_equal(a: Any, b: Any) -> bool:
+    """Two model outputs hold the same top-level tensors, bit for bit (and at least one).
+
+    Top level only: nested tuples (per-layer attentions) are compared by the tests that need them."""
+    ta = [t for t in a.to_tuple() if isinstance(t, torch.Tensor)]
+    tb = [t for t in b.to_tuple() if isinstance(t, torch.Tensor)]
+    return len(ta) == len(tb) > 0 and all(torch.equal(x, y) for x, y in zip(ta, tb))
+
+
+__all__ = ["Built", "Family", "NotBuilt", "build", "families", "make_inputs", "outputs_equal", "run", "tiny_config"]

@@ -26,6 +26,7 @@ transformers = pytest.importorskip("transformers")
 from attntrace import Observer, Tracer, find_sites  # noqa: E402
 from attntrace.core.call import AttentionCall  # noqa: E402
 from attntrace.core.errors import EditError, SelectionError  # noqa: E402
+from tests.coverage_transformers import outputs_equal  # noqa: E402
 
 BS, R, L = 2, 1, 16  # block size, random blocks; L > (5 + 2R)·BS so the model keeps block-sparse attention
 
@@ -104,9 +105,7 @@ def test_bigbird_block_sparse_probs_equal_definition_output_and_eager() -> None:
     with torch.no_grad(), tracer.attach(model):
         traced = model(input_ids=ids)
         traced_att = model(input_ids=ids, output_attentions=True)
-    for a, b in ((plain, traced), (ref, traced_att)):
-        ta, tb = ([t for t in x.to_tuple() if isinstance(t, torch.Tensor)] for x in (a, b))
-        assert len(ta) == len(tb) and all(torch.equal(x, y) for x, y in zip(ta, tb))
+    assert outputs_equal(plain, traced) and outputs_equal(ref, traced_att)
     assert not any("forward" in vars(m) for m in model.modules())
     assert [s for s, _, _ in obs.calls] == names * 2
     for i, (_, probs, layout) in enumerate(obs.calls[:2]):
@@ -224,9 +223,7 @@ def test_longt5_block_local_probs_equal_eager(attention: str, global_keys: int, 
     with torch.no_grad(), tracer.attach(model):
         traced = model(**inputs)
         traced_att = model(**inputs, output_attentions=True)
-    for a, b in ((plain, traced), (ref, traced_att)):
-        ta, tb = ([t for t in x.to_tuple() if isinstance(t, torch.Tensor)] for x in (a, b))
-        assert len(ta) == len(tb) and all(torch.equal(x, y) for x, y in zip(ta, tb))
+    assert outputs_equal(plain, traced) and outputs_equal(ref, traced_att)
     assert [s for s, _, _ in obs.calls] == names * 2
     for i, (_, probs, layout) in enumerate(obs.calls[:2]):
         assert (layout.probs, layout.window, layout.global_keys) == ("block_local", 3, global_keys)

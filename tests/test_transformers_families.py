@@ -22,6 +22,7 @@ transformers = pytest.importorskip("transformers")
 from attntrace import Observer, Tracer, find_sites  # noqa: E402
 from attntrace.core.call import AttentionCall  # noqa: E402
 from attntrace.core.errors import AttachError, EditError  # noqa: E402
+from tests.coverage_transformers import outputs_equal  # noqa: E402
 
 
 class Probs(Observer):
@@ -44,12 +45,6 @@ class Probs(Observer):
                 v = v.repeat_interleave(probs.shape[1] // v.shape[1], dim=1)
             self.pv_err = max(self.pv_err, float((probs @ v - call.output.float()).abs().max()))
         self.calls.append((call.site, probs))
-
-
-def _equal(a: Any, b: Any) -> bool:
-    ta = [t for t in a.to_tuple() if isinstance(t, torch.Tensor)]
-    tb = [t for t in b.to_tuple() if isinstance(t, torch.Tensor)]
-    return len(ta) == len(tb) > 0 and all(torch.equal(x, y) for x, y in zip(ta, tb))
 
 
 # -- TimesFM ------------------------------------------------------------------------------------------------
@@ -77,7 +72,7 @@ def test_timesfm_traced_equals_untraced_and_eager(impl: str) -> None:
         ref = oracle(**inputs, output_attentions=True).attentions
         with tracer.attach(model):
             traced = model(**inputs)
-    assert _equal(base, traced)
+    assert outputs_equal(base, traced)
     assert len(ref) == len(obs.calls) == 2  # one call per layer (the padded series is masked, not causal)
     for (_, p), r in zip(obs.calls, ref):
         assert p.shape == r.shape and float((p - r.float()).abs().max()) <= 1e-6
@@ -110,7 +105,7 @@ def test_squeezebert_probs_are_the_softmax_of_its_returned_scores() -> None:
     obs = tracer.add(Probs(frozenset({"query", "key", "value", "probs", "output"})))
     with torch.no_grad(), tracer.attach(model):
         traced = model(input_ids=ids, attention_mask=mask, output_attentions=True)
-    assert _equal(base, traced)
+    assert outputs_equal(base, traced)
     assert [s for s, _ in obs.calls] == ["encoder.layers.0.attention", "encoder.layers.1.attention"]
     heads, d = 4, 8
     for i, ((x, additive), (_, probs)) in enumerate(zip(seen, obs.calls)):
@@ -165,7 +160,7 @@ def test_vqvae_attention_blocks_are_single_head(family: str) -> None:
     obs = tracer.add(Probs(frozenset({"query", "key", "value", "probs", "output"})), match=list(blocks))
     with torch.no_grad(), tracer.attach(model):
         traced = run(pixels)
-    assert _equal(base, traced)
+    assert outputs_equal(base, traced)
     assert [s for s, _ in obs.calls] == [n for n, _ in seen] and len(seen) >= 2
     for (name, x), (_, probs) in zip(seen, obs.calls):
         block = blocks[name]
@@ -206,7 +201,7 @@ def test_ibert_plain_softmax_is_traced() -> None:
         base = model(**inputs, output_attentions=True)
         with tracer.attach(model):
             traced = model(**inputs, output_attentions=True)
-    assert _equal(base, traced)
+    assert outputs_equal(base, traced)
     assert [s for s, _ in obs.calls] == ["encoder.layer.0.attention.self", "encoder.layer.1.attention.self"]
     for (_, p), ref in zip(obs.calls, base.attentions):
         assert float((p - ref).abs().max()) <= 1e-6
@@ -286,7 +281,7 @@ def test_longformer_banded_probs_equal_definition_and_eager() -> None:
     with torch.no_grad(), tracer.attach(model):
         traced = model(input_ids=ids)  # the modules are asked for their weights; the model is not
         traced_att = model(input_ids=ids, output_attentions=True)
-    assert _equal(plain, traced) and _equal(ref, traced_att)
+    assert outputs_equal(plain, traced) and outputs_equal(ref, traced_att)
     assert [s for s, _ in obs.calls] == names * 2
     for i, (_, probs) in enumerate(obs.calls[:2]):
         assert obs.layouts[i].probs == "banded" and obs.layouts[i].window == 2 and obs.layouts[i].global_keys == 0
@@ -310,7 +305,7 @@ def test_longformer_global_and_padded_tokens_follow_output_attentions() -> None:
     obs = tracer.add(Banded())
     with torch.no_grad(), tracer.attach(model):
         traced = model(**inputs, output_attentions=True)
-    assert _equal(ref, traced)
+    assert outputs_equal(ref, traced)
     for i, (_, probs) in enumerate(obs.calls):
         assert obs.layouts[i].global_keys == 1 and probs.shape == (2, 4, 8, 6)
         assert float((probs - ref.attentions[i]).abs().max()) <= 1e-6
