@@ -16,7 +16,7 @@ def test_train_script_writes_loadable_pipeline_with_options(tmp_path: Path) -> N
     args = ["--out", str(out), "--threads", "1", "--steps", "3", "--vae-steps", "2", "--pool", "32"]
     args += ["--batch", "4", "--eval-prompts", "2"]
     args += ["--set", "prediction_type=v_prediction", "--set", "decoder_noise=0.5"]
-    args += ["--set", "uncond_attention_loss=0.5", "--set", "caption_dropout=0.5"]
+    args += ["--set", "uncond_attention_loss=0.5", "--set", "caption_dropout=0.5", "--set", "unet_heads=2"]
     assert main(args) == 0
     record = json.loads((out / "training.json").read_text())
     assert record["settings"]["prediction_type"] == "v_prediction"
@@ -24,6 +24,7 @@ def test_train_script_writes_loadable_pipeline_with_options(tmp_path: Path) -> N
     assert 0.0 <= record["prompt_following"]["rate"] <= 1.0 and record["prompt_following"]["n"] == 2
     pipe = load_pipeline(out)
     assert pipe.scheduler.config.prediction_type == "v_prediction"  # what the UNet was trained to predict
+    assert {m.heads for n, m in pipe.unet.named_modules() if n.endswith(("attn1", "attn2"))} == {2}
     assert pipe.tokenizer.convert_ids_to_tokens(pipe.tokenizer("a red circle").input_ids)[1:4] == [
         "a</w>",
         "red</w>",
