@@ -304,7 +304,7 @@ OVERRIDES["qwen3_asr_encoder"] = {"n_window": 16}  # features are padded to a mu
 OVERRIDES["dory"] = {"layer_types": ["sliding_attention", "mlp", "full_attention", "mlp"], "num_hidden_layers": 4}
 # Validators that tie one field to another the shrinker does not know about (or to a per-layer pattern).
 OVERRIDES.update({
-    "gpt_neo": {"attention_types": [[["global", "local"], 1]]},
+    "gpt_neo": {"attention_types": [[["global", "local"], 1]], "num_layers": LAYERS},
     "dia": {"delay_pattern": [0, 1, 2]},  # one delay per codebook channel (3 after shrinking)
     "zaya": {"num_experts_per_tok": 1},
     "molmo2": {"adapter_config.vision_feature_layer": [-1, -2]},
@@ -314,6 +314,30 @@ OVERRIDES.update({
 })
 OVERRIDES.update(dict.fromkeys(("deformable_detr", "conditional_detr", "dab-detr", "detr", "table-transformer",
                                 "omdet-turbo"), _RESNET))  # fmt: skip
+# Sizes the shrinker does not know by name (hash vocabularies, compound-scaling coefficients, codec widths...).
+OVERRIDES.update({
+    "blt": {"encoder_hash_byte_group_vocab": 64, "use_cache": False, "encoder_config.hidden_size_global": HIDDEN,
+            "decoder_config.hidden_size_global": HIDDEN},
+    # EfficientNet's top width is round_filters(1280) and ALIGN's image embedding the last stage's (320) width.
+    "efficientnet": {"width_coefficient": 0.25, "depth_coefficient": 0.25, "hidden_dim": 320},
+    "align": {"vision_config.width_coefficient": 0.25, "vision_config.depth_coefficient": 0.25,
+              "vision_config.hidden_dim": 320, "projection_dim": 80,
+              "vision_config.initializer_range": 0.2},
+    "longcat_flash": {"zero_expert_num": 2, "expert_ffn_hidden_size": FFN, "qk_head_dim": 2 * HEAD_DIM},
+    # VQ-VAE image tokenizers: GroupNorm(32) needs a multiple of 32 channels.
+    "janus": {"vq_config.base_channels": 32, "vq_config.latent_channels": 32, "vq_config.num_embeddings": 64},
+    # Image-token vocabularies ship with the checkpoint's tokenizer (None by default): the text-only forward
+    # needs only the image placeholder's id (outside the generated ids).
+    "chameleon": {"vocabulary_map": {"<image>": VOCAB - 1}, "vq_config.base_channels": 32,
+                  "vq_config.latent_channels": 32, "vq_config.num_embeddings": 64},
+    "emu3": {"vocabulary_map": {"<image>": VOCAB - 1, "<|extra_200|>": VOCAB - 2}, "vq_config.base_channels": 32,
+             "vq_config.codebook_size": 64},
+    # Sliding-window layers (per-layer config) take qk_nope (2·HEAD_DIM there) + qk_rope as their head dim.
+    "dots3_note_text": {"head_dim": 3 * HEAD_DIM},
+    "dots3_note": {"text_config.head_dim": 3 * HEAD_DIM, "vision_config.per_layer_config": None,  # MoE from layer 25
+                   "vision_config.adapter_in_dim": HIDDEN, "vision_config.adapter_out_dim": HIDDEN,
+                   "audio_config.adapter_out_dim": HIDDEN, "audio_config.adapter_input_size": HIDDEN},
+})
 
 
 def _set_override(kw: dict[str, Any], default: Any, key: str, value: Any) -> None:
