@@ -314,6 +314,9 @@ OVERRIDES.update({
 })
 OVERRIDES.update(dict.fromkeys(("deformable_detr", "conditional_detr", "dab-detr", "detr", "table-transformer",
                                 "omdet-turbo"), _RESNET))  # fmt: skip
+_QWEN4_INDEXER = {"indexer_n_heads": HEADS, "indexer_kv_heads": 1, "indexer_head_dim": HEAD_DIM, "indexer_budget": 4,
+                  "indexer_compress_ratio": 2}
+_COMPASS_ROPE = {"full_attention": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}}
 # Sizes the shrinker does not know by name (hash vocabularies, compound-scaling coefficients, codec widths...).
 OVERRIDES.update({
     "blt": {"encoder_hash_byte_group_vocab": 64, "use_cache": False, "encoder_config.hidden_size_global": HIDDEN,
@@ -337,6 +340,25 @@ OVERRIDES.update({
     "dots3_note": {"text_config.head_dim": 3 * HEAD_DIM, "vision_config.per_layer_config": None,  # MoE from layer 25
                    "vision_config.adapter_in_dim": HIDDEN, "vision_config.adapter_out_dim": HIDDEN,
                    "audio_config.adapter_out_dim": HIDDEN, "audio_config.adapter_input_size": HIDDEN},
+    # Image then audio codebooks laid out after the text tokens, inside the (tiny) vocabulary.
+    "apertus1p5": {"image_token_id": 400, "audio_token_id": 401, "image_token_offset": 256, "audio_token_offset": 320,
+                   "vision_config.codebook_size": 64, "audio_config.codebook_size": 64, "vision_config.base_channels": 32,
+                   "vision_config.latent_channels": 32, "vision_config.num_res_blocks": 1},
+    # Rope parameters per layer type (a flat M-RoPE dict does not type-check).
+    "cohere_compass_text": {"rope_parameters": _COMPASS_ROPE},
+    "cohere_compass": {"text_config.rope_parameters": _COMPASS_ROPE},
+    # Fields a checkpoint sets and the default config leaves None.
+    "dbrx": {"attn_config.rope_theta": 10000.0, "attn_config.clip_qkv": 8.0},
+    "nemotron": {"num_key_value_heads": KV_HEADS},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},
+    "dots1": {"n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2},
+    "esm": {"vocab_size": 33, "pad_token_id": 1, "mask_token_id": 32},
+    "qwen4_exp_text": _QWEN4_INDEXER,
+    "qwen4_exp": {f"text_config.{k}": v for k, v in _QWEN4_INDEXER.items()},
+    "diffusion_gemma": {"text_config.num_experts": 4, "text_config.top_k_experts": 2,
+                        "text_config.moe_intermediate_size": FFN},
+    "deepseek_ocr2": {"text_config.mlp_layer_types": ["dense", "sparse"], "text_config.num_experts_per_tok": 2},
+    "bridgetower": {"hidden_size": 64, "text_config.hidden_size": 64, "vision_config.hidden_size": 64},  # 64 per head
 })
 
 
