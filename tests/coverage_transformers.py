@@ -358,6 +358,14 @@ OVERRIDES.update({
     "diffusion_gemma": {"text_config.num_experts": 4, "text_config.top_k_experts": 2,
                         "text_config.moe_intermediate_size": FFN},
     "deepseek_ocr2": {"text_config.mlp_layer_types": ["dense", "sparse"], "text_config.num_experts_per_tok": 2},
+    # Attributes a composite parent (or the checkpoint) sets on a sub-config that the default lacks.
+    "moonshine_streaming": {"num_key_value_heads": HEADS},
+    "t5gemma2_encoder": {"text_config.dropout_rate": 0.0},
+    "qwen3_omni_moe_thinker": {"vision_start_token_id": VOCAB - 1},
+    "qwen2_5_omni_thinker": {"vision_start_token_id": VOCAB - 1},
+    # MusicGen's decoder reads (B·codebooks, L) ids: one codebook keeps the generic (B, L) ids.
+    "musicgen": {"decoder.num_codebooks": 1},
+    "musicgen_melody": {"decoder.num_codebooks": 1},
     "bridgetower": {"hidden_size": 64, "text_config.hidden_size": 64, "vision_config.hidden_size": 64},  # 64 per head
 })
 
@@ -410,6 +418,16 @@ def _all_configs(cfg: Any) -> list[Any]:
     return out
 
 
+def _for_model(model_cls: type, cfg: Any) -> Any:
+    """The config the model class takes: a base class declared for one sub-config of the family's config
+    (MusicGen's `MusicgenModel` is its decoder) gets that sub-config."""
+    want = getattr(model_cls, "config_class", None)
+    if not isinstance(want, type) or isinstance(cfg, want):
+        return cfg
+    subs = [c for c in _all_configs(cfg) if isinstance(c, want)]
+    return subs[0] if len(subs) == 1 else cfg
+
+
 @dataclass
 class Built:
     model_type: str
@@ -424,7 +442,7 @@ def build(model_type: str, impl: str | dict[str, str] = "sdpa", seed: int = 0, p
     fam = families()[model_type]
     if fam.model_cls is None:
         raise NotBuilt(fam.reason)
-    cfg = tiny_config(model_type)
+    cfg = _for_model(fam.model_cls, tiny_config(model_type))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -437,12 +455,13 @@ def build(model_type: str, impl: str | dict[str, str] = "sdpa", seed: int = 0, p
             raise NotBuilt(f"still {n / 1e6:.1f}M parameters after shrinking")
         torch.manual_seed(seed)
         try:
-            model = fam.model_cls._from_config(tiny_config(model_type), attn_implementation=impl)
+            model = fam.model_cls._from_config(_for_model(fam.model_cls, tiny_config(model_type)), attn_implementation=impl)
         except (ValueError, ImportError) as exc:
             if impl == "eager" or isinstance(impl, dict):
                 raise NotBuilt(f"model init fails: {type(exc).__name__}: {_short(exc)}") from None
             torch.manual_seed(seed)
-            model = fam.model_cls._from_config(tiny_config(model_type), attn_implementation="eager")
+            model = fam.model_cls._from_config(_for_model(fam.model_cls, tiny_config(model_type)),
+                                               attn_implementation="eager")
             impl = "eager"
         except Exception as exc:
             raise NotBuilt(f"model init fails: {type(exc).__name__}: {_short(exc)}") from None
