@@ -316,6 +316,8 @@ OVERRIDES.update(dict.fromkeys(("deformable_detr", "conditional_detr", "dab-detr
                                 "omdet-turbo"), _RESNET))  # fmt: skip
 _QWEN4_INDEXER = {"indexer_n_heads": HEADS, "indexer_kv_heads": 1, "indexer_head_dim": HEAD_DIM, "indexer_budget": 4,
                   "indexer_compress_ratio": 2}
+_MIMI = {"upsample_groups": HIDDEN, "vector_quantization_hidden_dimension": HIDDEN, "num_filters": 8,
+         "codebook_size": 64, "num_quantizers": 4}
 _COMPASS_ROPE = {"full_attention": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}}
 # Sizes the shrinker does not know by name (hash vocabularies, compound-scaling coefficients, codec widths...).
 OVERRIDES.update({
@@ -366,6 +368,16 @@ OVERRIDES.update({
     # MusicGen's decoder reads (B·codebooks, L) ids: one codebook keeps the generic (B, L) ids.
     "musicgen": {"decoder.num_codebooks": 1},
     "musicgen_melody": {"decoder.num_codebooks": 1},
+    # Codec upsampling convolutions grouped per channel (groups = the default hidden size).
+    "mimi": _MIMI, "mimi_decoder": {"upsample_groups": HIDDEN, "num_filters": 8},
+    "pocket_tts_audio_tokenizer": {"upsample_groups": HIDDEN, "num_filters": 8},
+    "pocket_tts_audio_tokenizer_decoder": {"upsample_groups": HIDDEN, "num_filters": 8},
+    "csm": {**{f"codec_config.{k}": v for k, v in _MIMI.items()}, "num_codebooks": 4,
+            "depth_decoder_config.num_codebooks": 4, "depth_decoder_config.backbone_hidden_size": HIDDEN},
+    "cvt": {"depth": [1, 2, 3]},  # stage i reads drop-path rate i of its own layers: depth[i] > i
+    "vitmatte": {"convstream_hidden_sizes": [8, 16, 32], "fusion_hidden_sizes": [32, 16, 16, 8]},  # lists
+    "vitpose_backbone": {"part_features": 8, "num_experts": 1},  # the experts' share of the MLP width (mlp_ratio·hidden)
+    "vitpose": {"backbone_config.part_features": 8, "backbone_config.num_experts": 1},
     "bridgetower": {"hidden_size": 64, "text_config.hidden_size": 64, "vision_config.hidden_size": 64},  # 64 per head
 })
 
@@ -639,6 +651,8 @@ def make_inputs(model: torch.nn.Module) -> dict[str, Any]:
         # PatchTST/PatchTSMixer: (B, context length, channels)
         length = int(_first(cfgs, "context_length", default=32))
         inputs["past_values"] = torch.randn(B, length, int(_first(cfgs, "num_input_channels", default=1)), generator=g)
+    if "latents" in want:  # codec decoders: continuous latents (B, hidden, frames)
+        inputs["latents"] = torch.randn(B, int(_first(cfgs, "hidden_size", default=HIDDEN)), L, generator=g)
     if "decoder_input_ids" in sig and getattr(cfg, "is_encoder_decoder", False) and "inputs_embeds" not in want:
         inputs["decoder_input_ids"] = ids(DEC_L)
     missing = [n for n in required if n not in inputs]
