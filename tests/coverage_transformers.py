@@ -375,7 +375,13 @@ OVERRIDES.update({
     "csm": {**{f"codec_config.{k}": v for k, v in _MIMI.items()}, "num_codebooks": 4,
             "depth_decoder_config.num_codebooks": 4, "depth_decoder_config.backbone_hidden_size": HIDDEN},
     "cvt": {"depth": [1, 2, 3]},  # stage i reads drop-path rate i of its own layers: depth[i] > i
-    "vitmatte": {"convstream_hidden_sizes": [8, 16, 32], "fusion_hidden_sizes": [32, 16, 16, 8]},  # lists
+    "vitmatte": {"convstream_hidden_sizes": [8, 16, 32], "fusion_hidden_sizes": [32, 16, 16, 8],  # lists
+                 "backbone_config.patch_size": 16},  # 1/16 features fused with the detail stream's 1/8
+    # Zamba ties every hybrid layer's shared transformer to the first one's: it needs a second hybrid layer.
+    "zamba": {"layers_block_type": ["linear_attention", "hybrid", "hybrid"], "num_hidden_layers": 3},
+    "gemma3n_text": {"num_kv_shared_layers": 0},  # 15 of 35 layers share K/V: none of the 2 kept
+    "granite4_vision": {"deepstack_layer_map": [[-1, 0]], "downsample_rate": "1/2", "spatial_target_layers": [1, 1, 1, 1],
+                        "vision_config.hidden_size": 64},  # the Q-Former takes hidden // 64 heads
     "vitpose_backbone": {"part_features": 8, "num_experts": 1},  # the experts' share of the MLP width (mlp_ratio·hidden)
     "vitpose": {"backbone_config.part_features": 8, "backbone_config.num_experts": 1},
     "bridgetower": {"hidden_size": 64, "text_config.hidden_size": 64, "vision_config.hidden_size": 64},  # 64 per head
