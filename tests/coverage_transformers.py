@@ -382,6 +382,11 @@ OVERRIDES.update({
     "gemma3n_text": {"num_kv_shared_layers": 0},  # 15 of 35 layers share K/V: none of the 2 kept
     "granite4_vision": {"deepstack_layer_map": [[-1, 0]], "downsample_rate": "1/2", "spatial_target_layers": [1, 1, 1, 1],
                         "vision_config.hidden_size": 64},  # the Q-Former takes hidden // 64 heads
+    "bros": {"hidden_size": 64},  # 1-D box embeddings: hidden // 4 // dim_bbox(8) wide, an even number
+    "audio-spectrogram-transformer": {"max_length": 16, "num_mel_bins": 16, "frequency_stride": 4, "time_stride": 4},
+    "blip-2": {"image_token_id": VOCAB - 1},
+    # CLVP: the speech encoder reads the decoder's (8194-token) speech ids; rotary dims are at least 32 per head.
+    "clvp": {"speech_config.vocab_size": 8194, "speech_config.num_attention_heads": 1, "text_config.num_attention_heads": 1},
     "vitpose_backbone": {"part_features": 8, "num_experts": 1},  # the experts' share of the MLP width (mlp_ratio·hidden)
     "vitpose": {"backbone_config.part_features": 8, "backbone_config.num_experts": 1},
     "bridgetower": {"hidden_size": 64, "text_config.hidden_size": 64, "vision_config.hidden_size": 64},  # 64 per head
@@ -507,6 +512,11 @@ def _probe(model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[dict[str, An
         tries.append({**inputs, "input_features": feats.transpose(1, 2).reshape(B, -1, 2 * feats.shape[1])})
     if "input_values" in inputs and inputs["input_values"].dim() == 2:
         tries.append({**inputs, "input_values": inputs["input_values"][:, None]})
+    if "input_values" in inputs and hasattr(model.config, "num_mel_bins") and hasattr(model.config, "max_length"):
+        # spectrogram transformers (AST): (B, frames, mel bins)
+        cfg = model.config
+        spec = torch.randn(B, cfg.max_length, cfg.num_mel_bins, generator=torch.Generator().manual_seed(1))
+        tries.append({**inputs, "input_values": spec})
     if "bbox" in inputs:  # boxes normalised to [0, 1] (UDOP) rather than 0..1000
         tries.append({**inputs, "bbox": inputs["bbox"].float() / 1000})
     if "pixel_values" in inputs and inputs["pixel_values"].dim() == 4:
@@ -550,6 +560,7 @@ def _first(cfgs: list[Any], *names: str, default: Any = None) -> Any:
 EXTRA_INPUTS: dict[str, set[str]] = {
     "kosmos-2": {"input_ids"}, "sam3": {"input_ids"}, "sam3_lite_text": {"input_ids"}, "vilt": {"pixel_values"},
     "voxtral_realtime": {"input_features"}, "speech-encoder-decoder": {"input_values"},
+    "audioflamingo3_encoder": {"input_features_mask"}, "clvp": {"input_features"},
 }  # fmt: skip
 
 
