@@ -383,8 +383,14 @@ OVERRIDES.update({
     "granite4_vision": {"deepstack_layer_map": [[-1, 0]], "downsample_rate": "1/2", "spatial_target_layers": [1, 1, 1, 1],
                         "vision_config.hidden_size": 64},  # the Q-Former takes hidden // 64 heads
     "bros": {"hidden_size": 64},  # 1-D box embeddings: hidden // 4 // dim_bbox(8) wide, an even number
+    # Layout models: the 6 box embeddings (x0, y0, x1, y1, h, w) concatenate to the hidden size (a multiple of 6).
+    "lilt": {"hidden_size": 48},
+    "layoutlmv3": {"hidden_size": 48, "coordinate_size": 8, "shape_size": 8},
+    "levit": {"patch_size": 16},  # the stem always downsamples 16x; the attention biases follow image // patch
     "audio-spectrogram-transformer": {"max_length": 16, "num_mel_bins": 16, "frequency_stride": 4, "time_stride": 4},
-    "blip-2": {"image_token_id": VOCAB - 1},
+    "blip-2": {"image_token_id": VOCAB - 1},  # image placeholders (None by default; the processor sets them)
+    "instructblip": {"image_token_index": VOCAB - 1},
+    "instructblipvideo": {"video_token_index": VOCAB - 1},
     # CLVP: the speech encoder reads the decoder's (8194-token) speech ids; rotary dims are at least 32 per head.
     "clvp": {"speech_config.vocab_size": 8194, "speech_config.num_attention_heads": 1, "text_config.num_attention_heads": 1},
     "vitpose_backbone": {"part_features": 8, "num_experts": 1},  # the experts' share of the MLP width (mlp_ratio·hidden)
@@ -504,7 +510,8 @@ def build(model_type: str, impl: str | dict[str, str] = "sdpa", seed: int = 0, p
 def _probe(model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[dict[str, Any], list[torch.Tensor]]:
     """One forward; then the layouts other families of the same input name take: audio features time-major
     (Parakeet-style encoders take (B, T, bins)) or with two frames stacked (W2V-BERT: (B, T, 2·bins)),
-    waveforms with a channel axis (codecs: (B, 1, T)), images as a pair (keypoint matchers: (B, 2, C, H, W))."""
+    waveforms with a channel axis (codecs: (B, 1, T)), images as a pair (keypoint matchers: (B, 2, C, H, W)) or
+    one per sample (image sets, videos: (B, 1, C, H, W))."""
     tries = [inputs]
     if "input_features" in inputs:
         feats = inputs["input_features"]
@@ -521,6 +528,7 @@ def _probe(model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[dict[str, An
         tries.append({**inputs, "bbox": inputs["bbox"].float() / 1000})
     if "pixel_values" in inputs and inputs["pixel_values"].dim() == 4:
         tries.append({**inputs, "pixel_values": torch.stack([inputs["pixel_values"]] * 2, 1).flip(1, 4)})
+        tries.append({**inputs, "pixel_values": inputs["pixel_values"][:, None]})  # one image (frame) per sample
     first: Exception | None = None
     for kw in tries:
         try:
@@ -561,6 +569,8 @@ EXTRA_INPUTS: dict[str, set[str]] = {
     "kosmos-2": {"input_ids"}, "sam3": {"input_ids"}, "sam3_lite_text": {"input_ids"}, "vilt": {"pixel_values"},
     "voxtral_realtime": {"input_features"}, "speech-encoder-decoder": {"input_values"},
     "audioflamingo3_encoder": {"input_features_mask"}, "clvp": {"input_features"},
+    "instructblip": {"input_ids", "qformer_input_ids"}, "instructblipvideo": {"input_ids", "qformer_input_ids"},
+    "idefics": {"pixel_values", "image_attention_mask"},
 }  # fmt: skip
 
 
@@ -668,6 +678,9 @@ def make_inputs(model: torch.nn.Module) -> dict[str, Any]:
         # PatchTST/PatchTSMixer: (B, context length, channels)
         length = int(_first(cfgs, "context_length", default=32))
         inputs["past_values"] = torch.randn(B, length, int(_first(cfgs, "num_input_channels", default=1)), generator=g)
+    if "image_attention_mask" in want and "pixel_values" in inputs:  # IDEFICS: image sets, each token sees image 0
+        inputs["pixel_values"] = inputs["pixel_values"][:, None]
+        inputs["image_attention_mask"] = torch.ones(B, L, 1, dtype=torch.long)
     if "latents" in want:  # codec decoders: continuous latents (B, hidden, frames)
         inputs["latents"] = torch.randn(B, int(_first(cfgs, "hidden_size", default=HIDDEN)), L, generator=g)
     if "decoder_input_ids" in sig and getattr(cfg, "is_encoder_decoder", False) and "inputs_embeds" not in want:
