@@ -294,7 +294,7 @@ _FORECAST = {"prediction_length": 4, "context_length": 8, "lags_sequence": [1, 2
 OVERRIDES.update(dict.fromkeys(("time_series_transformer", "informer"), _FORECAST))
 OVERRIDES["autoformer"] = {**_FORECAST, "label_length": 2}  # the decoder's start window: within the context
 # Convolutional stems: the 32 px image must survive every downsampling stage.
-OVERRIDES.update({"convnext": {"patch_size": 4}, "convnextv2": {"patch_size": 4}, "mobilevitv2": {"patch_size": 2}})
+OVERRIDES.update({"convnext": {"patch_size": 4}, "convnextv2": {"patch_size": 4}})
 _DPT_NECK = {"reassemble_hidden_size": HIDDEN}
 OVERRIDES.update(dict.fromkeys(("depth_anything", "prompt_depth_anything"), _DPT_NECK))
 OVERRIDES["swinv2"] = OVERRIDES["swin"]
@@ -387,6 +387,9 @@ OVERRIDES.update({
     "lilt": {"hidden_size": 48},
     "layoutlmv3": {"hidden_size": 48, "coordinate_size": 8, "shape_size": 8},
     "levit": {"patch_size": 16},  # the stem always downsamples 16x; the attention biases follow image // patch
+    "kosmos-2": {"latent_query_num": 4},  # image embeddings fill 4 of the L text positions
+    "lxmert": {"visual_feat_dim": HIDDEN, "l_layers": LAYERS, "x_layers": LAYERS, "r_layers": LAYERS},
+    "mobilevitv2": {"patch_size": 2, "image_size": 64},  # 32 px ends at 1x1 before the last 2x2 unfold
     "audio-spectrogram-transformer": {"max_length": 16, "num_mel_bins": 16, "frequency_stride": 4, "time_stride": 4},
     "blip-2": {"image_token_id": VOCAB - 1},  # image placeholders (None by default; the processor sets them)
     "instructblip": {"image_token_index": VOCAB - 1},
@@ -566,7 +569,7 @@ def _first(cfgs: list[Any], *names: str, default: Any = None) -> Any:
 # Forward inputs a family needs beside its `main_input_name` that the signature does not mark required (the
 # model checks them at run time: "You have to specify either input_ids or ...").
 EXTRA_INPUTS: dict[str, set[str]] = {
-    "kosmos-2": {"input_ids"}, "sam3": {"input_ids"}, "sam3_lite_text": {"input_ids"}, "vilt": {"pixel_values"},
+    "kosmos-2": {"input_ids", "image_embeds_position_mask"}, "lxmert": {"visual_feats"}, "sam3": {"input_ids"}, "sam3_lite_text": {"input_ids"}, "vilt": {"pixel_values"},
     "voxtral_realtime": {"input_features"}, "speech-encoder-decoder": {"input_values"},
     "audioflamingo3_encoder": {"input_features_mask"}, "clvp": {"input_features"},
     "instructblip": {"input_ids", "qformer_input_ids"}, "instructblipvideo": {"input_ids", "qformer_input_ids"},
@@ -681,6 +684,14 @@ def make_inputs(model: torch.nn.Module) -> dict[str, Any]:
     if "image_attention_mask" in want and "pixel_values" in inputs:  # IDEFICS: image sets, each token sees image 0
         inputs["pixel_values"] = inputs["pixel_values"][:, None]
         inputs["image_attention_mask"] = torch.ones(B, L, 1, dtype=torch.long)
+    if "image_embeds_position_mask" in want and "pixel_values" in inputs:  # Kosmos-2: where the image embeddings go
+        n = int(_first(cfgs, "latent_query_num", default=4))
+        inputs["image_embeds_position_mask"] = torch.zeros(B, L, dtype=torch.long)
+        inputs["image_embeds_position_mask"][:, 1 : 1 + n] = 1
+    if "visual_feats" in want:  # LXMERT: region features and their boxes
+        n_boxes = 4
+        inputs["visual_feats"] = torch.randn(B, n_boxes, int(cfg.visual_feat_dim), generator=g)
+        inputs["visual_pos"] = torch.rand(B, n_boxes, int(cfg.visual_pos_dim), generator=g)
     if "latents" in want:  # codec decoders: continuous latents (B, hidden, frames)
         inputs["latents"] = torch.randn(B, int(_first(cfgs, "hidden_size", default=HIDDEN)), L, generator=g)
     if "decoder_input_ids" in sig and getattr(cfg, "is_encoder_decoder", False) and "inputs_embeds" not in want:
