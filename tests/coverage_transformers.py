@@ -573,7 +573,7 @@ EXTRA_INPUTS: dict[str, set[str]] = {
     "voxtral_realtime": {"input_features"}, "speech-encoder-decoder": {"input_values"},
     "audioflamingo3_encoder": {"input_features_mask"}, "clvp": {"input_features"},
     "instructblip": {"input_ids", "qformer_input_ids"}, "instructblipvideo": {"input_ids", "qformer_input_ids"},
-    "idefics": {"pixel_values", "image_attention_mask"},
+    "idefics": {"pixel_values", "image_attention_mask"}, "siglip2": {"spatial_shapes"},
 }  # fmt: skip
 
 
@@ -605,7 +605,7 @@ def make_inputs(model: torch.nn.Module) -> dict[str, Any]:
             mask = torch.ones(B, L, dtype=torch.long)
             mask[1, L - 3:] = 0  # right padding: keys masked in row 1
             inputs["attention_mask"] = mask
-    dual = not any(k in _token_names(cfg) for k in ("image_token_id", "image_token_index"))
+    dual = not any(k in _token_names(cfg) for k in ("image_token_id", "image_token_index", "image_patch_id"))
     if "pixel_values" in sig and dual and main == "input_ids" and getattr(cfg, "vision_config", None) is not None:
         want.add("pixel_values")  # dual encoders (CLIP-like) need both modalities
     if "pixel_values" in want and "grid_thw" not in want:
@@ -626,7 +626,7 @@ def make_inputs(model: torch.nn.Module) -> dict[str, Any]:
         patch = _first(vc, "patch_size", default=8)
         patch = patch[0] if isinstance(patch, (list, tuple)) else int(patch)
         dim = (int(_first(vc, "in_channels", "num_channels", default=3))
-               * int(_first(vc, "temporal_patch_size", default=1) or 1) * patch * patch)  # fmt: skip
+               * int(_first(vc, "temporal_patch_size", "patch_temporal", default=1) or 1) * patch * patch)  # fmt: skip
         side = 2 * merge
         inputs["grid_thw"] = torch.tensor([[1, side, side]] * B)
         flat = "hidden_states" if "hidden_states" in want else "pixel_values"
@@ -681,6 +681,16 @@ def make_inputs(model: torch.nn.Module) -> dict[str, Any]:
         # PatchTST/PatchTSMixer: (B, context length, channels)
         length = int(_first(cfgs, "context_length", default=32))
         inputs["past_values"] = torch.randn(B, length, int(_first(cfgs, "num_input_channels", default=1)), generator=g)
+    if "spatial_shapes" in want:
+        # NaFlex (SigLIP 2): flattened patches (B, N, C·p²) of a 4x4 grid, the valid-patch mask (row 1: the last
+        # row of patches padded) and each image's grid
+        vc = [getattr(cfg, "vision_config", None) or cfg, *cfgs]
+        patch = int(_first(vc, "patch_size", default=8))
+        dim = int(_first(vc, "num_channels", default=3)) * patch * patch
+        inputs["pixel_values"] = torch.randn(B, 16, dim, generator=g)
+        inputs["pixel_attention_mask"] = torch.ones(B, 16, dtype=torch.long)
+        inputs["pixel_attention_mask"][1, 12:] = 0
+        inputs["spatial_shapes"] = torch.tensor([[4, 4], [3, 4]])
     if "image_attention_mask" in want and "pixel_values" in inputs:  # IDEFICS: image sets, each token sees image 0
         inputs["pixel_values"] = inputs["pixel_values"][:, None]
         inputs["image_attention_mask"] = torch.ones(B, L, 1, dtype=torch.long)
