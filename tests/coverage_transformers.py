@@ -532,6 +532,8 @@ def _probe(model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[dict[str, An
     if "pixel_values" in inputs and inputs["pixel_values"].dim() == 4:
         tries.append({**inputs, "pixel_values": torch.stack([inputs["pixel_values"]] * 2, 1).flip(1, 4)})
         tries.append({**inputs, "pixel_values": inputs["pixel_values"][:, None]})  # one image (frame) per sample
+    if "target_sizes" in inputs:  # MiniCPM vision towers: position ids of one image per call
+        tries.append({**inputs, "pixel_values": inputs["pixel_values"][:1], "target_sizes": inputs["target_sizes"][:1]})
     first: Exception | None = None
     for kw in tries:
         try:
@@ -631,6 +633,8 @@ def make_inputs(model: torch.nn.Module) -> dict[str, Any]:
         inputs["grid_thw"] = torch.tensor([[1, side, side]] * B)
         flat = "hidden_states" if "hidden_states" in want else "pixel_values"
         inputs[flat] = torch.randn(B * side * side, dim, generator=g)
+        if "merge_sizes" in want:  # VideoLLaMA 3: each image's spatial merge
+            inputs["merge_sizes"] = torch.tensor([merge] * B)
     if "input_features" in want:
         bins = _first(cfgs, "num_mel_bins", "feature_size", "input_feat_per_channel", default=80)
         n_pos = _first(cfgs, "max_source_positions", default=None)
@@ -691,6 +695,19 @@ def make_inputs(model: torch.nn.Module) -> dict[str, Any]:
         inputs["pixel_attention_mask"] = torch.ones(B, 16, dtype=torch.long)
         inputs["pixel_attention_mask"][1, 12:] = 0
         inputs["spatial_shapes"] = torch.tensor([[4, 4], [3, 4]])
+    if "pixel_position_ids" in want:
+        # Gemma 4 vision: (B, patches, C·p²) patches of a square grid of pooling windows, (x, y) per patch
+        vc = [getattr(cfg, "vision_config", None) or cfg, *cfgs]
+        patch = int(_first(vc, "patch_size", default=8))
+        side = 2 * int(_first(vc, "pooling_kernel_size", default=1))
+        yy, xx = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        inputs["pixel_values"] = torch.rand(B, side * side, 3 * patch * patch, generator=g)
+        inputs["pixel_position_ids"] = torch.stack([xx.flatten(), yy.flatten()], -1).expand(B, -1, -1).clone()
+    if "target_sizes" in sig and "pixel_values" in inputs and inputs["pixel_values"].dim() == 4:
+        # MiniCPM vision towers: each image's patch grid (h, w)
+        patch = int(_first([cfg, *cfgs], "patch_size", default=8))
+        h, w = inputs["pixel_values"].shape[-2:]
+        inputs["target_sizes"] = torch.tensor([[h // patch, w // patch]] * B, dtype=torch.int32)
     if "image_attention_mask" in want and "pixel_values" in inputs:  # IDEFICS: image sets, each token sees image 0
         inputs["pixel_values"] = inputs["pixel_values"][:, None]
         inputs["image_attention_mask"] = torch.ones(B, L, 1, dtype=torch.long)
