@@ -390,6 +390,12 @@ OVERRIDES.update({
     "kosmos-2": {"latent_query_num": 4},  # image embeddings fill 4 of the L text positions
     "lxmert": {"visual_feat_dim": HIDDEN, "l_layers": LAYERS, "x_layers": LAYERS, "r_layers": LAYERS},
     "mobilevitv2": {"patch_size": 2, "image_size": 64},  # 32 px ends at 1x1 before the last 2x2 unfold
+    # M-RoPE sections cover the rotary half of the head (partial_rotary_factor 0.5): a 16-wide head
+    "glm4v_moe_text": {"head_dim": 2 * HEAD_DIM},
+    "glm4v_moe": {"text_config.head_dim": 2 * HEAD_DIM},
+    "paddleocr_vl": {"text_config.rope_parameters.mrope_section": [2, 1, 1]},  # [16, 24, 24] when absent
+    "shieldgemma2": {"yes_token_index": 10, "no_token_index": 11},  # vocabulary ids of the answers
+    "swin2sr": {"patch_size": 1, "window_size": 4},
     "audio-spectrogram-transformer": {"max_length": 16, "num_mel_bins": 16, "frequency_stride": 4, "time_stride": 4},
     "blip-2": {"image_token_id": VOCAB - 1},  # image placeholders (None by default; the processor sets them)
     "instructblip": {"image_token_index": VOCAB - 1},
@@ -532,6 +538,8 @@ def _probe(model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[dict[str, An
     if "pixel_values" in inputs and inputs["pixel_values"].dim() == 4:
         tries.append({**inputs, "pixel_values": torch.stack([inputs["pixel_values"]] * 2, 1).flip(1, 4)})
         tries.append({**inputs, "pixel_values": inputs["pixel_values"][:, None]})  # one image (frame) per sample
+    if "past_values" in inputs and inputs["past_values"].dim() == 3:  # univariate forecasters: (B, T)
+        tries.append({**inputs, "past_values": inputs["past_values"][..., 0]})
     if "target_sizes" in inputs:  # MiniCPM vision towers: position ids of one image per call
         tries.append({**inputs, "pixel_values": inputs["pixel_values"][:1], "target_sizes": inputs["target_sizes"][:1]})
     first: Exception | None = None
@@ -575,7 +583,8 @@ EXTRA_INPUTS: dict[str, set[str]] = {
     "voxtral_realtime": {"input_features"}, "speech-encoder-decoder": {"input_values"},
     "audioflamingo3_encoder": {"input_features_mask"}, "clvp": {"input_features"},
     "instructblip": {"input_ids", "qformer_input_ids"}, "instructblipvideo": {"input_ids", "qformer_input_ids"},
-    "idefics": {"pixel_values", "image_attention_mask"}, "siglip2": {"spatial_shapes"},
+    "idefics": {"pixel_values", "image_attention_mask"}, "siglip2": {"spatial_shapes"}, "xmod": {"lang_ids"},
+
 }  # fmt: skip
 
 
@@ -719,6 +728,8 @@ def make_inputs(model: torch.nn.Module) -> dict[str, Any]:
         n_boxes = 4
         inputs["visual_feats"] = torch.randn(B, n_boxes, int(cfg.visual_feat_dim), generator=g)
         inputs["visual_pos"] = torch.rand(B, n_boxes, int(cfg.visual_pos_dim), generator=g)
+    if "lang_ids" in want:  # X-MOD: the language adapter of each sample
+        inputs["lang_ids"] = torch.zeros(B, dtype=torch.long)
     if "latents" in want:  # codec decoders: continuous latents (B, hidden, frames)
         inputs["latents"] = torch.randn(B, int(_first(cfgs, "hidden_size", default=HIDDEN)), L, generator=g)
     if "decoder_input_ids" in sig and getattr(cfg, "is_encoder_decoder", False) and "inputs_embeds" not in want:
