@@ -325,9 +325,9 @@ OVERRIDES.update({
             "decoder_config.hidden_size_global": HIDDEN},
     # EfficientNet's top width is round_filters(1280) and ALIGN's image embedding the last stage's (320) width.
     "efficientnet": {"width_coefficient": 0.25, "depth_coefficient": 0.25, "hidden_dim": 320},
+    # ALIGN's convolutions initialised at std 0.02 shrink the signal ~1e4 per block, to 0 at the pooled output.
     "align": {"vision_config.width_coefficient": 0.25, "vision_config.depth_coefficient": 0.25,
-              "vision_config.hidden_dim": 320, "projection_dim": 80,
-              "vision_config.initializer_range": 0.2},
+              "vision_config.hidden_dim": 320, "projection_dim": 80, "vision_config.initializer_range": 0.2},
     "longcat_flash": {"zero_expert_num": 2, "expert_ffn_hidden_size": FFN, "qk_head_dim": 2 * HEAD_DIM},
     # VQ-VAE image tokenizers: GroupNorm(32) needs a multiple of 32 channels.
     "janus": {"vq_config.base_channels": 32, "vq_config.latent_channels": 32, "vq_config.num_embeddings": 64},
@@ -344,8 +344,9 @@ OVERRIDES.update({
                    "audio_config.adapter_out_dim": HIDDEN, "audio_config.adapter_input_size": HIDDEN},
     # Image then audio codebooks laid out after the text tokens, inside the (tiny) vocabulary.
     "apertus1p5": {"image_token_id": 400, "audio_token_id": 401, "image_token_offset": 256, "audio_token_offset": 320,
-                   "vision_config.codebook_size": 64, "audio_config.codebook_size": 64, "vision_config.base_channels": 32,
-                   "vision_config.latent_channels": 32, "vision_config.num_res_blocks": 1},
+                   "vision_config.codebook_size": 64, "audio_config.codebook_size": 64,
+                   "vision_config.base_channels": 32, "vision_config.latent_channels": 32,
+                   "vision_config.num_res_blocks": 1},
     # Rope parameters per layer type (a flat M-RoPE dict does not type-check).
     "cohere_compass_text": {"rope_parameters": _COMPASS_ROPE},
     "cohere_compass": {"text_config.rope_parameters": _COMPASS_ROPE},
@@ -380,7 +381,8 @@ OVERRIDES.update({
     # Zamba ties every hybrid layer's shared transformer to the first one's: it needs a second hybrid layer.
     "zamba": {"layers_block_type": ["linear_attention", "hybrid", "hybrid"], "num_hidden_layers": 3},
     "gemma3n_text": {"num_kv_shared_layers": 0},  # 15 of 35 layers share K/V: none of the 2 kept
-    "granite4_vision": {"deepstack_layer_map": [[-1, 0]], "downsample_rate": "1/2", "spatial_target_layers": [1, 1, 1, 1],
+    "granite4_vision": {"deepstack_layer_map": [[-1, 0]], "downsample_rate": "1/2",
+                        "spatial_target_layers": [1, 1, 1, 1],
                         "vision_config.hidden_size": 64},  # the Q-Former takes hidden // 64 heads
     "bros": {"hidden_size": 64},  # 1-D box embeddings: hidden // 4 // dim_bbox(8) wide, an even number
     # Layout models: the 6 box embeddings (x0, y0, x1, y1, h, w) concatenate to the hidden size (a multiple of 6).
@@ -401,8 +403,10 @@ OVERRIDES.update({
     "instructblip": {"image_token_index": VOCAB - 1},
     "instructblipvideo": {"video_token_index": VOCAB - 1},
     # CLVP: the speech encoder reads the decoder's (8194-token) speech ids; rotary dims are at least 32 per head.
-    "clvp": {"speech_config.vocab_size": 8194, "speech_config.num_attention_heads": 1, "text_config.num_attention_heads": 1},
-    "vitpose_backbone": {"part_features": 8, "num_experts": 1},  # the experts' share of the MLP width (mlp_ratio·hidden)
+    "clvp": {"speech_config.vocab_size": 8194, "speech_config.num_attention_heads": 1,
+             "text_config.num_attention_heads": 1},
+    # ViTPose: the part experts' share of the MLP width (mlp_ratio·hidden); one expert needs no dataset index
+    "vitpose_backbone": {"part_features": 8, "num_experts": 1},
     "vitpose": {"backbone_config.part_features": 8, "backbone_config.num_experts": 1},
     "bridgetower": {"hidden_size": 64, "text_config.hidden_size": 64, "vision_config.hidden_size": 64},  # 64 per head
 })
@@ -493,7 +497,8 @@ def build(model_type: str, impl: str | dict[str, str] = "sdpa", seed: int = 0, p
             raise NotBuilt(f"still {n / 1e6:.1f}M parameters after shrinking")
         torch.manual_seed(seed)
         try:
-            model = fam.model_cls._from_config(_for_model(fam.model_cls, tiny_config(model_type)), attn_implementation=impl)
+            model = fam.model_cls._from_config(_for_model(fam.model_cls, tiny_config(model_type)),
+                                               attn_implementation=impl)
         except (ValueError, ImportError) as exc:
             if impl == "eager" or isinstance(impl, dict):
                 raise NotBuilt(f"model init fails: {type(exc).__name__}: {_short(exc)}") from None
@@ -579,12 +584,12 @@ def _first(cfgs: list[Any], *names: str, default: Any = None) -> Any:
 # Forward inputs a family needs beside its `main_input_name` that the signature does not mark required (the
 # model checks them at run time: "You have to specify either input_ids or ...").
 EXTRA_INPUTS: dict[str, set[str]] = {
-    "kosmos-2": {"input_ids", "image_embeds_position_mask"}, "lxmert": {"visual_feats"}, "sam3": {"input_ids"}, "sam3_lite_text": {"input_ids"}, "vilt": {"pixel_values"},
+    "kosmos-2": {"input_ids", "image_embeds_position_mask"}, "lxmert": {"visual_feats"}, "sam3": {"input_ids"},
+    "sam3_lite_text": {"input_ids"}, "vilt": {"pixel_values"},
     "voxtral_realtime": {"input_features"}, "speech-encoder-decoder": {"input_values"},
     "audioflamingo3_encoder": {"input_features_mask"}, "clvp": {"input_features"},
     "instructblip": {"input_ids", "qformer_input_ids"}, "instructblipvideo": {"input_ids", "qformer_input_ids"},
     "idefics": {"pixel_values", "image_attention_mask"}, "siglip2": {"spatial_shapes"}, "xmod": {"lang_ids"},
-
 }  # fmt: skip
 
 
