@@ -463,7 +463,10 @@ def _all_configs(cfg: Any) -> list[Any]:
 def _for_model(model_cls: type, cfg: Any) -> Any:
     """The config the model class takes: a base class declared for one sub-config of the family's config
     (MusicGen's `MusicgenModel` is its decoder) gets that sub-config."""
-    want = getattr(model_cls, "config_class", None)
+    try:
+        want = getattr(model_cls, "config_class", None)
+    except ImportError:  # a placeholder for a missing optional dependency: its init says which
+        return cfg
     if not isinstance(want, type) or isinstance(cfg, want):
         return cfg
     subs = [c for c in _all_configs(cfg) if isinstance(c, want)]
