@@ -305,7 +305,9 @@ OVERRIDES["dory"] = {"layer_types": ["sliding_attention", "mlp", "full_attention
 # Validators that tie one field to another the shrinker does not know about (or to a per-layer pattern).
 OVERRIDES.update({
     "gpt_neo": {"attention_types": [[["global", "local"], 1]], "num_layers": LAYERS},
-    "dia": {"delay_pattern": [0, 1, 2]},  # one delay per codebook channel (3 after shrinking)
+    "dia": {"delay_pattern": [0, 1, 2],  # one delay per codebook channel (3 after shrinking)
+            "decoder_config.cross_hidden_size": HIDDEN, "decoder_config.cross_num_attention_heads": HEADS,
+            "decoder_config.cross_head_dim": HEAD_DIM, "decoder_config.cross_num_key_value_heads": KV_HEADS},
     "zaya": {"num_experts_per_tok": 1},
     "molmo2": {"adapter_config.vision_feature_layer": [-1, -2]},
     "fun_asr_nano": {"adaptor_config.intermediate_size": HIDDEN // 4},
@@ -533,7 +535,13 @@ def _probe(model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[dict[str, An
     if "input_features" in inputs:
         feats = inputs["input_features"]
         tries.append({**inputs, "input_features": feats.transpose(1, 2).contiguous()})
-        tries.append({**inputs, "input_features": feats.transpose(1, 2).reshape(B, -1, 2 * feats.shape[1])})
+        stacks = {2, 4, int(getattr(model.config, "num_stacked_frames", 2) or 2)}
+        for k in sorted(stacks):  # k frames stacked per step (W2V-BERT 2, Granite Speech 5 4, FunASR 7)
+            t = feats.shape[-1] // k * k
+            stacked = {**inputs, "input_features": feats.transpose(1, 2)[:, :t].reshape(B, -1, k * feats.shape[1])}
+            if "input_features_mask" in inputs:
+                stacked["input_features_mask"] = torch.ones(B, t // k, dtype=torch.long)
+            tries.append(stacked)
     if "input_values" in inputs and inputs["input_values"].dim() == 2:
         tries.append({**inputs, "input_values": inputs["input_values"][:, None]})
     if "input_values" in inputs and hasattr(model.config, "num_mel_bins") and hasattr(model.config, "max_length"):
@@ -548,6 +556,18 @@ def _probe(model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[dict[str, An
         tries.append({**inputs, "pixel_values": inputs["pixel_values"][:, None]})  # one image (frame) per sample
     if "past_values" in inputs and inputs["past_values"].dim() == 3:  # univariate forecasters: (B, T)
         tries.append({**inputs, "past_values": inputs["past_values"][..., 0]})
+    decoder = getattr(model.config, "decoder_config", None)
+    if "decoder_input_ids" in inputs and isinstance(getattr(decoder, "num_channels", None), int):
+        # Dia: one decoder id per audio channel (B, L, channels)
+        ids = inputs["decoder_input_ids"]
+        tries.append({**inputs, "decoder_input_ids": ids[..., None].expand(*ids.shape, decoder.num_channels)})
+    sig = inspect.signature(model.forward).parameters
+    if "input_values" in inputs and "decoder_input_values" in sig and isinstance(model.config.hidden_size, int):
+        # SpeechT5 without pre-nets: encoder and decoder read hidden states (B, L, hidden)
+        gen = torch.Generator().manual_seed(1)
+        hidden = model.config.hidden_size
+        tries.append({**inputs, "input_values": torch.randn(B, L, hidden, generator=gen),
+                      "decoder_input_values": torch.randn(B, DEC_L, hidden, generator=gen)})  # fmt: skip
     if "target_sizes" in inputs:  # MiniCPM vision towers: position ids of one image per call
         tries.append({**inputs, "pixel_values": inputs["pixel_values"][:1], "target_sizes": inputs["target_sizes"][:1]})
     first: Exception | None = None
