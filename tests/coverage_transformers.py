@@ -320,6 +320,9 @@ _QWEN4_INDEXER = {"indexer_n_heads": HEADS, "indexer_kv_heads": 1, "indexer_head
                   "indexer_compress_ratio": 2}
 _MIMI = {"upsample_groups": HIDDEN, "vector_quantization_hidden_dimension": HIDDEN, "num_filters": 8,
          "codebook_size": 64, "num_quantizers": 4}
+_SAM = {"prompt_encoder_config.image_embedding_size": 4, "vision_config.window_size": 2,
+        "vision_config.global_attn_indexes": [1], "vision_config.output_channels": HIDDEN,
+        "vision_config.num_pos_feats": HIDDEN // 2}
 _COMPASS_ROPE = {"full_attention": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}}
 # Sizes the shrinker does not know by name (hash vocabularies, compound-scaling coefficients, codec widths...).
 OVERRIDES.update({
@@ -400,6 +403,9 @@ OVERRIDES.update({
     "paddleocr_vl": {"text_config.rope_parameters.mrope_section": [2, 1, 1]},  # [16, 24, 24] when absent
     "shieldgemma2": {"yes_token_index": 10, "no_token_index": 11},  # vocabulary ids of the answers
     "swin2sr": {"patch_size": 1, "window_size": 4},
+    # SAM: the prompt encoder's dense embeddings match the 4x4 image embedding grid; windows fit it.
+    "sam": _SAM, "sam_hq": {**_SAM, "mask_decoder_config.vit_dim": HIDDEN},
+    "eomt": {"num_blocks": 1}, "eomt_dinov3": {"num_blocks": 1},  # the last num_blocks layers see the queries
     "audio-spectrogram-transformer": {"max_length": 16, "num_mel_bins": 16, "frequency_stride": 4, "time_stride": 4},
     "blip-2": {"image_token_id": VOCAB - 1},  # image placeholders (None by default; the processor sets them)
     "instructblip": {"image_token_index": VOCAB - 1},
