@@ -301,7 +301,9 @@ OVERRIDES["swinv2"] = OVERRIDES["swin"]
 OVERRIDES["deepseek_v2"] = {"num_experts_per_tok": 2}  # None by default (no routed experts): top-k needs a k
 OVERRIDES["step3p7"] = {"text_config.sliding_window": 4}
 OVERRIDES["qwen3_asr_encoder"] = {"n_window": 16}  # features are padded to a multiple of 2·n_window (2x16 here)
-OVERRIDES["dory"] = {"layer_types": ["sliding_attention", "mlp", "full_attention", "mlp"], "num_hidden_layers": 4}
+# Dory: without a cache (its recurrent loops share K/V through it; the tiny stack fails there untraced too)
+OVERRIDES["dory"] = {"layer_types": ["sliding_attention", "mlp", "full_attention", "mlp"], "num_hidden_layers": 4,
+                     "use_cache": False}
 # Validators that tie one field to another the shrinker does not know about (or to a per-layer pattern).
 OVERRIDES.update({
     "gpt_neo": {"attention_types": [[["global", "local"], 1]], "num_layers": LAYERS},
@@ -762,6 +764,15 @@ def make_inputs(model: torch.nn.Module) -> dict[str, Any]:
         n_boxes = 4
         inputs["visual_feats"] = torch.randn(B, n_boxes, int(cfg.visual_feat_dim), generator=g)
         inputs["visual_pos"] = torch.rand(B, n_boxes, int(cfg.visual_pos_dim), generator=g)
+    if "returns_to_go" in sig and "states" in sig:
+        # Decision Transformer: an episode of L steps, the last 3 steps of row 1 padded
+        inputs["states"] = torch.randn(B, L, int(cfg.state_dim), generator=g)
+        inputs["actions"] = torch.randn(B, L, int(cfg.act_dim), generator=g)
+        inputs["rewards"] = torch.randn(B, L, 1, generator=g)
+        inputs["returns_to_go"] = torch.randn(B, L, 1, generator=g)
+        inputs["timesteps"] = torch.arange(L).expand(B, L).clone()
+        inputs["attention_mask"] = torch.ones(B, L, dtype=torch.long)
+        inputs["attention_mask"][1, L - 3 :] = 0
     if "lang_ids" in want:  # X-MOD: the language adapter of each sample
         inputs["lang_ids"] = torch.zeros(B, dtype=torch.long)
     if "latents" in want:  # codec decoders: continuous latents (B, hidden, frames)
