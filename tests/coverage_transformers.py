@@ -325,6 +325,12 @@ _MIMI = {"upsample_groups": HIDDEN, "vector_quantization_hidden_dimension": HIDD
 _SAM = {"prompt_encoder_config.image_embedding_size": 4, "vision_config.window_size": 2,
         "vision_config.global_attn_indexes": [1], "vision_config.output_channels": HIDDEN,
         "vision_config.num_pos_feats": HIDDEN // 2}
+_SEAMLESS = {"unit_embed_dim": HIDDEN, "upsample_initial_channel": HIDDEN, "unit_hifi_gan_vocab_size": 64,
+             "lang_embed_dim": 8, "spkr_embed_dim": 8, "speech_encoder_layers": LAYERS, "t2u_vocab_size": 64,
+             "char_vocab_size": 64, "t2u_encoder_layers": LAYERS, "t2u_decoder_layers": LAYERS,
+             "t2u_encoder_ffn_dim": FFN, "t2u_decoder_ffn_dim": FFN, "t2u_encoder_attention_heads": HEADS,
+             "t2u_decoder_attention_heads": HEADS, "t2u_variance_predictor_embed_dim": HIDDEN,
+             "t2u_variance_predictor_hidden_dim": HIDDEN}
 _COMPASS_ROPE = {"full_attention": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}}
 # Sizes the shrinker does not know by name (hash vocabularies, compound-scaling coefficients, codec widths...).
 OVERRIDES.update({
@@ -408,6 +414,16 @@ OVERRIDES.update({
     # SAM: the prompt encoder's dense embeddings match the 4x4 image embedding grid; windows fit it.
     "sam": _SAM, "sam_hq": {**_SAM, "mask_decoder_config.vit_dim": HIDDEN},
     "eomt": {"num_blocks": 1}, "eomt_dinov3": {"num_blocks": 1},  # the last num_blocks layers see the queries
+    # SeamlessM4T's text-to-unit model and vocoder sizes are prefixed (t2u_, unit_, speech_encoder_).
+    "seamless_m4t": {k: v for k, v in _SEAMLESS.items() if not k.startswith(("char", "t2u_variance"))},
+    "seamless_m4t_v2": _SEAMLESS,
+    # Codec encoders: widths doubling from num_filters over every downsampling stage.
+    "vibevoice_acoustic_tokenizer": {"num_filters": 4},
+    "vibevoice_acoustic_tokenizer_encoder": {"num_filters": 4},
+    "vibevoice_acoustic_tokenizer_decoder": {"num_filters": 4},
+    "vibevoice": {"semantic_model_config.num_filters": 4, "audio_config.num_filters": 4},
+    "vibevoice_asr": {"semantic_tokenizer_encoder_config.num_filters": 4,
+                      "acoustic_tokenizer_encoder_config.num_filters": 4},
     "audio-spectrogram-transformer": {"max_length": 16, "num_mel_bins": 16, "frequency_stride": 4, "time_stride": 4},
     "blip-2": {"image_token_id": VOCAB - 1},  # image placeholders (None by default; the processor sets them)
     "instructblip": {"image_token_index": VOCAB - 1},
