@@ -331,6 +331,15 @@ _SEAMLESS = {"unit_embed_dim": HIDDEN, "upsample_initial_channel": HIDDEN, "unit
              "t2u_encoder_ffn_dim": FFN, "t2u_decoder_ffn_dim": FFN, "t2u_encoder_attention_heads": HEADS,
              "t2u_decoder_attention_heads": HEADS, "t2u_variance_predictor_embed_dim": HIDDEN,
              "t2u_variance_predictor_hidden_dim": HIDDEN}
+# PP-DocLayout: an RT-DETR with an HGNetV2 backbone whose stage widths the hybrid encoder reads.
+_PP_DOCLAYOUT = {
+    "backbone_config.stem_channels": [3, 8, 16], "backbone_config.stage_in_channels": [16, 16, 32, 64],
+    "backbone_config.stage_mid_channels": [8, 8, 16, 16], "backbone_config.stage_out_channels": [16, 32, 64, 128],
+    "backbone_config.hidden_sizes": [16, 32, 64, 128], "backbone_config.stage_num_blocks": [1, 1, 1, 1],
+    "backbone_config.stage_numb_of_layers": [2, 2, 2, 2], "encoder_in_channels": [32, 64, 128], "x4_feat_dim": 16,
+    "encoder_hidden_dim": HIDDEN, "decoder_in_channels": [HIDDEN] * 3, "mask_feature_channels": [16, 16],
+    "num_queries": 4, "num_denoising": 0,
+}
 _COMPASS_ROPE = {"full_attention": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}}
 # Sizes the shrinker does not know by name (hash vocabularies, compound-scaling coefficients, codec widths...).
 OVERRIDES.update({
@@ -414,6 +423,8 @@ OVERRIDES.update({
     # SAM: the prompt encoder's dense embeddings match the 4x4 image embedding grid; windows fit it.
     "sam": _SAM, "sam_hq": {**_SAM, "mask_decoder_config.vit_dim": HIDDEN},
     "eomt": {"num_blocks": 1}, "eomt_dinov3": {"num_blocks": 1},  # the last num_blocks layers see the queries
+    "pp_doclayout_v3": _PP_DOCLAYOUT, "pp_doclayout_v4": _PP_DOCLAYOUT,
+    "pp_doclayout_v2": {**_PP_DOCLAYOUT, "class_thresholds": [0.5, 0.5], "class_order": [0, 1]},  # per label
     # SeamlessM4T's text-to-unit model and vocoder sizes are prefixed (t2u_, unit_, speech_encoder_).
     "seamless_m4t": {k: v for k, v in _SEAMLESS.items() if not k.startswith(("char", "t2u_variance"))},
     "seamless_m4t_v2": _SEAMLESS,
