@@ -423,6 +423,14 @@ OVERRIDES.update({
     # SAM: the prompt encoder's dense embeddings match the 4x4 image embedding grid; windows fit it.
     "sam": _SAM, "sam_hq": {**_SAM, "mask_decoder_config.vit_dim": HIDDEN},
     "eomt": {"num_blocks": 1}, "eomt_dinov3": {"num_blocks": 1},  # the last num_blocks layers see the queries
+    # OmDet-Turbo on the ResNet backbone (channels first: no layer norm after it); 16-wide decoder, 32-wide text
+    "omdet-turbo": {**_RESNET, "apply_layernorm_after_vision_backbone": False, "d_model": 16,
+                    "vision_features_channels": [16] * 3,
+                    "encoder_in_channels": [8, 8, 8], "encoder_dim_feedforward": FFN, "decoder_num_heads": HEADS,
+                    "decoder_num_layers": LAYERS, "decoder_dim_feedforward": FFN, "text_projection_in_dim": HIDDEN,
+                    "text_projection_out_dim": HIDDEN, "class_embed_dim": HIDDEN,
+                    # a decoder width != class_embed_dim: else task_project is never defined (transformers 5.24)
+                    "decoder_hidden_dim": 16},
     "pp_doclayout_v3": _PP_DOCLAYOUT, "pp_doclayout_v4": _PP_DOCLAYOUT,
     "pp_doclayout_v2": {**_PP_DOCLAYOUT, "class_thresholds": [0.5, 0.5], "class_order": [0, 1]},  # per label
     # SeamlessM4T's text-to-unit model and vocoder sizes are prefixed (t2u_, unit_, speech_encoder_).
@@ -800,6 +808,12 @@ def make_inputs(model: torch.nn.Module) -> dict[str, Any]:
         inputs["timesteps"] = torch.arange(L).expand(B, L).clone()
         inputs["attention_mask"] = torch.ones(B, L, dtype=torch.long)
         inputs["attention_mask"][1, L - 3 :] = 0
+    if "classes_structure" in want:  # OmDet-Turbo: 2 class prompts per image and a task prompt
+        inputs["classes_input_ids"] = torch.cat([ids(L), ids(L)])
+        inputs["classes_attention_mask"] = torch.ones(2 * B, L, dtype=torch.long)
+        inputs["classes_structure"] = torch.tensor([2] * B)
+        inputs["tasks_input_ids"] = ids(L)
+        inputs["tasks_attention_mask"] = torch.ones(B, L, dtype=torch.long)
     if "lang_ids" in want:  # X-MOD: the language adapter of each sample
         inputs["lang_ids"] = torch.zeros(B, dtype=torch.long)
     if "latents" in want:  # codec decoders: continuous latents (B, hidden, frames)
