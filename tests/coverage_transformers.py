@@ -340,6 +340,12 @@ _PP_DOCLAYOUT = {
     "encoder_hidden_dim": HIDDEN, "decoder_in_channels": [HIDDEN] * 3, "mask_feature_channels": [16, 16],
     "num_queries": 4, "num_denoising": 0,
 }
+_HIERA = {"hidden_size": 8, "blocks_per_stage": [1, 1, 2, 1], "embed_dim_per_stage": [8, 16, 32, 64],
+          "num_attention_heads_per_stage": [1, 1, 2, 2], "window_size_per_stage": [4, 4, 2, 2],
+          "global_attention_blocks": [3], "window_positional_embedding_background_size": [2, 2]}
+_SAM2_VISION = {**{f"backbone_config.{k}": v for k, v in _HIERA.items()}, "backbone_channel_list": [64, 32, 16, 8],
+                "backbone_feature_sizes": [[8, 8], [4, 4], [2, 2]], "fpn_hidden_size": HIDDEN}
+_SAM2 = {**{f"vision_config.{k}": v for k, v in _SAM2_VISION.items()}, "prompt_encoder_config.patch_size": 16}
 _COMPASS_ROPE = {"full_attention": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}}
 # Sizes the shrinker does not know by name (hash vocabularies, compound-scaling coefficients, codec widths...).
 OVERRIDES.update({
@@ -431,6 +437,10 @@ OVERRIDES.update({
                     "text_projection_out_dim": HIDDEN, "class_embed_dim": HIDDEN,
                     # a decoder width != class_embed_dim: else task_project is never defined (transformers 5.24)
                     "decoder_hidden_dim": 16},
+    # SAM 2: a 4-stage Hiera on 8x8 tokens (windows fit each stage), its FPN reading those widths and sizes.
+    "sam2_hiera_det_model": _HIERA,
+    "sam2_vision_model": _SAM2_VISION,
+    "sam2": _SAM2, "sam2_video": _SAM2,
     "pp_doclayout_v3": _PP_DOCLAYOUT, "pp_doclayout_v4": _PP_DOCLAYOUT,
     "pp_doclayout_v2": {**_PP_DOCLAYOUT, "class_thresholds": [0.5, 0.5], "class_order": [0, 1]},  # per label
     # SeamlessM4T's text-to-unit model and vocoder sizes are prefixed (t2u_, unit_, speech_encoder_).
