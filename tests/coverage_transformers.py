@@ -441,6 +441,13 @@ OVERRIDES.update({
     "sam2_hiera_det_model": _HIERA,
     "sam2_vision_model": _SAM2_VISION,
     "sam2": _SAM2, "sam2_video": _SAM2,
+    # SuperGlue: SuperPoint's descriptors are the matcher's hidden size; fewer GNN layers and Sinkhorn steps
+    "superglue": {"keypoint_detector_config.descriptor_decoder_dim": HIDDEN, "keypoint_encoder_sizes": [8, 16],
+                  "gnn_layers_types": ["self", "cross"], "sinkhorn_iterations": 4,
+                  "keypoint_detector_config.encoder_hidden_sizes": [8, 8, 16, 16],
+                  "keypoint_detector_config.max_keypoints": 16},
+    "nemotron_h_omni": {"image_token_id": VOCAB - 1, "video_token_id": VOCAB - 2, "audio_token_id": VOCAB - 3},
+    "ernie4_5_vl_moe": {"text_config.rope_parameters.mrope_section": [1, 1, 2]},  # (h, w, t): h and w equal
     "pp_doclayout_v3": _PP_DOCLAYOUT, "pp_doclayout_v4": _PP_DOCLAYOUT,
     "pp_doclayout_v2": {**_PP_DOCLAYOUT, "class_thresholds": [0.5, 0.5], "class_order": [0, 1]},  # per label
     # SeamlessM4T's text-to-unit model and vocoder sizes are prefixed (t2u_, unit_, speech_encoder_).
@@ -621,6 +628,12 @@ def _probe(model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[dict[str, An
         hidden = model.config.hidden_size
         tries.append({**inputs, "input_values": torch.randn(B, L, hidden, generator=gen),
                       "decoder_input_values": torch.randn(B, DEC_L, hidden, generator=gen)})  # fmt: skip
+    if "grid_thw" in inputs and inputs.get("pixel_values") is not None and inputs["pixel_values"].dim() == 2:
+        # Kimi-K2.5's tower: patches as images (N, C, p, p)
+        patch = getattr(model.config, "patch_size", None)
+        if isinstance(patch, int) and inputs["pixel_values"].shape[1] % (patch * patch) == 0:
+            flat = inputs["pixel_values"]
+            tries.append({**inputs, "pixel_values": flat.reshape(len(flat), -1, patch, patch)})
     if "target_sizes" in inputs:  # MiniCPM vision towers: position ids of one image per call
         tries.append({**inputs, "pixel_values": inputs["pixel_values"][:1], "target_sizes": inputs["target_sizes"][:1]})
     first: Exception | None = None
