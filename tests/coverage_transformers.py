@@ -614,6 +614,8 @@ def _probe(model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[dict[str, An
     if "pixel_values" in inputs and inputs["pixel_values"].dim() == 4:
         tries.append({**inputs, "pixel_values": torch.stack([inputs["pixel_values"]] * 2, 1).flip(1, 4)})
         tries.append({**inputs, "pixel_values": inputs["pixel_values"][:, None]})  # one image (frame) per sample
+        line = torch.randn(B, inputs["pixel_values"].shape[1], 48, 64, generator=torch.Generator().manual_seed(1))
+        tries.append({**inputs, "pixel_values": line})  # text-line recognisers: 48 px high (PP-OCR)
     if "past_values" in inputs and inputs["past_values"].dim() == 3:  # univariate forecasters: (B, T)
         tries.append({**inputs, "past_values": inputs["past_values"][..., 0]})
     decoder = getattr(model.config, "decoder_config", None)
