@@ -808,8 +808,8 @@ def make_inputs(model: torch.nn.Module) -> dict[str, Any]:
         yy, xx = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
         inputs["pixel_values"] = torch.rand(B, side * side, 3 * patch * patch, generator=g)
         inputs["pixel_position_ids"] = torch.stack([xx.flatten(), yy.flatten()], -1).expand(B, -1, -1).clone()
-    if "target_sizes" in sig and "pixel_values" in inputs and inputs["pixel_values"].dim() == 4:
-        # MiniCPM vision towers: each image's patch grid (h, w)
+    if "target_sizes" in sig and "input_ids" not in inputs and inputs.get("pixel_values", torch.empty(0)).dim() == 4:
+        # MiniCPM vision towers: each image's patch grid (h, w) (the composites take it with token type ids)
         patch = int(_first([cfg, *cfgs], "patch_size", default=8))
         h, w = inputs["pixel_values"].shape[-2:]
         inputs["target_sizes"] = torch.tensor([[h // patch, w // patch]] * B, dtype=torch.int32)
