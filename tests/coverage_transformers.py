@@ -448,6 +448,7 @@ OVERRIDES.update({
                   "keypoint_detector_config.max_keypoints": 16},
     "nemotron_h_omni": {"image_token_id": VOCAB - 1, "video_token_id": VOCAB - 2, "audio_token_id": VOCAB - 3},
     "ernie4_5_vl_moe": {"text_config.rope_parameters.mrope_section": [1, 1, 2]},  # (h, w, t): h and w equal
+    "vision-text-dual-encoder": {"vision_config.pooler_output_size": HIDDEN},  # ViT's pooler: 768 when set
     "pp_doclayout_v3": _PP_DOCLAYOUT, "pp_doclayout_v4": _PP_DOCLAYOUT,
     "pp_doclayout_v2": {**_PP_DOCLAYOUT, "class_thresholds": [0.5, 0.5], "class_order": [0, 1]},  # per label
     # SeamlessM4T's text-to-unit model and vocoder sizes are prefixed (t2u_, unit_, speech_encoder_).
@@ -839,6 +840,13 @@ def make_inputs(model: torch.nn.Module) -> dict[str, Any]:
         inputs["classes_structure"] = torch.tensor([2] * B)
         inputs["tasks_input_ids"] = ids(L)
         inputs["tasks_attention_mask"] = torch.ones(B, L, dtype=torch.long)
+    if "query_embeds" in want and "input_ids" not in sig:
+        # a stand-alone Q-Former: its learned queries (B, queries, hidden) attending to image features
+        inputs.pop("input_ids", None)
+        inputs.pop("attention_mask", None)
+        inputs["query_embeds"] = torch.randn(B, 4, int(cfg.hidden_size), generator=g)
+        if "encoder_hidden_states" in sig:
+            inputs["encoder_hidden_states"] = torch.randn(B, 6, int(cfg.encoder_hidden_size), generator=g)
     if "lang_ids" in want:  # X-MOD: the language adapter of each sample
         inputs["lang_ids"] = torch.zeros(B, dtype=torch.long)
     if "latents" in want:  # codec decoders: continuous latents (B, hidden, frames)
