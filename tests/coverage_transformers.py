@@ -449,6 +449,7 @@ OVERRIDES.update({
     "nemotron_h_omni": {"image_token_id": VOCAB - 1, "video_token_id": VOCAB - 2, "audio_token_id": VOCAB - 3},
     "ernie4_5_vl_moe": {"text_config.rope_parameters.mrope_section": [1, 1, 2]},  # (h, w, t): h and w equal
     "vision-text-dual-encoder": {"vision_config.pooler_output_size": HIDDEN},  # ViT's pooler: 768 when set
+    "seggpt": {"image_size": [64, 32], "intermediate_hidden_state_indices": [1], "merge_index": 0},
     "pp_doclayout_v3": _PP_DOCLAYOUT, "pp_doclayout_v4": _PP_DOCLAYOUT,
     "pp_doclayout_v2": {**_PP_DOCLAYOUT, "class_thresholds": [0.5, 0.5], "class_order": [0, 1]},  # per label
     # SeamlessM4T's text-to-unit model and vocoder sizes are prefixed (t2u_, unit_, speech_encoder_).
@@ -605,6 +606,7 @@ def _probe(model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[dict[str, An
             tries.append(stacked)
     if "input_values" in inputs and inputs["input_values"].dim() == 2:
         tries.append({**inputs, "input_values": inputs["input_values"][:, None]})
+        tries.append({**inputs, "input_values": inputs["input_values"][:, :3840]})  # whole frames (Muse Spark: 96)
     if "input_values" in inputs and hasattr(model.config, "num_mel_bins") and hasattr(model.config, "max_length"):
         # spectrogram transformers (AST): (B, frames, mel bins)
         cfg = model.config
@@ -847,6 +849,11 @@ def make_inputs(model: torch.nn.Module) -> dict[str, Any]:
         inputs["query_embeds"] = torch.randn(B, 4, int(cfg.hidden_size), generator=g)
         if "encoder_hidden_states" in sig:
             inputs["encoder_hidden_states"] = torch.randn(B, 6, int(cfg.encoder_hidden_size), generator=g)
+    if "prompt_masks" in want and isinstance(getattr(cfg, "image_size", None), (list, tuple)):
+        # SegGPT: the image under its in-context prompt image (and the prompt's mask), stacked to image_size
+        shape = (B, 3, cfg.image_size[0] // 2, cfg.image_size[1])
+        for name in ("pixel_values", "prompt_pixel_values", "prompt_masks"):
+            inputs[name] = torch.randn(*shape, generator=g)
     if "lang_ids" in want:  # X-MOD: the language adapter of each sample
         inputs["lang_ids"] = torch.zeros(B, dtype=torch.long)
     if "latents" in want:  # codec decoders: continuous latents (B, hidden, frames)
