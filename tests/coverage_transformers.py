@@ -450,6 +450,7 @@ OVERRIDES.update({
     "ernie4_5_vl_moe": {"text_config.rope_parameters.mrope_section": [1, 1, 2]},  # (h, w, t): h and w equal
     "vision-text-dual-encoder": {"vision_config.pooler_output_size": HIDDEN},  # ViT's pooler: 768 when set
     "seggpt": {"image_size": [64, 32], "intermediate_hidden_state_indices": [1], "merge_index": 0},
+    "gemma3n_audio": {"conf_num_hidden_layers": LAYERS},
     "pp_doclayout_v3": _PP_DOCLAYOUT, "pp_doclayout_v4": _PP_DOCLAYOUT,
     "pp_doclayout_v2": {**_PP_DOCLAYOUT, "class_thresholds": [0.5, 0.5], "class_order": [0, 1]},  # per label
     # SeamlessM4T's text-to-unit model and vocoder sizes are prefixed (t2u_, unit_, speech_encoder_).
@@ -854,6 +855,9 @@ def make_inputs(model: torch.nn.Module) -> dict[str, Any]:
         shape = (B, 3, cfg.image_size[0] // 2, cfg.image_size[1])
         for name in ("pixel_values", "prompt_pixel_values", "prompt_masks"):
             inputs[name] = torch.randn(*shape, generator=g)
+    if "audio_mel_mask" in want:  # Gemma 3n audio: (B, frames, mel bins), the mask marks padded frames (none)
+        inputs["audio_mel"] = torch.randn(B, 64, int(cfg.input_feat_size), generator=g)
+        inputs["audio_mel_mask"] = torch.zeros(B, 64, dtype=torch.bool)
     if "lang_ids" in want:  # X-MOD: the language adapter of each sample
         inputs["lang_ids"] = torch.zeros(B, dtype=torch.long)
     if "latents" in want:  # codec decoders: continuous latents (B, hidden, frames)

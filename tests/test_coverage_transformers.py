@@ -55,6 +55,11 @@ XFAIL: dict[str, str] = {
                       "DSA indexer site (layers.1.self_attn.indexer) runs without a call seen",
 }
 XFAIL["glm5_next"] = XFAIL["glm5_next_text"]  # the same text stack inside the composite model
+XFAIL["gemma3n_audio"] = (
+    "open attntrace bug: Gemma3nAudioAttention (chunked local attention) is listed with q/k/v, probs and output "
+    "available and a dense layout, but `call.output` raises EditError (not exposed) and the probs come as "
+    "(B, heads*blocks, chunk, context) chunks"
+)
 
 
 class Recorder(Observer):
