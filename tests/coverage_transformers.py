@@ -858,6 +858,15 @@ def make_inputs(model: torch.nn.Module) -> dict[str, Any]:
     if "audio_mel_mask" in want:  # Gemma 3n audio: (B, frames, mel bins), the mask marks padded frames (none)
         inputs["audio_mel"] = torch.randn(B, 64, int(cfg.input_feat_size), generator=g)
         inputs["audio_mel_mask"] = torch.zeros(B, 64, dtype=torch.bool)
+    if "flattened_patches" in sig:
+        # Pix2Struct: (B, patches, 2 + C·p²) with each patch's (row, col) first; the last 4 patches of row 1 padded
+        vc = getattr(cfg, "vision_config", None) or cfg
+        rows, cols = torch.meshgrid(torch.arange(1, 5), torch.arange(1, 5), indexing="ij")
+        pos = torch.stack([rows.flatten(), cols.flatten()], -1).float().expand(B, -1, -1)
+        patches = torch.randn(B, 16, int(vc.patch_embed_hidden_size), generator=g)
+        inputs["flattened_patches"] = torch.cat([pos, patches], -1)
+        inputs["attention_mask"] = torch.ones(B, 16, dtype=torch.long)
+        inputs["attention_mask"][1, 12:] = 0
     if "lang_ids" in want:  # X-MOD: the language adapter of each sample
         inputs["lang_ids"] = torch.zeros(B, dtype=torch.long)
     if "latents" in want:  # codec decoders: continuous latents (B, hidden, frames)
