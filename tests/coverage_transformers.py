@@ -451,6 +451,8 @@ OVERRIDES.update({
     "vision-text-dual-encoder": {"vision_config.pooler_output_size": HIDDEN},  # ViT's pooler: 768 when set
     "seggpt": {"image_size": [64, 32], "intermediate_hidden_state_indices": [1], "merge_index": 0},
     "gemma3n_audio": {"conf_num_hidden_layers": LAYERS},
+    "perceiver": {"num_self_attends_per_block": LAYERS, "num_self_attention_heads": HEADS,
+                  "num_cross_attention_heads": HEADS},
     "pp_doclayout_v3": _PP_DOCLAYOUT, "pp_doclayout_v4": _PP_DOCLAYOUT,
     "pp_doclayout_v2": {**_PP_DOCLAYOUT, "class_thresholds": [0.5, 0.5], "class_order": [0, 1]},  # per label
     # SeamlessM4T's text-to-unit model and vocoder sizes are prefixed (t2u_, unit_, speech_encoder_).
@@ -867,6 +869,8 @@ def make_inputs(model: torch.nn.Module) -> dict[str, Any]:
         inputs["flattened_patches"] = torch.cat([pos, patches], -1)
         inputs["attention_mask"] = torch.ones(B, 16, dtype=torch.long)
         inputs["attention_mask"][1, 12:] = 0
+    if "inputs" in required and hasattr(cfg, "d_latents"):  # Perceiver without a preprocessor: (B, L, d_model)
+        inputs["inputs"] = torch.randn(B, L, int(cfg.d_model), generator=g)
     if "lang_ids" in want:  # X-MOD: the language adapter of each sample
         inputs["lang_ids"] = torch.zeros(B, dtype=torch.long)
     if "latents" in want:  # codec decoders: continuous latents (B, hidden, frames)
