@@ -453,6 +453,9 @@ OVERRIDES.update({
     "gemma3n_audio": {"conf_num_hidden_layers": LAYERS},
     "perceiver": {"num_self_attends_per_block": LAYERS, "num_self_attention_heads": HEADS,
                   "num_cross_attention_heads": HEADS},
+    # X-CLIP: the multi-frame integration transformer and the video prompt generator have their own sizes
+    "xclip": {"vision_config.mit_hidden_size": HIDDEN, "vision_config.mit_intermediate_size": FFN,
+              "vision_config.mit_num_attention_heads": HEADS, "prompt_num_attention_heads": HEADS},
     "pp_doclayout_v3": _PP_DOCLAYOUT, "pp_doclayout_v4": _PP_DOCLAYOUT,
     "pp_doclayout_v2": {**_PP_DOCLAYOUT, "class_thresholds": [0.5, 0.5], "class_order": [0, 1]},  # per label
     # SeamlessM4T's text-to-unit model and vocoder sizes are prefixed (t2u_, unit_, speech_encoder_).

@@ -95,7 +95,9 @@ class Recorder(Observer):
         v = call.value
         if v.shape[1] != probs.shape[1]:
             v = v.repeat_interleave(probs.shape[1] // v.shape[1], dim=1)
-        err = (probs @ v.float() - out.float()).abs().amax(-1)  # (B, H, Lq)
+        # allclose's excess (|diff| - RTOL·|out|, against ATOL), as for the eager oracle: fp32 round-off of outputs
+        # of magnitude ~20 (X-CLIP's prompt generator) is not a post-softmax step
+        err = ((probs @ v.float() - out.float()).abs() - RTOL * out.float().abs()).amax(-1)  # (B, H, Lq)
         mask = call.attn_mask
         if mask is not None:
             # Fully masked query rows: eager gives a uniform row, sdpa's output there is its own; the
