@@ -346,6 +346,8 @@ _HIERA = {"hidden_size": 8, "blocks_per_stage": [1, 1, 2, 1], "embed_dim_per_sta
 _SAM2_VISION = {**{f"backbone_config.{k}": v for k, v in _HIERA.items()}, "backbone_channel_list": [64, 32, 16, 8],
                 "backbone_feature_sizes": [[8, 8], [4, 4], [2, 2]], "fpn_hidden_size": HIDDEN}
 _SAM2 = {**{f"vision_config.{k}": v for k, v in _SAM2_VISION.items()}, "prompt_encoder_config.patch_size": 16}
+_VIDEOPRISM = {"tubelet_size": [1, 8, 8], "num_spatial_layers": LAYERS, "num_temporal_layers": LAYERS,
+               "num_auxiliary_layers": 1}
 _COMPASS_ROPE = {"full_attention": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}}
 # Sizes the shrinker does not know by name (hash vocabularies, compound-scaling coefficients, codec widths...).
 OVERRIDES.update({
@@ -456,6 +458,9 @@ OVERRIDES.update({
     # X-CLIP: the multi-frame integration transformer and the video prompt generator have their own sizes
     "xclip": {"vision_config.mit_hidden_size": HIDDEN, "vision_config.mit_intermediate_size": FFN,
               "vision_config.mit_num_attention_heads": HEADS, "prompt_num_attention_heads": HEADS},
+    # VideoPrism: (frames, 8, 8) tubelets of 32 px frames, 2 spatial and 2 temporal layers
+    "videoprism_vision_model": _VIDEOPRISM,
+    "videoprism": {f"vision_config.{k}": v for k, v in _VIDEOPRISM.items()},
     "pp_doclayout_v3": _PP_DOCLAYOUT, "pp_doclayout_v4": _PP_DOCLAYOUT,
     "pp_doclayout_v2": {**_PP_DOCLAYOUT, "class_thresholds": [0.5, 0.5], "class_order": [0, 1]},  # per label
     # SeamlessM4T's text-to-unit model and vocoder sizes are prefixed (t2u_, unit_, speech_encoder_).
@@ -792,7 +797,8 @@ def make_inputs(model: torch.nn.Module) -> dict[str, Any]:
         vc = [getattr(cfg, "vision_config", None) or cfg, *cfgs]
         size = _first(vc, "crop_size", "image_size", default=32)
         size = size[0] if isinstance(size, (list, tuple)) else size
-        frames = max(2, int(_first(vc, "tubelet_size", default=2) or 2))
+        tubelet = _first(vc, "tubelet_size", default=2) or 2
+        frames = max(2, int(tubelet[0] if isinstance(tubelet, (list, tuple)) else tubelet))  # (t, h, w) tubelets
         inputs["pixel_values_videos"] = torch.randn(B, frames, _first(vc, "num_channels", default=3), size, size,
                                                     generator=g)  # fmt: skip
     if "past_values" in want and "past_time_features" not in want and "past_values" not in inputs:
