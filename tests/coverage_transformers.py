@@ -314,7 +314,10 @@ OVERRIDES.update({
     "molmo2": {"adapter_config.vision_feature_layer": [-1, -2]},
     "fun_asr_nano": {"adaptor_config.intermediate_size": HIDDEN // 4},
     "neomme": {"rope_parameters.full_attention.partial_rotary_factor": 0.5},  # M-RoPE: a multiple of 4 dims
-    "efficientloftr": {"out_features": [HIDDEN] * 4},
+    # EfficientLoFTR's 2-D rope fills hidden // 2 slots: head_dim · partial_rotary_factor == hidden, factor heads / 2
+    "efficientloftr": {"out_features": [HIDDEN] * 4,
+                       "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                           "partial_rotary_factor": HEADS / 2}},
 })
 OVERRIDES.update(dict.fromkeys(("deformable_detr", "conditional_detr", "dab-detr", "detr", "table-transformer",
                                 "omdet-turbo"), _RESNET))  # fmt: skip
