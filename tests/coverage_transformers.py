@@ -464,7 +464,7 @@ OVERRIDES.update({
     # VideoPrism: (frames, 8, 8) tubelets of 32 px frames, 2 spatial and 2 temporal layers
     "videoprism_vision_model": _VIDEOPRISM,
     "videoprism": {f"vision_config.{k}": v for k, v in _VIDEOPRISM.items()},
-    "xlstm": {"use_cache": False},  # its cache's initial states are sized for the default head dims
+    "xlstm": {"use_cache": False},  # with a cache the tiny stack fails untraced (mLSTM state shapes)
     "pp_doclayout_v3": _PP_DOCLAYOUT, "pp_doclayout_v4": _PP_DOCLAYOUT,
     "pp_doclayout_v2": {**_PP_DOCLAYOUT, "class_thresholds": [0.5, 0.5], "class_order": [0, 1]},  # per label
     # SeamlessM4T's text-to-unit model and vocoder sizes are prefixed (t2u_, unit_, speech_encoder_).
