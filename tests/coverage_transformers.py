@@ -884,6 +884,12 @@ def make_inputs(model: torch.nn.Module) -> dict[str, Any]:
         inputs["attention_mask"][1, 12:] = 0
     if "inputs" in required and hasattr(cfg, "d_latents"):  # Perceiver without a preprocessor: (B, L, d_model)
         inputs["inputs"] = torch.randn(B, L, int(cfg.d_model), generator=g)
+    if "inputs_embeds" in required and "input_ids" not in sig:  # encoders of another model's states (B, L, hidden)
+        width = int(_first([cfg, *cfgs], "hidden_size", default=HIDDEN))
+        inputs["inputs_embeds"] = torch.randn(B, L, width, generator=g)
+        if "attention_mask" in sig:
+            inputs["attention_mask"] = torch.ones(B, L, dtype=torch.long)
+            inputs["attention_mask"][1, L - 3 :] = 0
     if "lang_ids" in want:  # X-MOD: the language adapter of each sample
         inputs["lang_ids"] = torch.zeros(B, dtype=torch.long)
     if "latents" in want:  # codec decoders: continuous latents (B, hidden, frames)
