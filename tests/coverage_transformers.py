@@ -465,6 +465,7 @@ OVERRIDES.update({
     "videoprism_vision_model": _VIDEOPRISM,
     "videoprism": {f"vision_config.{k}": v for k, v in _VIDEOPRISM.items()},
     "xlstm": {"use_cache": False},  # with a cache the tiny stack fails untraced (mLSTM state shapes)
+    "sam3_lite_text_text_model": {"num_hidden_layers": 3},  # first and last layers are RepMixers: one attention
     "pp_doclayout_v3": _PP_DOCLAYOUT, "pp_doclayout_v4": _PP_DOCLAYOUT,
     "pp_doclayout_v2": {**_PP_DOCLAYOUT, "class_thresholds": [0.5, 0.5], "class_order": [0, 1]},  # per label
     # SeamlessM4T's text-to-unit model and vocoder sizes are prefixed (t2u_, unit_, speech_encoder_).
@@ -694,7 +695,7 @@ def _first(cfgs: list[Any], *names: str, default: Any = None) -> Any:
 # model checks them at run time: "You have to specify either input_ids or ...").
 EXTRA_INPUTS: dict[str, set[str]] = {
     "kosmos-2": {"input_ids", "image_embeds_position_mask"}, "lxmert": {"visual_feats"}, "sam3": {"input_ids"},
-    "sam3_lite_text": {"input_ids"}, "vilt": {"pixel_values"},
+    "sam3_lite_text": {"input_ids"}, "sam3_lite_text_text_model": {"input_ids"}, "vilt": {"pixel_values"},
     "voxtral_realtime": {"input_features"}, "speech-encoder-decoder": {"input_values"},
     "audioflamingo3_encoder": {"input_features_mask"}, "clvp": {"input_features"},
     "instructblip": {"input_ids", "qformer_input_ids"}, "instructblipvideo": {"input_ids", "qformer_input_ids"},
@@ -720,7 +721,8 @@ def make_inputs(model: torch.nn.Module) -> dict[str, Any]:
         pool = torch.tensor([i for i in range(3, vocab) if i not in bad])
         return pool[torch.randint(0, len(pool), (B, length), generator=g)]
 
-    want = {main, *required, *EXTRA_INPUTS.get(getattr(cfg, "model_type", ""), ())}
+    mains = main if isinstance(main, (list, tuple)) else [main]  # OneFormer: pixel values and task inputs
+    want = {*mains, *required, *EXTRA_INPUTS.get(getattr(cfg, "model_type", ""), ())}
     want.discard("inputs")  # a generic encoder-decoder's alias of its encoder's input (named in EXTRA_INPUTS)
     if "grid_thw" in want and "input_ids" not in sig:
         want.discard("input_ids")  # a vision tower whose `main_input_name` is inherited
@@ -890,6 +892,8 @@ def make_inputs(model: torch.nn.Module) -> dict[str, Any]:
         if "attention_mask" in sig:
             inputs["attention_mask"] = torch.ones(B, L, dtype=torch.long)
             inputs["attention_mask"][1, L - 3 :] = 0
+    if "task_inputs" in want:  # OneFormer: the task prompt ("the task is semantic") as token ids
+        inputs["task_inputs"] = ids(int(getattr(cfg, "text_encoder_context_length", L)))
     if "lang_ids" in want:  # X-MOD: the language adapter of each sample
         inputs["lang_ids"] = torch.zeros(B, dtype=torch.long)
     if "latents" in want:  # codec decoders: continuous latents (B, hidden, frames)
