@@ -351,6 +351,10 @@ _SAM2_VISION = {**{f"backbone_config.{k}": v for k, v in _HIERA.items()}, "backb
 _SAM2 = {**{f"vision_config.{k}": v for k, v in _SAM2_VISION.items()}, "prompt_encoder_config.patch_size": 16}
 _VIDEOPRISM = {"tubelet_size": [1, 8, 8], "num_spatial_layers": LAYERS, "num_temporal_layers": LAYERS,
                "num_auxiliary_layers": 1}
+_SAM3_VISION = {"vision_config.fpn_hidden_size": HIDDEN,
+                "vision_config.backbone_feature_sizes": [[16, 16], [8, 8], [4, 4]],
+                "vision_config.backbone_config.window_size": 2,
+                "vision_config.backbone_config.global_attn_indexes": [1]}
 _COMPASS_ROPE = {"full_attention": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}}
 # Sizes the shrinker does not know by name (hash vocabularies, compound-scaling coefficients, codec widths...).
 OVERRIDES.update({
@@ -466,6 +470,8 @@ OVERRIDES.update({
     "videoprism": {f"vision_config.{k}": v for k, v in _VIDEOPRISM.items()},
     "xlstm": {"use_cache": False},  # with a cache the tiny stack fails untraced (mLSTM state shapes)
     "sam3_lite_text_text_model": {"num_hidden_layers": 3},  # first and last layers are RepMixers: one attention
+    # SAM 3: the ViT's 4x4 tokens scaled x4, x2, x1 by the FPN; windows fit the grid
+    "sam3_tracker": _SAM3_VISION, "sam3": _SAM3_VISION, "sam3_lite_text": _SAM3_VISION,
     "pp_doclayout_v3": _PP_DOCLAYOUT, "pp_doclayout_v4": _PP_DOCLAYOUT,
     "pp_doclayout_v2": {**_PP_DOCLAYOUT, "class_thresholds": [0.5, 0.5], "class_order": [0, 1]},  # per label
     # SeamlessM4T's text-to-unit model and vocoder sizes are prefixed (t2u_, unit_, speech_encoder_).
