@@ -888,8 +888,9 @@ def make_inputs(model: torch.nn.Module) -> dict[str, Any]:
         pos = torch.stack([rows.flatten(), cols.flatten()], -1).float().expand(B, -1, -1)
         patches = torch.randn(B, 16, int(vc.patch_embed_hidden_size), generator=g)
         inputs["flattened_patches"] = torch.cat([pos, patches], -1)
-        inputs["attention_mask"] = torch.ones(B, 16, dtype=torch.long)
-        inputs["attention_mask"][1, 12:] = 0
+        if "input_ids" not in inputs:  # Pix2Struct: the mask is the patches' (Kosmos-2.5's is the text's)
+            inputs["attention_mask"] = torch.ones(B, 16, dtype=torch.long)
+            inputs["attention_mask"][1, 12:] = 0
     if "inputs" in required and hasattr(cfg, "d_latents"):  # Perceiver without a preprocessor: (B, L, d_model)
         inputs["inputs"] = torch.randn(B, L, int(cfg.d_model), generator=g)
     if "inputs_embeds" in required and "input_ids" not in sig:  # encoders of another model's states (B, L, hidden)
