@@ -159,3 +159,26 @@ def test_stats_reads_the_probs_dense_observers_and_editors_are_refused() -> None
     assert sorted(r["head"] for r in rows) == [0, 1]
     for r in rows:
         assert abs(r["value"] - float(entropy[r["head"]])) <= 1e-5
+
+
+def test_cached_generation_is_unchanged_prompt_traced_decoding_steps_named() -> None:
+    # Cached decoding steps attend to the states Reformer gathers from its cache (by chunk or hash bucket), not
+    # to token positions: they run untraced, with one warning per site naming why.
+    torch.manual_seed(0)
+    cfg = transformers.ReformerConfig(
+        vocab_size=50, hidden_size=16, num_attention_heads=2, attention_head_size=8, feed_forward_size=16,
+        attn_layers=["local", "lsh"], axial_pos_embds=False, max_position_embeddings=64, hash_seed=0,
+        local_attn_chunk_length=CHUNK, lsh_attn_chunk_length=CHUNK, num_buckets=4, num_hashes=1, is_decoder=True,
+        pad_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+    model = transformers.ReformerModelWithLMHead(cfg).eval()
+    ids = torch.randint(2, 50, (1, 12), generator=torch.Generator().manual_seed(3))
+    plain = model.generate(ids, max_new_tokens=5, do_sample=False)
+    tracer = Tracer()
+    keep = tracer.add(Keep())
+    with tracer.attach(model), pytest.warns(RuntimeWarning, match="cached decoding steps") as record:
+        traced = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert torch.equal(plain, traced)
+    assert sorted(c[0] for c in keep.calls) == sorted(n.replace("encoder.", "reformer.encoder.") for n in (LOCAL, LSH))
+    assert all(c[1].shape == (1, 2, 12, 12) for c in keep.calls)
+    assert len([w for w in record if "cached decoding" in str(w.message)]) == 2

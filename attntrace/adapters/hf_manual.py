@@ -79,6 +79,10 @@ _BANDED_NEEDLE = "_sliding_chunks"
 _REFUSALS = (
     ("self.w_g", "additive attention (SwiftFormer): a learned vector scores each token, (B, L, 1), and the "
      "softmax pools one global query; there is no softmax(q·kᵀ) over keys"),
+    ("_extract_block_context(", "chunked local attention over per-block context windows (Gemma 3n audio): the "
+     "softmax runs over (B, H, blocks, chunk, context) scores whose key axis is each block's own window of past "
+     "and future frames, and the probabilities are permuted across heads and blocks before the product with "
+     "the values; there is no (Lq, Lk) matrix and the module does not return its weights"),
     ("hard_softmax(", "slot assignment (GroupViT): the softmax runs over the groups (the query axis; one-hot "
      "in eval) and rows are then renormalised over keys; there is no softmax over keys"),
 )  # fmt: skip

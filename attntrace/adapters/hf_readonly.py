@@ -11,6 +11,7 @@ probabilities are; shown on the site) and a reader (how the returned weights bec
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
@@ -196,6 +197,12 @@ UNAVAILABLE = {"banded": frozenset({"query", "key", "value"}), "block_sparse": f
                 "additive": frozenset({"query", "key", "value", "output"})}  # fmt: skip
 
 
+def _decoding_from_cache(module: torch.nn.Module, sig: inspect.Signature, args: Any, kwargs: Any) -> bool:
+    """Whether a Reformer attention call decodes from its cache (the module's own test: a cache holding its layer)."""
+    cache = sig.bind(*args, **kwargs).arguments.get("past_buckets_states")
+    return cache is not None and len(cache) > int(module.layer_idx)
+
+
 def readonly_forward(binding: SiteBinding, modality: str | None) -> Undo:
     """Shadow the forward of a module whose attention has no (Lq, Lk) scores to intercept but which returns
     its probabilities (asked with `output_attentions=True` where needed, which does not change its
@@ -209,7 +216,20 @@ def readonly_forward(binding: SiteBinding, modality: str | None) -> Undo:
     read, kept, heads_out = _READERS[binding.site.note]
     missing = frozenset({"query", "key", "value"} | (set() if heads_out else {"output"}))
 
+    warned: list[bool] = []
+
     def forward(*args: Any, **kwargs: Any) -> Any:
+        if binding.site.note in (CHUNKED, LSH) and _decoding_from_cache(module, sig, args, kwargs):
+            if not warned:
+                warned.append(True)
+                warnings.warn(
+                    f"attntrace: site {binding.site.name!r} ({binding.site.module_class}): cached decoding steps "
+                    "attend to the cached states Reformer gathers (by chunk or hash bucket), not to token "
+                    "positions; those calls are not traced (the prompt's forward is)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return original(*args, **kwargs)
         layer = binding.enter()
         if layer is None:
             return original(*args, **kwargs)

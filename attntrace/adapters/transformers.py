@@ -71,7 +71,21 @@ class RegistryName(str):
 # `ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, <default>)`: the default is the
 # function `attn_implementation="eager"` runs (not always named `eager_attention_forward`: TimesFM's is
 # `simple_eager_attention_forward`, Llama 4's vision tower `vision_eager_attention_forward`).
-_DEFAULT_RE = re.compile(r"get_interface\(\s*[\w.]+\s*,\s*(\w+)\s*\)")
+_DEFAULT_RE = re.compile(
+    r"(?:get_interface\(|getattr\(\s*ALL_ATTENTION_FUNCTIONS\s*,)\s*[\w.]+\s*,\s*(\w+)\s*\)"
+)
+# Kosmos-2.5's vision attention looks its function up as an attribute, `getattr(ALL_ATTENTION_FUNCTIONS, impl,
+# eager_attention_forward)`, which never finds a registered function: it runs its eager function whatever the
+# implementation. Traced, the wrapper is also set as that attribute and calls the eager function, as untraced.
+_ATTRIBUTE_LOOKUP_RE = re.compile(r"getattr\(\s*ALL_ATTENTION_FUNCTIONS\s*,")
+_attribute_lookup: dict[type, bool] = {}
+
+
+def _looks_up_by_attribute(cls: type) -> bool:
+    found = _attribute_lookup.get(cls)
+    if found is None:
+        found = _attribute_lookup[cls] = bool(_ATTRIBUTE_LOOKUP_RE.search(getsource(cls.forward)))
+    return found
 _eager_fns: dict[type, Callable[..., Any]] = {}
 
 
@@ -137,7 +151,9 @@ class _Registration:
         sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"] if impl == "sdpa" else None
 
         def original_for(module: torch.nn.Module) -> Callable[..., Any]:
-            return sdpa if sdpa is not None else _eager_fn(module)
+            if sdpa is not None and not _looks_up_by_attribute(type(module)):
+                return sdpa
+            return _eager_fn(module)
 
         def attention(
             module: torch.nn.Module,
@@ -158,7 +174,8 @@ class _Registration:
             if layer is None:
                 return original(module, query, key, value, attention_mask, **kwargs)
             modality = self.modality.get(id(module))
-            return _traced(binding, layer, modality, impl, original, module, query, key, value, attention_mask, kwargs)
+            ran = "eager" if original is not sdpa else impl  # what the module runs untraced
+            return _traced(binding, layer, modality, ran, original, module, query, key, value, attention_mask, kwargs)
 
         attention.__name__ = f"attntrace_{impl}_attention"
         return attention
@@ -291,7 +308,7 @@ class TransformersAdapter(Adapter):
 
     def prepare(self, model: torch.nn.Module, bindings: list[SiteBinding]) -> Undo | None:
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-        from transformers.modeling_utils import AttentionInterface
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
         for b in bindings:
             impl = b.site.module.config._attn_implementation
@@ -320,6 +337,7 @@ class TransformersAdapter(Adapter):
         reg.modality = {id(b.site.module): self.modality.get(b.site.name) for b in bindings}
         uid = next(_counter)
         saved: list[tuple[Any, Any]] = []
+        by_attribute = any(_looks_up_by_attribute(type(b.site.module)) for b in bindings)
         for config in _all_configs(model):
             impl = config._attn_implementation_internal
             if impl not in _SUPPORTED:
@@ -327,7 +345,10 @@ class TransformersAdapter(Adapter):
             name = reg.names.get(impl)
             if name is None:
                 name = reg.names[impl] = RegistryName(f"attntrace_{uid}_{impl}", impl)
-                AttentionInterface.register(name, reg.wrapper(impl))
+                wrapper = reg.wrapper(impl)
+                AttentionInterface.register(name, wrapper)
+                if by_attribute:
+                    setattr(ALL_ATTENTION_FUNCTIONS, name, wrapper)
                 AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[impl])
             saved.append((config, impl))
             # The internal attribute: the public setter would overwrite sub-configs' own settings.
@@ -344,6 +365,7 @@ class TransformersAdapter(Adapter):
                     config._attn_implementation_internal = impl
             for name in reg.names.values():
                 AttentionInterface._global_mapping.pop(name, None)
+                vars(ALL_ATTENTION_FUNCTIONS).pop(name, None)
                 AttentionMaskInterface._global_mapping.pop(name, None)
             reg.bindings.clear()
 
