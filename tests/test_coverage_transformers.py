@@ -50,15 +50,7 @@ _RECORDS: dict[str, dict[str, Any]] = {}
 RETURNS_SCORES = {"squeezebert"}
 # Families whose failure lies in transformers itself at a tiny config (investigated), or an open attntrace bug
 # found by the sweep (the reason says which): model type -> reason. Listed as failing in the table.
-XFAIL: dict[str, str] = {
-    "gemma3n_audio": "open attntrace bug: Gemma3nAudioAttention (chunked local attention) is listed with q/k/v, probs "
-                     "and output available and a dense layout, but `call.output` raises EditError (not exposed) and "
-                     "the probs come as (B, heads*blocks, chunk, context) chunks",
-    "kosmos-2.5": "open attntrace bug: Kosmos2_5VisionAttention (vision_model.encoder.layer.*.attention) is listed as "
-                  "a transformers interface site but looks its function up with getattr(ALL_ATTENTION_FUNCTIONS, impl, "
-                  "eager_attention_forward), which never reads the registry (eager runs, traced or not): the calls "
-                  "are not seen",
-}
+XFAIL: dict[str, str] = {}
 
 
 class Recorder(Observer):
