@@ -48,13 +48,12 @@ _RECORDS: dict[str, dict[str, Any]] = {}
 # Families whose `output_attentions` are the scores before the softmax (padding mask included), not the
 # probabilities: the oracle is their softmax. SqueezeBERT returns `attention_score` (modeling_squeezebert).
 RETURNS_SCORES = {"squeezebert"}
+# Families whose `output_attentions` are the weights averaged over heads (broadcast back to every head): WavLM's
+# `F.multi_head_attention_forward(..., need_weights=True)` averages them. The oracle is the traced probs' head mean.
+RETURNS_HEAD_MEAN = {"wavlm"}
 # Families whose failure lies in transformers itself at a tiny config (investigated), or an open attntrace bug
 # found by the sweep (the reason says which): model type -> reason. Listed as failing in the table.
-XFAIL: dict[str, str] = {
-    "glm5_next_text": "open attntrace bug: with the tracer attached the output differs from the untraced one and the "
-                      "DSA indexer site (layers.1.self_attn.indexer) runs without a call seen",
-}
-XFAIL["glm5_next"] = XFAIL["glm5_next_text"]  # the same text stack inside the composite model
+XFAIL: dict[str, str] = {}
 
 
 class Recorder(Observer):
@@ -90,7 +89,9 @@ class Recorder(Observer):
         v = call.value
         if v.shape[1] != probs.shape[1]:
             v = v.repeat_interleave(probs.shape[1] // v.shape[1], dim=1)
-        err = (probs @ v.float() - out.float()).abs().amax(-1)  # (B, H, Lq)
+        # allclose's excess (|diff| - RTOL·|out|, against ATOL), as for the eager oracle: fp32 round-off of outputs
+        # of magnitude ~20 (X-CLIP's prompt generator) is not a post-softmax step
+        err = ((probs @ v.float() - out.float()).abs() - RTOL * out.float().abs()).amax(-1)  # (B, H, Lq)
         mask = call.attn_mask
         if mask is not None:
             # Fully masked query rows: eager gives a uniform row, sdpa's output there is its own; the
@@ -323,7 +324,8 @@ def _match(
     oracle: list[torch.Tensor], traced: list[torch.Tensor], live: torch.Tensor | None = None
 ) -> tuple[int, float, list[str]]:
     """Each oracle tensor must equal (allclose) some traced probs tensor of the same shape (greedy, in order).
-    Returns (tensors matched, worst abs error among matches, problems)."""
+    Returns (tensors matched, worst abs error among matches, problems). A model-level pool that holds several
+    same-shape tensors may pair some wrongly: their errors are in `problems`, not in the worst error."""
     used: set[int] = set()
     worst = 0.0
     problems = []
@@ -342,9 +344,10 @@ def _match(
             problems.append(f"no traced probs of shape {tuple(ref.shape)}")
             continue
         used.add(best_i)  # type: ignore[arg-type]
-        worst = max(worst, best[1])
         if best[0] > ATOL:
             problems.append(f"probs differ from eager by {best[1]:.2e} (shape {tuple(ref.shape)})")
+        else:
+            worst = max(worst, best[1])
     return len(oracle) - len(problems), worst, problems
 
 
@@ -477,8 +480,9 @@ def check_family(model_type: str) -> dict[str, Any]:
     if sparse:
         notes.append(
             f"{len(sparse)} block-sparse site(s): probs (B, H, L, L) zero outside the attended blocks, "
-            "compared with eager's weights with the repeated key block 0 counted at each occurrence"
-        )
+            + ("compared with eager's weights with the repeated key block 0 counted at each occurrence"
+               if "bird" in model_type else "compared with eager's weights")
+        )  # fmt: skip
     partly = sorted({s.note for s in sites if "partly traced" in s.note})
     notes += partly  # the adapter says what it leaves out (Pegasus-X's local block attention)
     if no_qk:
@@ -496,7 +500,10 @@ def check_family(model_type: str) -> dict[str, Any]:
     live = inputs["attention_mask"].bool() if isinstance(inputs.get("attention_mask"), torch.Tensor) else None
     for name in sorted(seen):
         refs = per_site.get(name, [])
-        n, err, bad = _match(refs, obs.probs[name], live)
+        got = obs.probs[name]
+        if model_type in RETURNS_HEAD_MEAN:
+            got = [p.mean(1, keepdim=True).expand_as(p) for p in got]
+        n, err, bad = _match(refs, got, live)
         checked += n
         worst = max(worst, err)
         problems += [f"{name}: {b}" for b in bad]

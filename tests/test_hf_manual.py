@@ -255,7 +255,7 @@ def test_unchanged_probs_through_the_edit_path_match_native(name: str) -> None:
         # Sliding-window and block-sparse sites are traced read-only: an observer wanting dense probs is refused.
         ("longformer", "LongformerSelfAttention", "sliding-window"),
         ("led", "LEDEncoderSelfAttention", "sliding-window"),
-        ("reformer", "ReformerModel", "logsumexp"),
+        ("reformer", "LocalSelfAttention", "chunked local attention"),
         ("bigbird_pegasus_sparse", "BigBirdPegasusBlockSparseAttention", "block-sparse"),
     ],
 )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -270,3 +272,67 @@ def test_sdpa_in_helper_method_is_a_site() -> None:
     _, _, probs, out, v = rec.calls[0]
     torch.testing.assert_close(probs @ v, out, atol=1e-6, rtol=0)
     assert "forward" not in vars(model[0])  # restored
+
+
+class FunctionalMHA(nn.Module):
+    """Calls `F.multi_head_attention_forward` itself, with separate projections and a per-head float mask (as
+    WavLM does with its gated relative position bias)."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, average: bool = False) -> None:
+        super().__init__()
+        self.heads, self.average = heads, average
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+        self.bias = nn.Parameter(torch.randn(heads, 1, 1))
+
+    def forward(self, x: torch.Tensor, padding: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        b, n, c = x.shape
+        mask = (self.bias * torch.arange(n)[None, :, None].float()).repeat(b, 1, n)  # (B·H, L, L)
+        xt = x.transpose(0, 1)
+        return self._attend(xt, mask, padding)
+
+    def _attend(self, xt: torch.Tensor, mask: torch.Tensor, padding: torch.Tensor | None) -> Any:
+        bias = torch.cat((self.q_proj.bias, self.k_proj.bias, self.v_proj.bias))
+        return F.multi_head_attention_forward(
+            xt, xt, xt, xt.shape[-1], self.heads, torch.empty([0]), bias, None, None, False, 0.0,
+            self.out_proj.weight, self.out_proj.bias, self.training, padding, need_weights=True, attn_mask=mask,
+            use_separate_proj_weight=True, q_proj_weight=self.q_proj.weight, k_proj_weight=self.k_proj.weight,
+            v_proj_weight=self.v_proj.weight, average_attn_weights=self.average,
+        )  # fmt: skip
+
+
+def test_functional_mha_in_a_helper_is_traced_bit_identical_probs_equal_its_weights() -> None:
+    from attntrace import find_sites
+
+    torch.manual_seed(0)
+    module = FunctionalMHA().eval()
+    x = torch.randn(2, 6, 32)
+    padding = torch.zeros(2, 6, dtype=torch.bool)
+    padding[1, -2:] = True
+    assert [(s.name, s.adapter, s.processor_class) for s in find_sites(module)] == [
+        ("FunctionalMHA", "torch", "F.multi_head_attention_forward")
+    ]
+    with torch.no_grad():
+        base_out, base_w = module(x, padding)  # per-head weights: the oracle
+    tracer = Tracer()
+    rec = tracer.add(Record())
+    with torch.no_grad(), tracer.attach(module):
+        out, w = module(x, padding)
+    assert torch.equal(out, base_out) and torch.equal(w, base_w)
+    (_, _, probs, output, value), = rec.calls
+    assert probs.shape == (2, 4, 6, 6) and float((probs - base_w).abs().max()) <= 1e-6
+    assert float((probs @ value - output).abs().max()) <= 1e-5
+    assert "forward" not in vars(module)
+
+
+def test_functional_mha_edit_goes_through_out_proj() -> None:
+    torch.manual_seed(0)
+    module = FunctionalMHA(average=True).eval()
+    x = torch.randn(2, 6, 32)
+    tracer = Tracer()
+    tracer.add(Uniform())
+    with torch.no_grad(), tracer.attach(module):
+        out, w = module(x)
+    v_mean = module.v_proj(x).mean(1, keepdim=True).expand(-1, 6, -1)
+    assert torch.allclose(out.transpose(0, 1), module.out_proj(v_mean), atol=1e-6)
+    assert torch.allclose(w, torch.full((2, 6, 6), 1 / 6))

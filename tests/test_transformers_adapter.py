@@ -268,15 +268,25 @@ def test_t5_cached_generate() -> None:
         assert (c["probs"][:, :, 0] - refs[layer][:, :, -1]).abs().max() <= 1e-5
 
 
-def test_output_attentions_on_sdpa_through_tracer() -> None:
-    model, oracle = _pair(transformers.BertModel, _bert_cfg, "sdpa")
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_output_attentions_through_the_tracer_are_what_the_model_returns(impl: str) -> None:
+    # Regression: a traced sdpa site returned the probabilities it computed for an observer as its attention
+    # weights, so `output_attentions=True` gave attentions untraced sdpa does not (Deformable DETR's decoder:
+    # 8 output tensors traced, 7 untraced). Under eager they are eager's own weights, bit for bit.
+    model, oracle = _pair(transformers.BertModel, _bert_cfg, impl)
     ids, mask = _padded_ids()
     tracer = Tracer()
-    tracer.add(Record())
-    with torch.no_grad(), tracer.attach(model):
-        got = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+    rec = tracer.add(Record())
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+        with tracer.attach(model):
+            got = model(input_ids=ids, attention_mask=mask, output_attentions=True)
         ref = oracle(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
-    assert all((a - b).abs().max() <= 1e-6 for a, b in zip(got, ref))
+    assert len(got.attentions) == len(plain.attentions) == (0 if impl == "sdpa" else 2)
+    assert all(torch.equal(a, b) for a, b in zip(got.attentions, plain.attentions))
+    assert torch.equal(got.last_hidden_state, plain.last_hidden_state)
+    # observers still read the probabilities, equal to eager's
+    assert [(c["probs"] - r).abs().max() <= 1e-6 for c, r in zip(rec.calls, ref)] == [True, True]
 
 
 def _minilm_path() -> Path | None:
@@ -447,3 +457,52 @@ def test_nested_in_a_plain_module() -> None:
     for call, ref in zip(rec.calls, expected):
         assert (call["probs"] - ref).abs().max() <= 1e-6
     assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_model_code_branching_on_the_implementation_sees_the_original_name(impl: str) -> None:
+    # Regression: while attached, configs held a plain "attntrace_<n>_sdpa", so model code comparing the name
+    # (GLM-5-Next builds a bool mask only when it `== "sdpa"`; DeepSeek-V3.2 applies its indexer mask only
+    # `in ("eager", "sdpa")`) took another path than untraced and the outputs differed.
+    import copy
+
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    model, _ = _pair(transformers.LlamaModel, _llama_cfg, impl)
+    tracer = Tracer()
+    tracer.add(Record())
+    with tracer.attach(model):
+        name = model.config._attn_implementation
+        assert name.startswith("attntrace_") and name != impl.upper()
+        assert name == impl and impl == name and name in ("eager", "sdpa")
+        assert (name != impl) is False  # __ne__ agrees with __eq__
+        assert name != ({"sdpa": "eager", "eager": "sdpa"}[impl])
+        # registry lookups hash the unique name: they find the wrapper, never the original function
+        assert ALL_ATTENTION_FUNCTIONS.get_interface(name, None) is not ALL_ATTENTION_FUNCTIONS.get(impl)
+        assert AttentionInterface._global_mapping[name] is ALL_ATTENTION_FUNCTIONS.get_interface(name, None)
+        assert copy.deepcopy(model.config)._attn_implementation == impl
+    restored = model.config._attn_implementation
+    assert type(restored) is str and restored == impl
+
+
+def test_glm5_next_sparse_mask_path_and_output_unchanged_by_tracing() -> None:
+    # GLM-5-Next's DSA attention turns its indexer's top-k into a bool mask under "sdpa" and an additive one
+    # otherwise; traced, it must take the bool path as untraced, and its indexer (which returns indices, not
+    # weights) is not an attention site.
+    from attntrace import find_sites
+    from tests import coverage_transformers as ct
+
+    built = ct.build("glm5_next_text")
+    model, inputs = built.model, built.inputs
+    attention = next(m for m in model.modules() if type(m).__name__ == "Glm5NextTextAttention")
+    masks: list[torch.dtype] = []
+    original = attention.build_attention_mask_from_topk
+    attention.build_attention_mask_from_topk = lambda *a, **k: (lambda m: masks.append(m.dtype) or m)(original(*a, **k))
+    assert not [s.name for s in find_sites(model) if s.name.endswith("indexer")]
+    base = ct.run(model, inputs)
+    tracer = Tracer()
+    rec = tracer.add(Record())
+    with tracer.attach(model):
+        traced = ct.run(model, inputs)
+    assert masks == [torch.bool, torch.bool]
+    assert rec.calls and ct.outputs_equal(base, traced)

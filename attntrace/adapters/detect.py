@@ -28,6 +28,7 @@ __all__ = [
     "PRODUCT_RE",
     "QK_RE",
     "SOFTMAX_RE",
+    "calls_functional_mha",
     "calls_registry",
     "called_with_context",
     "calls_sdpa",
@@ -288,23 +289,36 @@ def calls_registry(cls: type) -> bool:
 
 
 _SDPA_CALL = "scaled_dot_product_attention("
-_helper_cache: dict[type, bool] = {}
+_helper_cache: dict[tuple[type, str], bool] = {}
 
 
 def calls_sdpa(cls: type) -> bool:
     """Whether `cls.forward` calls `scaled_dot_product_attention`, directly or through a helper method of
     the class (static and class methods included; e.g. diffusers' `VidTokAttnBlock.attention`)."""
+    return _calls(cls, _SDPA_CALL)
+
+
+_FUNCTIONAL_MHA_CALL = "multi_head_attention_forward("
+
+
+def calls_functional_mha(cls: type) -> bool:
+    """Whether `cls.forward` calls `F.multi_head_attention_forward` itself or through a helper method of the
+    class (WavLM's attention, with its gated relative position bias as the mask)."""
+    return not issubclass(cls, torch.nn.MultiheadAttention) and _calls(cls, _FUNCTIONAL_MHA_CALL)
+
+
+def _calls(cls: type, needle: str) -> bool:
     if cls.forward is torch.nn.Module.forward:
         return False
-    if forward_mentions(cls, _SDPA_CALL):
+    if forward_mentions(cls, needle):
         return True
-    cached = _helper_cache.get(cls)
+    cached = _helper_cache.get((cls, needle))
     if cached is None:
-        cached = _helper_cache[cls] = _helper_calls_sdpa(cls)
+        cached = _helper_cache[(cls, needle)] = _helper_calls(cls, needle)
     return cached
 
 
-def _helper_calls_sdpa(cls: type) -> bool:
+def _helper_calls(cls: type, needle: str) -> bool:
     try:
         source = inspect.getsource(cls.forward)  # type: ignore[attr-defined]
     except (OSError, TypeError):
@@ -317,7 +331,7 @@ def _helper_calls_sdpa(cls: type) -> bool:
         if not inspect.isfunction(helper) or helper.__name__ == "forward":
             continue
         try:
-            if _SDPA_CALL in inspect.getsource(helper):
+            if needle in inspect.getsource(helper):
                 return True
         except (OSError, TypeError):
             continue
@@ -327,7 +341,7 @@ def _helper_calls_sdpa(cls: type) -> bool:
 def is_sdpa_module(module: torch.nn.Module) -> bool:
     """A plain PyTorch attention site: `nn.MultiheadAttention`, or a module calling `F.sdpa` itself
     (one with a hand-written softmax branch too is the hand-written adapter's)."""
-    return isinstance(module, torch.nn.MultiheadAttention) or (
+    return isinstance(module, torch.nn.MultiheadAttention) or calls_functional_mha(type(module)) or (
         calls_sdpa(type(module)) and not hand_written(module)
     )
 

@@ -15,6 +15,7 @@ the output goes through `out_proj` as the module would.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,14 +25,14 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..core.call import AttentionCall
-from ..core.errors import AttachError
+from ..core.errors import AttachError, AttnTraceError
 from ..core.layout import Layout
 from ..core.site import Site
 from ..tracing.binding import LayerCall, SiteBinding
 from ..tracing.intercept import KernelInterceptor
 from ..tracing.run import KernelCall, run_call
 from .base import Adapter, Undo
-from .detect import head_count, is_sdpa_module
+from .detect import calls_functional_mha, head_count, is_sdpa_module
 
 __all__ = ["TorchAdapter"]
 
@@ -70,7 +71,10 @@ class TorchAdapter(Adapter):
                     kind="self",
                     module=module,
                     adapter=self.name,
-                    processor_class="MultiheadAttention" if mha else "F.scaled_dot_product_attention",
+                    processor_class="MultiheadAttention" if mha else (
+                        "F.multi_head_attention_forward" if calls_functional_mha(type(module))
+                        else "F.scaled_dot_product_attention"
+                    ),
                     heads=head_count(module),
                     # probs stays True: `install` refuses with the real reason, not as "linear attention".
                     note=note,
@@ -94,6 +98,9 @@ class TorchAdapter(Adapter):
             state = _MHAState()
             forward = _mha_forward(binding, module, state)
             undo_layer = _patch_encoder_layer(binding, module, state)
+        elif calls_functional_mha(type(module)):
+            undo_layer = None
+            forward = _functional_forward(binding, module.forward)
         else:
             undo_layer = None
             forward = KernelInterceptor(binding).forward_for(module.forward)
@@ -159,6 +166,72 @@ class _SlowPath(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+@dataclass
+class _Projections:
+    """What `F.multi_head_attention_forward` computes attention from: inputs (L, B, E) and the weights."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    heads: int
+    weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    biases: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+    out_weight: torch.Tensor
+    out_bias: torch.Tensor | None
+    key_padding_mask: torch.Tensor | None
+    attn_mask: torch.Tensor | None
+    need_weights: bool
+    average: bool
+
+
+def _rebuild(
+    binding: SiteBinding, layer: LayerCall, p: _Projections
+) -> tuple[AttentionCall, Callable[[], tuple[torch.Tensor, torch.Tensor | None]]]:
+    """Rebuild a multi-head attention call from its projections and dispatch it; `finish()` gives the edited
+    result as `F.multi_head_attention_forward` returns it ((L, B, E) output, through the output projection)."""
+    query, key = p.query, p.key
+    lq, b, e = query.shape
+    lk = key.shape[0]
+    h = p.heads
+    (wq, wk, wv), (bq, bk, bv) = p.weights, p.biases
+
+    def heads(x: torch.Tensor, length: int) -> torch.Tensor:
+        return x.reshape(length, b, h, -1).permute(1, 2, 0, 3)
+
+    q = heads(F.linear(query, wq, bq), lq)
+    k = heads(F.linear(key, wk, bk), lk)
+    v = heads(F.linear(p.value, wv, bv), lk)
+    mask = None
+    if p.attn_mask is not None:
+        m = _additive(p.attn_mask, q.dtype)
+        mask = m[None, None] if m.dim() == 2 else m.reshape(b, h, lq, lk)
+    if p.key_padding_mask is not None:
+        m = _additive(p.key_padding_mask, q.dtype)[:, None, None, :]
+        mask = m if mask is None else mask + m
+
+    def kernel_fn(
+        q2: torch.Tensor, k2: torch.Tensor, v2: torch.Tensor, m2: torch.Tensor | None
+    ) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q2, k2, v2, attn_mask=m2)
+
+    call = run_call(binding, layer, KernelCall(
+        query=q, key=k, value=v, attn_mask=mask, scale=None, is_causal=False, enable_gqa=False,
+        kernel_fn=kernel_fn, layout=Layout("self", image=slice(0, lq)),
+    ), result=False).call  # fmt: skip
+
+    def finish() -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = call.output.permute(2, 0, 1, 3).reshape(lq, b, e).to(query.dtype)
+        out = F.linear(out, p.out_weight, p.out_bias)
+        weights = None
+        if p.need_weights:
+            weights = call.probs.to(query.dtype)
+            if p.average:
+                weights = weights.mean(dim=1)
+        return out, weights
+
+    return call, finish
+
+
 def _mha_call(
     binding: SiteBinding,
     layer: LayerCall,
@@ -176,58 +249,87 @@ def _mha_call(
     elif mha.batch_first:
         query, key, value = (t.transpose(0, 1) for t in (query, key, value))
     # (L, B, E) from here on, as in F.multi_head_attention_forward.
-    lq, b, e = query.shape
-    lk = key.shape[0]
-    h = mha.num_heads
     if mha._qkv_same_embed_dim:
         wq, wk, wv = mha.in_proj_weight.chunk(3)
     else:
         wq, wk, wv = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
-    bq = bk = bv = None
-    if mha.in_proj_bias is not None:
-        bq, bk, bv = mha.in_proj_bias.chunk(3)
-
-    def heads(x: torch.Tensor, length: int) -> torch.Tensor:
-        return x.reshape(length, b, h, -1).permute(1, 2, 0, 3)
-
-    q = heads(F.linear(query, wq, bq), lq)
-    k = heads(F.linear(key, wk, bk), lk)
-    v = heads(F.linear(value, wv, bv), lk)
-    mask = None
-    if attn_mask is not None:
-        m = _additive(attn_mask, q.dtype)
-        mask = m[None, None] if m.dim() == 2 else m.reshape(b, h, lq, lk)
-    if kpm is not None:
-        m = _additive(kpm, q.dtype)[:, None, None, :]
-        mask = m if mask is None else mask + m
-
-    def kernel_fn(
-        q2: torch.Tensor, k2: torch.Tensor, v2: torch.Tensor, m2: torch.Tensor | None
-    ) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q2, k2, v2, attn_mask=m2)
-
-    call = run_call(binding, layer, KernelCall(
-        query=q, key=k, value=v, attn_mask=mask, scale=None, is_causal=False, enable_gqa=False,
-        kernel_fn=kernel_fn, layout=Layout("self", image=slice(0, lq)),
-    ), result=False).call  # fmt: skip
+    biases = (None, None, None) if mha.in_proj_bias is None else tuple(mha.in_proj_bias.chunk(3))
+    call, finish_lbe = _rebuild(binding, layer, _Projections(
+        query, key, value, mha.num_heads, (wq, wk, wv), biases, mha.out_proj.weight,  # type: ignore[arg-type]
+        mha.out_proj.bias, kpm, attn_mask, need_weights, average,
+    ))  # fmt: skip
 
     def finish() -> tuple[torch.Tensor, torch.Tensor | None]:
-        out = call.output.permute(2, 0, 1, 3).reshape(lq, b, e).to(query.dtype)
-        out = F.linear(out, mha.out_proj.weight, mha.out_proj.bias)
+        out, weights = finish_lbe()
         if unbatched:
             out = out.squeeze(1)
+            weights = None if weights is None else weights.squeeze(0)
         elif mha.batch_first:
             out = out.transpose(0, 1)
-        weights = None
-        if need_weights:
-            weights = call.probs.to(query.dtype)
-            if average:
-                weights = weights.mean(dim=1)
-            if unbatched:
-                weights = weights.squeeze(0)
         return out, weights
 
     return call, finish
+
+
+def _functional_call(
+    binding: SiteBinding, layer: LayerCall, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[AttentionCall, Callable[[], tuple[torch.Tensor, torch.Tensor | None]]]:
+    """Rebuild a call of `F.multi_head_attention_forward(*args, **kwargs)` (batched inputs) and dispatch it."""
+    a = inspect.signature(F.multi_head_attention_forward).bind(*args, **kwargs)
+    a.apply_defaults()
+    f = a.arguments
+    site = binding.site.name
+    if f["query"].dim() != 3:
+        raise AttnTraceError(f"site {site!r}: F.multi_head_attention_forward with unbatched inputs is not traced")
+    unsupported = [n for n in ("bias_k", "bias_v", "static_k", "static_v") if f[n] is not None]
+    if f["add_zero_attn"]:
+        unsupported.append("add_zero_attn")
+    if f["is_causal"] and f["attn_mask"] is None:
+        unsupported.append("is_causal without attn_mask")
+    if unsupported:
+        raise AttnTraceError(
+            f"site {site!r}: F.multi_head_attention_forward with {', '.join(unsupported)} is not supported by attntrace"
+        )
+    if f["use_separate_proj_weight"]:
+        weights = (f["q_proj_weight"], f["k_proj_weight"], f["v_proj_weight"])
+    else:
+        weights = tuple(f["in_proj_weight"].chunk(3))
+    bias = f["in_proj_bias"]
+    biases = (None, None, None) if bias is None else tuple(bias.chunk(3))
+    return _rebuild(binding, layer, _Projections(
+        f["query"], f["key"], f["value"], int(f["num_heads"]), weights, biases, f["out_proj_weight"],  # type: ignore[arg-type]
+        f["out_proj_bias"], f["key_padding_mask"], f["attn_mask"], bool(f["need_weights"]),
+        bool(f["average_attn_weights"]),
+    ))  # fmt: skip
+
+
+class _FunctionalMHA(TorchFunctionMode):
+    """Active while a module that calls `F.multi_head_attention_forward` runs: each call is dispatched (its
+    inner ops run inside torch, out of any mode's sight); untouched, the function itself gives the result."""
+
+    def __init__(self, binding: SiteBinding, layer: LayerCall) -> None:
+        super().__init__()
+        self.binding, self.layer = binding, layer
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is not F.multi_head_attention_forward:
+            return func(*args, **kwargs)
+        call, finish = _functional_call(self.binding, self.layer, args, kwargs)
+        return func(*args, **kwargs) if not call.edited else finish()
+
+
+def _functional_forward(binding: SiteBinding, original: Callable[..., Any]) -> Callable[..., Any]:
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        layer = binding.enter()
+        if layer is None:
+            return original(*args, **kwargs)
+        with _FunctionalMHA(binding, layer):
+            return original(*args, **kwargs)
+
+    return forward
 
 
 def _mha_forward(binding: SiteBinding, mha: torch.nn.MultiheadAttention, state: _MHAState) -> Any:

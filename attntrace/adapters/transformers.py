@@ -17,7 +17,6 @@ import inspect
 import itertools
 import re
 import sys
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -38,19 +37,55 @@ _SUPPORTED = ("sdpa", "eager")
 _counter = itertools.count()
 
 
-def _branches_on_implementation(cls: type) -> bool:
-    """Whether `cls.forward` compares `_attn_implementation` to a name (it then sees the wrapper's name)."""
-    try:
-        source = inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return False
-    return re.search(r"_attn_implementation\s*(==|!=|in\s*\()", source) is not None
+class RegistryName(str):
+    """The name a traced config's `_attn_implementation` holds while attached.
+
+    As a string it is the wrapper's unique registry key (`attntrace_<n>_sdpa`): registry lookups hash it
+    and find the wrapper. Compared with `==`/`in`, it also equals the implementation it wraps, because
+    models branch on the name (`if config._attn_implementation == "sdpa"`: GLM-5-Next's sparse mask dtype,
+    DeepSeek-V3.2's indexer mask, Gemma 4's logits slicing): with a plain unique name they took another
+    path than untraced, and outputs differed."""
+
+    wraps: str
+
+    def __new__(cls, value: str, wraps: str) -> RegistryName:
+        obj = super().__new__(cls, value)
+        obj.wraps = wraps
+        return obj
+
+    def __getnewargs__(self) -> tuple[str, str]:  # type: ignore[override]  # copy/pickle keep `wraps`
+        return (str(self), self.wraps)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, str):
+            return NotImplemented
+        return str.__eq__(self, other) or str.__eq__(self.wraps, other)
+
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    __hash__ = str.__hash__  # the registry key's hash: dict lookups find the wrapper, never "sdpa"'s entry
 
 
 # `ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, <default>)`: the default is the
 # function `attn_implementation="eager"` runs (not always named `eager_attention_forward`: TimesFM's is
 # `simple_eager_attention_forward`, Llama 4's vision tower `vision_eager_attention_forward`).
-_DEFAULT_RE = re.compile(r"get_interface\(\s*[\w.]+\s*,\s*(\w+)\s*\)")
+_DEFAULT_RE = re.compile(
+    r"(?:get_interface\(|getattr\(\s*ALL_ATTENTION_FUNCTIONS\s*,)\s*[\w.]+\s*,\s*(\w+)\s*\)"
+)
+# Kosmos-2.5's vision attention looks its function up as an attribute, `getattr(ALL_ATTENTION_FUNCTIONS, impl,
+# eager_attention_forward)`, which never finds a registered function: it runs its eager function whatever the
+# implementation. Traced, the wrapper is also set as that attribute and calls the eager function, as untraced.
+_ATTRIBUTE_LOOKUP_RE = re.compile(r"getattr\(\s*ALL_ATTENTION_FUNCTIONS\s*,")
+_attribute_lookup: dict[type, bool] = {}
+
+
+def _looks_up_by_attribute(cls: type) -> bool:
+    found = _attribute_lookup.get(cls)
+    if found is None:
+        found = _attribute_lookup[cls] = bool(_ATTRIBUTE_LOOKUP_RE.search(getsource(cls.forward)))
+    return found
 _eager_fns: dict[type, Callable[..., Any]] = {}
 
 
@@ -116,7 +151,9 @@ class _Registration:
         sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"] if impl == "sdpa" else None
 
         def original_for(module: torch.nn.Module) -> Callable[..., Any]:
-            return sdpa if sdpa is not None else _eager_fn(module)
+            if sdpa is not None and not _looks_up_by_attribute(type(module)):
+                return sdpa
+            return _eager_fn(module)
 
         def attention(
             module: torch.nn.Module,
@@ -137,7 +174,8 @@ class _Registration:
             if layer is None:
                 return original(module, query, key, value, attention_mask, **kwargs)
             modality = self.modality.get(id(module))
-            return _traced(binding, layer, modality, impl, original, module, query, key, value, attention_mask, kwargs)
+            ran = "eager" if original is not sdpa else impl  # what the module runs untraced
+            return _traced(binding, layer, modality, ran, original, module, query, key, value, attention_mask, kwargs)
 
         attention.__name__ = f"attntrace_{impl}_attention"
         return attention
@@ -170,8 +208,12 @@ def _traced(
         native_weights.append(weights)
         return out
 
+    kernel_weights: list[torch.Tensor | None] = []
+
     def kernel_fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
-        return original(module, q, k, v, m, **kwargs)[0].transpose(1, 2)
+        out, weights = original(module, q, k, v, m, **kwargs)
+        kernel_weights.append(weights)
+        return out.transpose(1, 2)
 
     eager = _eager_fn(module)
 
@@ -213,14 +255,17 @@ def _traced(
     assert out is not None
     if not outcome.native:
         out = out.transpose(1, 2).contiguous()
+    if outcome.native:
+        return out, native_weights[0] if native_weights else None
+    # The weights the original returns: eager's are the probabilities the layer used (edited ones where an
+    # editor changed them); sdpa returns none, and neither may a traced sdpa site: `output_attentions=True`
+    # must give what it gives untraced (observers read `call.probs`).
     probs = call.computed_probs
+    if impl != "eager":
+        return out, None
     if probs is not None:
-        weights: torch.Tensor | None = probs.to(value.dtype)
-    elif outcome.native and native_weights:
-        weights = native_weights[0]
-    else:
-        weights = None
-    return out, weights
+        return out, probs.to(value.dtype)
+    return out, kernel_weights[-1] if kernel_weights else None
 
 
 class TransformersAdapter(Adapter):
@@ -263,7 +308,7 @@ class TransformersAdapter(Adapter):
 
     def prepare(self, model: torch.nn.Module, bindings: list[SiteBinding]) -> Undo | None:
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-        from transformers.modeling_utils import AttentionInterface
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
         for b in bindings:
             impl = b.site.module.config._attn_implementation
@@ -287,26 +332,23 @@ class TransformersAdapter(Adapter):
                     "attention bypasses the attention registry; load with attn_implementation='sdpa' or set "
                     "reorder_and_upcast_attn=False"
                 )
-            if not hasattr(module, "reorder_and_upcast_attn") and _branches_on_implementation(type(module)):
-                warnings.warn(
-                    f"attntrace: {type(module).__name__}.forward branches on config._attn_implementation; "
-                    "while traced it sees attntrace's registry name, which may take a different code path",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
         reg = _Registration()
         reg.bindings = {id(b.site.module): b for b in bindings}
         reg.modality = {id(b.site.module): self.modality.get(b.site.name) for b in bindings}
         uid = next(_counter)
         saved: list[tuple[Any, Any]] = []
+        by_attribute = any(_looks_up_by_attribute(type(b.site.module)) for b in bindings)
         for config in _all_configs(model):
             impl = config._attn_implementation_internal
             if impl not in _SUPPORTED:
                 continue  # a config no traced module reads (checked above)
             name = reg.names.get(impl)
             if name is None:
-                name = reg.names[impl] = f"attntrace_{uid}_{impl}"
-                AttentionInterface.register(name, reg.wrapper(impl))
+                name = reg.names[impl] = RegistryName(f"attntrace_{uid}_{impl}", impl)
+                wrapper = reg.wrapper(impl)
+                AttentionInterface.register(name, wrapper)
+                if by_attribute:
+                    setattr(ALL_ATTENTION_FUNCTIONS, name, wrapper)
                 AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[impl])
             saved.append((config, impl))
             # The internal attribute: the public setter would overwrite sub-configs' own settings.
@@ -323,6 +365,7 @@ class TransformersAdapter(Adapter):
                     config._attn_implementation_internal = impl
             for name in reg.names.values():
                 AttentionInterface._global_mapping.pop(name, None)
+                vars(ALL_ATTENTION_FUNCTIONS).pop(name, None)
                 AttentionMaskInterface._global_mapping.pop(name, None)
             reg.bindings.clear()
 

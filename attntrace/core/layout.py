@@ -29,8 +29,9 @@ class Layout:
       query i's weight on key j. `banded` (sliding-window attention, Longformer/LED): the last axis holds
       `global_keys` columns for the global tokens (in sequence order), then `2·window + 1` columns where
       column `global_keys + j` is the weight on key `i - window + j` (zero outside the sequence).
-      `block_sparse` (BigBird): indexed like `dense`, zero outside the blocks each query attends (global,
-      sliding, random); read-only. `block_local` (LongT5): `3·window` columns where column j of query i is
+      `block_sparse` (BigBird, Reformer): indexed like `dense`, zero outside the blocks each query attends
+      (BigBird: global, sliding, random; Reformer: its chunk and the chunks around it, by position or by hash
+      bucket); read-only. `block_local` (LongT5): `3·window` columns where column j of query i is
       the weight on key `(i // window - 1)·window + j` (zero outside the sequence), then `global_keys` columns
       on transient global tokens (sums of blocks, not tokens); read-only. `sampling_point` (multi-scale
       deformable attention, the DETR family): query i's weights on its own sampling points, `points[l]` per
