@@ -461,7 +461,8 @@ def check_family(model_type: str) -> dict[str, Any]:
         editing = f"{editing}, except {len(fixed)} read-only {layouts} site(s)" if len(fixed) < len(sites) else "no"
     local = [s for s in sites if s.probs_layout == "block_local"]
     if local:
-        notes.append(f"{len(local)} block-local site(s): probs (B, H, L, 3·block + global), compared with eager's")
+        notes.append(f"{len(local)} block-local site(s): probs (B, H, L, window columns + global), compared with "
+                     "eager's where the module returns them")  # fmt: skip
     if obs.masked_rows:
         notes.append("fully masked query rows occur: probs there equal eager's uniform rows")
     banded = [s for s in sites if s.probs_layout == "banded"]

@@ -7,7 +7,11 @@ calls. The rules live here so that two adapters never answer the same question d
 - the softmax / matrix-product patterns of hand-written attention (`SOFTMAX_RE`, `PRODUCT_RE`, `QK_RE`);
 - `head_count`, `looks_like_attention`, `kind_by_name`, and diffusers' `processor_kind`;
 - which modules are whose: `is_processor_site` (diffusers), `calls_registry` (transformers),
-  `is_sdpa_module` (plain PyTorch), `hand_written` / `untraceable_note` (hand-written softmax).
+  `is_sdpa_module` / `calls_functional_mha` (plain PyTorch), `hand_written` / `untraceable_note` (hand-written
+  softmax).
+
+About 430 lines: the rules are many small predicates, and keeping them in one place is the point of the
+module (split by adapter, two adapters would again answer "is this module attention?" differently).
 """
 
 from __future__ import annotations

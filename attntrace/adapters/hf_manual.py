@@ -52,6 +52,7 @@ from .detect import (
 from .hf_readonly import (
     ADDITIVE,
     BANDED,
+    BLOCK_CONTEXT,
     BLOCK_LOCAL,
     BLOCK_SPARSE,
     CHUNKED,
@@ -79,10 +80,6 @@ _BANDED_NEEDLE = "_sliding_chunks"
 _REFUSALS = (
     ("self.w_g", "additive attention (SwiftFormer): a learned vector scores each token, (B, L, 1), and the "
      "softmax pools one global query; there is no softmax(q·kᵀ) over keys"),
-    ("_extract_block_context(", "chunked local attention over per-block context windows (Gemma 3n audio): the "
-     "softmax runs over (B, H, blocks, chunk, context) scores whose key axis is each block's own window of past "
-     "and future frames, and the probabilities are permuted across heads and blocks before the product with "
-     "the values; there is no (Lq, Lk) matrix and the module does not return its weights"),
     ("hard_softmax(", "slot assignment (GroupViT): the softmax runs over the groups (the query axis; one-hot "
      "in eval) and rows are then renormalised over keys; there is no softmax over keys"),
 )  # fmt: skip
@@ -108,6 +105,11 @@ _LSH_ROUNDS = (
     "LSH attention with num_hashes={} (Reformer): each hash round's output is normalised by a logsumexp the "
     "module does not return and the rounds are mixed by them, so the weight each key receives is not known; "
     "build or call the model with num_hashes=1 to trace it"
+)
+_CONTEXT_OFFSET = (
+    "chunked local attention whose context window starts {} frames back with blocks of {} (Gemma 3n audio, "
+    "conf_attention_context_left - 1 != conf_attention_chunk_size): the block-local layout (windows starting one "
+    "block back) does not describe it"
 )
 _LOGSUMEXP = (
     "LSH/chunked attention normalised with logsumexp and exp (Reformer): probabilities are per hash "
@@ -149,6 +151,8 @@ def classify(cls: type) -> tuple[bool, str]:
         if "logsumexp(" in src:
             return True, _LOGSUMEXP
         return False, ""
+    if "_extract_block_context(" in src:
+        return True, BLOCK_CONTEXT
     if _BANDED_NEEDLE in src and "output_attentions" in src:
         return True, BANDED
     if "bigbird_block_sparse_attention" in src and "attention_probs" in src:
@@ -181,9 +185,12 @@ def _instance_refusal(module: torch.nn.Module) -> str | None:
 def refusal_reason(module: torch.nn.Module) -> str | None:
     """Why `module` (a hand-written attention module) cannot be traced, or None if it can."""
     ok, note = classify(type(module))
+    if note == LSH and int(getattr(module, "num_hashes", 1) or 1) > 1:
+        return _LSH_ROUNDS.format(int(module.num_hashes))
+    if note == BLOCK_CONTEXT and int(module.max_past_horizon) != int(module.chunk_size):
+        return _CONTEXT_OFFSET.format(int(module.max_past_horizon), int(module.chunk_size))
     if note in LAYOUT_OF:
-        rounds = int(getattr(module, "num_hashes", 1) or 1)
-        return _LSH_ROUNDS.format(rounds) if note == LSH and rounds > 1 else None
+        return None
     return (note or _instance_refusal(module)) if ok else None
 
 
@@ -242,7 +249,7 @@ class HFManualAdapter(Adapter):
             processor_class="softmax (hand-written)",
             heads=heads,
             note=note or "hand-written attention: probs and output editable, q/k/v read-only",
-            unavailable=UNAVAILABLE.get(layout, unavailable),
+            unavailable=UNAVAILABLE.get(note, unavailable),
             inputs_editable=False,
             probs_layout=layout,
         )

@@ -2,7 +2,8 @@
 
 Sliding-window (Longformer, LED), block-sparse (BigBird), block-local (LongT5), chunked and LSH (Reformer),
 multi-scale deformable (the DETR family) and additive (SLANet) attention return their weights with
-`output_attentions=True`, which does not change what they compute. `readonly_forward` shadows such a module's
+`output_attentions=True`, which does not change what they compute; Gemma 3n audio's block-context attention
+returns none, and its softmax is read while it runs. `readonly_forward` shadows such a module's
 forward, asks for the weights, and hands them to the observers in the layout the site declares
 (`Site.probs_layout`, see `Layout.probs`); editors are refused at attach. Each kind has a note (what the
 probabilities are; shown on the site) and a reader (how the returned weights become the call's probs).
@@ -18,6 +19,7 @@ from functools import partial
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from ..core.errors import AttachError, AttnTraceError, EditError
 from ..core.layout import token_layout
@@ -29,6 +31,7 @@ from .base import Undo
 __all__ = [
     "ADDITIVE",
     "BANDED",
+    "BLOCK_CONTEXT",
     "BLOCK_LOCAL",
     "BLOCK_SPARSE",
     "CHUNKED",
@@ -77,10 +80,16 @@ LSH = (
     "the keys each query attended, the returned sorted per-chunk weights put back in token order with the "
     "returned buckets; read-only (stats, save)"
 )
+BLOCK_CONTEXT = (
+    "chunked local attention over per-block context windows (Gemma 3n audio): each block of `chunk` frames "
+    "attends its own window of `context` frames, starting one block back; probs are (B, H, L, context) as "
+    "for block-local attention (column j of query i is the weight on frame (i // chunk - 1)·chunk + j), the "
+    "module's softmax read as it runs (it returns no weights); read-only (stats, save)"
+)
 # Notes of read-only sites -> their `Site.probs_layout`.
 LAYOUT_OF = {BANDED: "banded", BLOCK_SPARSE: "block_sparse", BLOCK_LOCAL: "block_local",
              SAMPLING_POINT: "sampling_point", ADDITIVE: "additive", CHUNKED: "block_sparse",
-             LSH: "block_sparse"}  # fmt: skip
+             LSH: "block_sparse", BLOCK_CONTEXT: "block_local"}  # fmt: skip
 
 
 def _banded(module: torch.nn.Module, out: tuple[Any, ...]) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -177,6 +186,34 @@ def _lsh(module: torch.nn.Module, out: Any) -> tuple[torch.Tensor, dict[str, Any
     return dense, {"block_size": int(module.chunk_length)}
 
 
+def _block_context(module: torch.nn.Module, out: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Gemma 3n audio's softmax (B, H, blocks, chunk, context), read while it ran, as (B, H, L, context)."""
+    result, probs = out
+    if probs is None:
+        raise AttnTraceError(f"{type(module).__name__}: no (B, H, blocks, chunk, context) softmax ran")
+    b, h, u, w, c = probs.shape
+    return probs.reshape(b, h, u * w, c)[:, :, : result.shape[1]], {"window": w, "global_keys": 0}
+
+
+class _SoftmaxCapture(TorchFunctionMode):
+    """Keeps the last 5D softmax over the last axis computed while active (a module that returns no weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.probs: torch.Tensor | None = None
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if func in _SOFTMAX and isinstance(out, torch.Tensor) and out.dim() == 5:
+            dim = args[1] if len(args) > 1 else (kwargs or {}).get("dim")
+            if dim in (-1, 4):
+                self.probs = out
+        return out
+
+
+_SOFTMAX = (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax)
+
+
 # Read-only sites, by note: (how to read the module's returned weights, whether it must be asked for them and
 # how many outputs it returns when not asked (None: it always returns them; a namedtuple keeps its fields with
 # empty weights), whether its first output is the attention before the output projection).
@@ -188,13 +225,17 @@ _READERS: dict[str, tuple[Callable[..., tuple[torch.Tensor, dict[str, Any]]], in
     ADDITIVE: (_additive, None, False),
     CHUNKED: (_chunked, 1, True),
     LSH: (_lsh, 1, True),
+    BLOCK_CONTEXT: (_block_context, None, True),
 }
+# Sites whose module returns no weights: the softmax is read while the module runs.
+_CAPTURED = (BLOCK_CONTEXT,)
 
 
-UNAVAILABLE = {"banded": frozenset({"query", "key", "value"}), "block_sparse": frozenset({"query", "key", "value"}),
-                "block_local": frozenset({"query", "key", "value", "output"}),
-                "sampling_point": frozenset({"query", "key", "value", "output"}),
-                "additive": frozenset({"query", "key", "value", "output"})}  # fmt: skip
+# What a read-only site does not expose, by note: q/k/v never; the output where the module returns it projected.
+UNAVAILABLE = {
+    note: frozenset({"query", "key", "value"} | (set() if heads_out else {"output"}))
+    for note, (_, _, heads_out) in _READERS.items()
+}
 
 
 def _decoding_from_cache(module: torch.nn.Module, sig: inspect.Signature, args: Any, kwargs: Any) -> bool:
@@ -239,7 +280,12 @@ def readonly_forward(binding: SiteBinding, modality: str | None) -> Undo:
             asked = bool(bound.arguments.get("output_attentions", False))
             bound.arguments["output_attentions"] = True
             args, kwargs = bound.args, bound.kwargs
-        out = original(*args, **kwargs)
+        if binding.site.note in _CAPTURED:
+            with _SoftmaxCapture() as capture:
+                result = original(*args, **kwargs)
+            out = (result, capture.probs)
+        else:
+            out = result = original(*args, **kwargs)
         probs, fields = read(module, out)
         b, h, length, k = probs.shape
         # (B, H, L, D): heads before the output projection (a width-0 stand-in where only the projection is returned)
@@ -258,7 +304,7 @@ def readonly_forward(binding: SiteBinding, modality: str | None) -> Undo:
         if call.edited:  # editors are refused at attach; an observer that edits anyway is not ignored
             raise EditError(f"site {binding.site.name!r}: {layout_name} probabilities are read-only")
         if asked:
-            return out
+            return result
         return out._replace(attention_probs=()) if hasattr(out, "_replace") else out[:kept]
 
     module.forward = forward
