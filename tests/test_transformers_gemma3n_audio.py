@@ -69,7 +69,8 @@ def test_block_context_probs_rebuild_the_output_and_follow_the_layout() -> None:
     valid = (frame >= 0) & (frame < t) & (frame <= i)
     assert float(probs[..., ~valid].abs().max()) == 0.0
     # the module's output rebuilt from the probs and its value projection
-    v = att.v_proj(x).view(b, t, h, d)  # (B, T, H, D)
+    with torch.no_grad():
+        v = att.v_proj(x).view(b, t, h, d)  # (B, T, H, D)
     gathered = v[:, frame.clamp(0, t - 1)]  # (B, T, context, H, D)
     gathered = gathered * valid[None, :, :, None, None]
     rebuilt = torch.einsum("bhic,bichd->bihd", probs, gathered)
