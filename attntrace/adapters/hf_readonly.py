@@ -238,9 +238,9 @@ UNAVAILABLE = {
 }
 
 
-def _decoding_from_cache(module: torch.nn.Module, sig: inspect.Signature, args: Any, kwargs: Any) -> bool:
+def _decoding_from_cache(module: torch.nn.Module, bound: inspect.BoundArguments) -> bool:
     """Whether a Reformer attention call decodes from its cache (the module's own test: a cache holding its layer)."""
-    cache = sig.bind(*args, **kwargs).arguments.get("past_buckets_states")
+    cache = bound.arguments.get("past_buckets_states")
     return cache is not None and len(cache) > int(module.layer_idx)
 
 
@@ -260,7 +260,9 @@ def readonly_forward(binding: SiteBinding, modality: str | None) -> Undo:
     warned: list[bool] = []
 
     def forward(*args: Any, **kwargs: Any) -> Any:
-        if binding.site.note in (CHUNKED, LSH) and _decoding_from_cache(module, sig, args, kwargs):
+        # Modules that must be asked for their weights: their arguments are bound once, read and rewritten.
+        bound = sig.bind(*args, **kwargs) if kept is not None else None
+        if binding.site.note in (CHUNKED, LSH) and bound is not None and _decoding_from_cache(module, bound):
             if not warned:
                 warned.append(True)
                 warnings.warn(
@@ -275,8 +277,7 @@ def readonly_forward(binding: SiteBinding, modality: str | None) -> Undo:
         if layer is None:
             return original(*args, **kwargs)
         asked = True
-        if kept is not None:
-            bound = sig.bind(*args, **kwargs)
+        if bound is not None:
             asked = bool(bound.arguments.get("output_attentions", False))
             bound.arguments["output_attentions"] = True
             args, kwargs = bound.args, bound.kwargs

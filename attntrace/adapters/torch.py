@@ -271,11 +271,15 @@ def _mha_call(
     return call, finish
 
 
+# Bound on every traced call: read once.
+_FUNCTIONAL_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+
+
 def _functional_call(
     binding: SiteBinding, layer: LayerCall, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[AttentionCall, Callable[[], tuple[torch.Tensor, torch.Tensor | None]]]:
     """Rebuild a call of `F.multi_head_attention_forward(*args, **kwargs)` (batched inputs) and dispatch it."""
-    a = inspect.signature(F.multi_head_attention_forward).bind(*args, **kwargs)
+    a = _FUNCTIONAL_SIGNATURE.bind(*args, **kwargs)
     a.apply_defaults()
     f = a.arguments
     site = binding.site.name

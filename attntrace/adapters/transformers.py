@@ -253,16 +253,15 @@ def _traced(
     ))  # fmt: skip
     out, call = outcome.output, outcome.call
     assert out is not None
-    if not outcome.native:
-        out = out.transpose(1, 2).contiguous()
     if outcome.native:
         return out, native_weights[0] if native_weights else None
+    out = out.transpose(1, 2).contiguous()
     # The weights the original returns: eager's are the probabilities the layer used (edited ones where an
     # editor changed them); sdpa returns none, and neither may a traced sdpa site: `output_attentions=True`
     # must give what it gives untraced (observers read `call.probs`).
-    probs = call.computed_probs
     if impl != "eager":
         return out, None
+    probs = call.computed_probs
     if probs is not None:
         return out, probs.to(value.dtype)
     return out, kernel_weights[-1] if kernel_weights else None
