@@ -52,6 +52,8 @@ def main() -> None:
         ("min_iou", "word swap: min mask IoU source -> edited (P2P)"),
         ("mean_iou_without_p2p", "word swap: mean mask IoU, same noise without P2P"),
         ("changed", "word swap: edited image shows the target's objects"),
+        ("colour_changed", "colour swaps: edited image has the target colour, not the source's"),
+        ("shape_changed", "shape swaps: edited image shows the target's objects"),
     ):
         rows.append((label, f"{sw['trained'][key]:.3f}", f"{sw['random'][key]:.3f}"))
     rw = {k: measure_reweight(p, EDIT_PROMPTS, factor=2.0) for k, p in pipes.items()}

@@ -101,10 +101,16 @@ def measure_swap(
     pipe: Any, swaps: tuple[tuple[str, str], ...] = SWAPS, *, seed: int = 0, steps: int = STEPS
 ) -> dict[str, Any]:
     """For each word swap: IoU of every object's mask in the edited image with the source's, with and
-    without prompt-to-prompt, and whether the edited image shows the target prompt's objects."""
+    without prompt-to-prompt, and whether the edited image shows the target prompt's objects.
+
+    `colour_changed` scores the colour swaps alone by colour segmentation, shapes aside: the edited
+    image holds the target colour and no longer the source's. `shape_changed` scores the shape swaps:
+    the edited image holds the target (colour, shape) pairs.
+    """
     from .edits import word_swap
 
     ious, plain_ious, changed = [], [], []
+    colour_changed, shape_changed = [], []
     for source, target in swaps:
         im = word_swap(pipe, source, target, seed=seed, steps=steps, guidance=GUIDANCE)
         src = find_objects(im["source"])
@@ -116,11 +122,20 @@ def measure_swap(
                 t_obj = next((f for f in found if f.colour == tc), None)
                 out.append(0.0 if s_obj is None or t_obj is None else _mask_iou(s_obj.mask, t_obj.mask))
         changed.append(contains(im["edited"], parse_prompt(target)))
+        pairs = [(a, b) for a, b in zip(parse_prompt(source), parse_prompt(target)) if a != b]
+        drawn = {f.colour for f in find_objects(im["edited"])}
+        for (sc, _), (tc, _) in pairs:
+            if sc != tc:
+                colour_changed.append(tc in drawn and sc not in drawn)
+            else:
+                shape_changed.append(changed[-1])
     return {
         "min_iou": float(min(ious)),
         "mean_iou": float(np.mean(ious)),
         "mean_iou_without_p2p": float(np.mean(plain_ious)),
         "changed": float(np.mean(changed)),
+        "colour_changed": float(np.mean(colour_changed)) if colour_changed else float("nan"),
+        "shape_changed": float(np.mean(shape_changed)) if shape_changed else float("nan"),
         "ious": ious,
     }
 
