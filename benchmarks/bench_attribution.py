@@ -14,7 +14,10 @@ and a per-site, per-step collector from which the alternatives are computed:
 - last layer only / first layer only; mean over all layers (coarsest grid included);
 - per resolution (16x16 only, 8x8 only); early vs late half of the steps.
 
-    PYTHONPATH=. python benchmarks/bench_attribution.py [--prompts 48] [--random] > benchmarks/RESULTS_attribution.md
+`--joint` scores the joint-attention toy model (SD3-style) instead: the image-query x text-key part of
+every joint block, one 8x8 grid (so nothing is left out as coarsest).
+
+    PYTHONPATH=. python benchmarks/bench_attribution.py [--prompts 48] [--random] [--joint]
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from attntrace import AttentionCall, Observer
-from attntrace.toyworld.model import load_pipeline, random_pipeline
+from attntrace.toyworld.model import load_joint_pipeline, load_pipeline, random_joint_pipeline, random_pipeline
 from attntrace.toyworld.probe import object_masks, pointing_hit, top_iou, traced_generation, word_positions
 from attntrace.toyworld.semantics import heldout_prompts
 from attntrace.toyworld.world import parse_prompt
@@ -38,7 +41,10 @@ SIDE = 32
 
 
 class Collector(Observer):
-    """Per (site, step-half): the sum over calls of the head-mean conditional maps, (B, T, h, w)."""
+    """Per (site, step-half): the sum over calls of the head-mean conditional maps, (B, T, h, w).
+
+    Cross-attention and the image-query x text-key part of joint attention alike, from the call's layout.
+    """
 
     name = "collector"
     needs = frozenset({"probs"})
@@ -51,11 +57,12 @@ class Collector(Observer):
         self.order: list[str] = []
 
     def on_call(self, call: AttentionCall) -> None:
-        if call.kind != "cross" or call.image_hw is None:
+        layout = call.layout
+        if layout.kind not in ("cross", "joint") or layout.text is None or layout.image is None or layout.grid is None:
             return
         p = call.probs
-        h, w = call.image_hw
-        cond = p[p.shape[0] // 2 :].float().mean(1)  # (B, h*w, T), conditional half
+        _, h, w = layout.grid
+        cond = p[p.shape[0] // 2 :, :, layout.image, layout.text].float().mean(1)  # (B, h*w, T), conditional half
         maps = cond.transpose(1, 2).reshape(cond.shape[0], -1, h, w)
         key = (call.site, int(call.step >= self.steps // 2))
         if call.site not in self.order:
@@ -83,12 +90,16 @@ def _mean(c: Collector, keep: Callable[[str, int, int], bool], mode: str = "bili
 def aggregations(c: Collector, hm_maps: torch.Tensor, n_tokens: list[int]) -> dict[str, torch.Tensor]:
     grids = sorted({s.shape[-1] for s in c.sums.values()})
     lo, hi = grids[0], grids[-1]
+    drop = lo if len(grids) > 1 else -1  # the coarsest grid, left out as DAAM does (none with one grid)
     first, last = c.order[0], c.order[-1]
-    daam = _mean(c, lambda s, g, h: g != lo, mode="bicubic")
+    daam = _mean(c, lambda s, g, h: g != drop, mode="bicubic")
     # DAAM's normalize=True: each pixel divided by the sum over the prompt's word tokens
     norm = daam.clone()
     for b, n in enumerate(n_tokens):
         norm[b] = daam[b] / (daam[b, 1 : n + 1].sum(0, keepdim=True) + 1e-6)
+    per_grid = {f"{hi}x{hi} grid only": _mean(c, lambda s, g, h: g == hi)}
+    if lo != hi:
+        per_grid[f"{lo}x{lo} grid only"] = _mean(c, lambda s, g, h: g == lo)
     return {
         "attntrace heatmap (default)": hm_maps,
         "DAAM-style (bicubic, clamp)": daam,
@@ -96,10 +107,9 @@ def aggregations(c: Collector, hm_maps: torch.Tensor, n_tokens: list[int]) -> di
         f"last layer only ({last.removesuffix('.processor')})": _mean(c, lambda s, g, h: s == last),
         f"first layer only ({first.removesuffix('.processor')})": _mean(c, lambda s, g, h: s == first),
         "mean over all layers (all grids)": _mean(c, lambda s, g, h: True),
-        f"{hi}x{hi} grid only": _mean(c, lambda s, g, h: g == hi),
-        f"{lo}x{lo} grid only": _mean(c, lambda s, g, h: g == lo),
-        "early half of the steps": _mean(c, lambda s, g, h: g != lo and h == 0),
-        "late half of the steps": _mean(c, lambda s, g, h: g != lo and h == 1),
+        **per_grid,
+        "early half of the steps": _mean(c, lambda s, g, h: g != drop and h == 0),
+        "late half of the steps": _mean(c, lambda s, g, h: g != drop and h == 1),
     }
 
 
@@ -124,7 +134,8 @@ def run(pipe: Any, prompts: list[str], steps: int, batch: int, masks_from: Any =
     for start in range(0, len(prompts), batch):
         chunk = prompts[start : start + batch]
         col = Collector(steps)
-        tr = traced_generation(pipe, chunk, seed=start, steps=steps, extra=[(col, "*attn2", "cross")], heatmap=True)
+        where = (col, "*attn2", "cross") if getattr(pipe, "unet", None) is not None else (col, "*", "joint")
+        tr = traced_generation(pipe, chunk, seed=start, steps=steps, extra=[where], heatmap=True)
         if masks_from is None:
             masks = [object_masks(im, p) for im, p in zip(tr.images, chunk)]
         else:
@@ -161,15 +172,18 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=12)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--random", action="store_true", help="also score a random-weight twin")
+    ap.add_argument("--joint", action="store_true", help="the joint-attention (SD3-style) toy model")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     prompts = heldout_prompts(args.prompts)
     t0 = time.perf_counter()
-    trained = run(load_pipeline(), prompts, args.steps, args.batch)
-    print(f"## Trained toy-world model ({len(prompts)} held-out captions, {args.steps} DDIM steps, CFG 5)\n")
+    load, twin = (load_joint_pipeline, random_joint_pipeline) if args.joint else (load_pipeline, random_pipeline)
+    trained = run(load(), prompts, args.steps, args.batch)
+    what = "joint-attention toy-world model" if args.joint else "toy-world model"
+    print(f"## Trained {what} ({len(prompts)} held-out captions, {args.steps} steps, CFG 5)\n")
     print(table(trained["results"]))
     if args.random:
-        rnd = run(random_pipeline(), prompts, args.steps, args.batch, masks_from=trained["masks"])
+        rnd = run(twin(), prompts, args.steps, args.batch, masks_from=trained["masks"])
         print("\n## Random-weight twin (scored against the trained model's objects)\n")
         print(table(rnd["results"]))
     print(f"\n({time.perf_counter() - t0:.0f} s on {args.threads} thread(s))")

@@ -18,7 +18,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "toyworld
 
 from test_toyworld_semantics import EDIT_PROMPTS
 
-from attntrace.toyworld.model import load_pipeline, random_pipeline, training_record
+from attntrace.toyworld.model import (
+    load_joint_pipeline,
+    load_pipeline,
+    random_joint_pipeline,
+    random_pipeline,
+    training_record,
+)
 from attntrace.toyworld.semantics import (
     heldout_prompts,
     measure_ablation,
@@ -70,6 +76,18 @@ def main() -> None:
             *(f"{ab[k]['max_difference_between_prompts_ablated']:.2e}" for k in pipes),
         )
     )
+    joint = {"trained": load_joint_pipeline(), "random": random_joint_pipeline(seed=0)}
+    jl = {"trained": measure_localisation(joint["trained"], prompts)}
+    jl["random"] = measure_localisation(joint["random"], prompts, masks=jl["trained"].masks)
+    for key, label in (
+        ("cond_pointing", "joint model: pointing, conditional maps"),
+        ("cond_miou", "joint model: top-region mIoU, conditional maps"),
+        ("uncond_pointing", "joint model: pointing, unconditional maps"),
+        ("next_token_pointing", "joint model: pointing, labels one token late"),
+        ("prev_token_pointing", "joint model: pointing, labels one token early (the colour word)"),
+        ("n", "joint model: scored (image, shape word) pairs"),
+    ):
+        rows.append((label, f"{getattr(jl['trained'], key):.3f}", f"{getattr(jl['random'], key):.3f}"))
     rec = training_record()
     print("# Toy-world semantic measurements (what the semantic tests' thresholds come from)\n")
     print(

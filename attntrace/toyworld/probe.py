@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from ..core.observer import Observer
 from ..core.words import resolve_words
 from ..observers.heatmap import Heatmap
+from .model import call_kwargs, denoiser
 from .segment import colour_masks, find_objects
 from .world import SHAPES, parse_prompt
 
@@ -50,9 +51,9 @@ class Traced:
 
 def shared_latents(pipe: Any, n: int, seed: int) -> torch.Tensor:
     """One seeded starting noise repeated for `n` images (what prompt-to-prompt edits need)."""
-    side = pipe.unet.config.sample_size
+    config = denoiser(pipe).config
     gen = torch.Generator().manual_seed(seed)
-    one = torch.randn((1, pipe.unet.config.in_channels, side, side), generator=gen)
+    one = torch.randn((1, config.in_channels, config.sample_size, config.sample_size), generator=gen)
     return one.expand(n, -1, -1, -1).clone()
 
 
@@ -65,11 +66,14 @@ def traced_generation(
     guidance: float = 5.0,
     latents: torch.Tensor | None = None,
     heatmap: dict[str, Any] | bool = True,
-    match: str = "*attn2",
+    match: str | None = None,
     extra: list[tuple[Observer, str, str | None]] | None = None,
     group: bool | None = None,
 ) -> Traced:
     """Generate `prompts` in one batch with a `heatmap` on `match` (plus `extra` (observer, match, kind)).
+
+    `match` defaults to every cross-attention site of a UNet (`*attn2`) and every joint-attention
+    site of a transformer (`*`; the heat map reads their image-query x text-key part).
 
     `heatmap` is True (defaults: maps at image resolution), False (no maps) or the observer's params.
     `group` True/False forces the prompts to be (or not be) one prompt-to-prompt edit group; None lets the
@@ -79,14 +83,19 @@ def traced_generation(
 
     tracer = Tracer({"rules": []})
     hm = None
+    unet = getattr(pipe, "unet", None) is not None
     if heatmap is not False:
-        params = {"resolution": pipe.unet.config.sample_size * pipe.vae_scale_factor}
+        params = {"resolution": denoiser(pipe).config.sample_size * pipe.vae_scale_factor}
         params.update(heatmap if isinstance(heatmap, dict) else {})
-        hm = tracer.add(Heatmap(params), match=match, kind="cross")
+        if unet:
+            hm = tracer.add(Heatmap(params), match=match or "*attn2", kind="cross")
+        else:
+            hm = tracer.add(Heatmap(params), match=match or "*", kind="joint")
     for obs, m, kind in extra or []:
         tracer.add(obs, match=m, kind=kind)
     gen = torch.Generator().manual_seed(seed)
     kwargs = {"num_inference_steps": steps, "guidance_scale": guidance, "generator": gen, "latents": latents}
+    kwargs.update(call_kwargs(pipe))
     with torch.no_grad():
         if tracer.observers:
             with tracer.attach(pipe):

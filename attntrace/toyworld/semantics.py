@@ -65,6 +65,7 @@ class LocalisationReport:
     n: int
     masks: list[dict[str, np.ndarray]]
     images: np.ndarray
+    maps: torch.Tensor  # (2 x prompts: unconditional rows then conditional, tokens, R, R)
 
 
 def measure_localisation(
@@ -90,7 +91,9 @@ def measure_localisation(
     u = localisation(tr.maps, prompts, masks, tr.tokenizer, rows=slice(0, n))
     nxt = localisation(tr.maps, prompts, masks, tr.tokenizer, rows=cond, shift=1)
     prv = localisation(tr.maps, prompts, masks, tr.tokenizer, rows=cond, shift=-1)
-    return LocalisationReport(c.pointing, c.miou, u.pointing, u.miou, nxt.pointing, prv.pointing, c.n, masks, tr.images)
+    return LocalisationReport(
+        c.pointing, c.miou, u.pointing, u.miou, nxt.pointing, prv.pointing, c.n, masks, tr.images, tr.maps
+    )
 
 
 def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:

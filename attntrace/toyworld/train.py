@@ -16,7 +16,7 @@ attntrace's tests. Everything is a stock diffusers/transformers part, so the res
                in the named colours?
 
 A fixed seed makes the run repeatable on the same software; metrics, the command and the time
-taken are written to `training.json` next to the weights. The recipe is one file of about 570 lines
+taken are written to `training.json` next to the weights. The recipe is one file of about 630 lines
 on purpose: it is meant to be read top to bottom as an example.
 """
 
@@ -239,7 +239,8 @@ def _images(scenes: list[Scene]) -> torch.Tensor:
     return torch.from_numpy(np.stack([sc.image for sc in scenes])).permute(0, 3, 1, 2) * 2 - 1
 
 
-def _lr(step: int, s: Settings, total: int) -> float:
+def lr_at(step: int, s: Any, total: int) -> float:
+    """Linear warm-up over `s.warmup` steps, then cosine decay from `s.lr` to 0 at `total`."""
     if step < s.warmup:
         return s.lr * (step + 1) / s.warmup
     return s.lr * 0.5 * (1 + math.cos(math.pi * (step - s.warmup) / max(1, total - s.warmup)))
@@ -252,7 +253,7 @@ def train_vae(vae: Any, rng: np.random.Generator, s: Settings, log: Any) -> floa
     mse = float("nan")
     for step in range(s.vae_steps):
         for g in opt.param_groups:
-            g["lr"] = _lr(step, s, s.vae_steps)
+            g["lr"] = lr_at(step, s, s.vae_steps)
         x = _images([sample_scene(rng) for _ in range(s.vae_batch)])
         post = vae.encode(x).latent_dist
         z = post.sample()
@@ -358,12 +359,8 @@ def train_diffusion(
     t0 = time.perf_counter()
     for step in range(s.steps):
         for g in opt.param_groups:
-            g["lr"] = _lr(step, s, s.steps)
-        idx = torch.randint(0, len(latents), (s.batch,), generator=gen)
-        x0 = latents[idx]
-        ids = ids_all[idx].clone()
-        drop = torch.rand(s.batch, generator=gen) < s.caption_dropout
-        ids[drop] = empty
+            g["lr"] = lr_at(step, s, s.steps)
+        idx, x0, ids, drop = sample_batch(latents, ids_all, empty, s, gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (s.batch,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         xt = sched.add_noise(x0, noise, t)
@@ -379,38 +376,117 @@ def train_diffusion(
         else:
             target, w = x0, snr[t].clamp(max=5.0)
         loss = (w.view(-1, 1, 1, 1) * (pred - target) ** 2).mean()
-        # attention loss: each object word's map (mean of the 16x16 layers) should sit in its mask
+        # attention losses: each object word's map (mean of the 16x16 layers) should sit on its mask
         amap = torch.stack(store).mean(0)  # (batch, pixels, tokens)
-        pos = obj_pos[idx]  # (batch, 3, 2)
-        valid = (pos >= 0) & ~drop.view(-1, 1, 1)
-        tok_maps = amap.gather(2, pos.clamp(min=0).view(s.batch, 1, 6).expand(-1, amap.shape[1], -1))
-        tok_maps = tok_maps.view(s.batch, -1, 3, 2).permute(0, 2, 3, 1)  # (batch, 3, 2, pixels)
-        inside = (tok_maps * obj_masks[idx][:, :, None, :]).sum(-1) / (tok_maps.sum(-1) + 1e-6)
-        attn_loss = ((1 - inside) * valid).sum() / valid.sum().clamp(min=1)
-        loss = loss + s.attention_loss * attn_loss
-        if s.coverage_loss:
-            p_hat = tok_maps / (tok_maps.sum(-1, keepdim=True) + 1e-6)
-            m = obj_masks[idx][:, :, None, :].expand_as(p_hat)
-            m_hat = m / (m.sum(-1, keepdim=True) + 1e-6)
-            kl = (m_hat * (torch.log(m_hat + 1e-8) - torch.log(p_hat + 1e-8))).sum(-1)
-            loss = loss + s.coverage_loss * (kl * valid).sum() / valid.sum().clamp(min=1)
-        if s.uncond_attention_loss and drop.any():
-            # each token's map over the pixels, against the uniform map (0 when flat)
-            flat = amap[drop] / (amap[drop].sum(1, keepdim=True) + 1e-6)
-            loss = loss + s.uncond_attention_loss * ((flat * flat.shape[1] - 1) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = min(s.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, p in zip(ema_params, params):
-                pe.lerp_(p, 1 - decay)
+        attn_loss, terms = attention_losses(amap, obj_pos[idx], obj_masks[idx], drop, s)
+        for term in terms:  # one by one, in the order the recorded runs added them
+            loss = loss + term
+        step_and_average(opt, loss, params, ema_params, step, s.ema)
         if step % 100 == 0 or step == s.steps - 1:
             rate = (step + 1) / (time.perf_counter() - t0)
             losses = f"loss {float(loss.detach()):.4f} attn {float(attn_loss.detach()):.3f}"
             log(f"unet {step:5d}/{s.steps} {losses} ({rate:.2f} steps/s)")
     return ema_unet, ema_text
+
+
+def sample_batch(
+    latents: torch.Tensor, ids_all: torch.Tensor, empty: torch.Tensor, s: Any, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pool indices, latents, token ids, dropped) of one batch; `caption_dropout` of the captions become
+    the empty prompt's `empty` ids, so classifier-free guidance has an unconditional model to subtract."""
+    idx = torch.randint(0, len(latents), (s.batch,), generator=gen)
+    ids = ids_all[idx].clone()
+    drop = torch.rand(s.batch, generator=gen) < s.caption_dropout
+    ids[drop] = empty
+    return idx, latents[idx], ids, drop
+
+
+def attention_losses(
+    amap: torch.Tensor, pos: torch.Tensor, masks: torch.Tensor, drop: torch.Tensor, s: Any
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(the attention loss alone, the weighted attention terms) for one batch; add the terms in order.
+
+    `amap` (batch, pixels, tokens) is the head- and layer-mean map; `pos` (batch, 3, 2) the objects' colour and
+    shape token positions (-1: none); `masks` (batch, 3, pixels) their masks on the same grid; `drop` which
+    captions were dropped. Terms: `attention_loss` x the share of each object word's map outside its mask,
+    `coverage_loss` x the KL from the normalised mask to the normalised map, `uncond_attention_loss` x how far
+    each dropped caption's token maps are from flat.
+    """
+    b = amap.shape[0]
+    valid = (pos >= 0) & ~drop.view(-1, 1, 1)
+    tok_maps = amap.gather(2, pos.clamp(min=0).view(b, 1, 6).expand(-1, amap.shape[1], -1))
+    tok_maps = tok_maps.view(b, -1, 3, 2).permute(0, 2, 3, 1)  # (batch, 3, 2, pixels)
+    m = masks[:, :, None, :].expand_as(tok_maps)
+    inside = (tok_maps * m).sum(-1) / (tok_maps.sum(-1) + 1e-6)
+    attn_loss = ((1 - inside) * valid).sum() / valid.sum().clamp(min=1)
+    terms = [s.attention_loss * attn_loss]
+    if s.coverage_loss:
+        p_hat = tok_maps / (tok_maps.sum(-1, keepdim=True) + 1e-6)
+        m_hat = m / (m.sum(-1, keepdim=True) + 1e-6)
+        kl = (m_hat * (torch.log(m_hat + 1e-8) - torch.log(p_hat + 1e-8))).sum(-1)
+        terms.append(s.coverage_loss * (kl * valid).sum() / valid.sum().clamp(min=1))
+    if s.uncond_attention_loss and drop.any():
+        # each token's map over the pixels, against the uniform map (0 when flat)
+        flat = amap[drop] / (amap[drop].sum(1, keepdim=True) + 1e-6)
+        terms.append(s.uncond_attention_loss * ((flat * flat.shape[1] - 1) ** 2).mean())
+    return attn_loss, terms
+
+
+def step_and_average(
+    opt: Any, loss: torch.Tensor, params: list[Any], ema_params: list[Any], step: int, ema: float
+) -> None:
+    """One optimiser step (gradients clipped at norm 1), then the EMA copy moves towards the weights."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    decay = min(ema, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for pe, p in zip(ema_params, params):
+            pe.lerp_(p, 1 - decay)
+
+
+def apply_settings(ap: argparse.ArgumentParser, s: Any, items: list[str]) -> None:
+    """Apply `--set NAME=VALUE` items to the settings `s` (tuples as comma lists); unknown names exit 2."""
+    for item in items:
+        name, _, value = item.partition("=")
+        if not hasattr(s, name):
+            ap.error(f"--set {item}: unknown setting {name!r} (known: {', '.join(asdict(s))})")
+        old = getattr(s, name)
+        setattr(s, name, tuple(int(v) for v in value.split(",")) if isinstance(old, tuple) else type(old)(value))
+
+
+def seed_run(s: Any) -> tuple[np.random.Generator, torch.Generator]:
+    """Seed torch, numpy and a torch generator from `s.seed` and set torch's threads to `s.threads`."""
+    torch.set_num_threads(s.threads)
+    torch.manual_seed(s.seed)
+    return np.random.default_rng(s.seed), torch.Generator().manual_seed(s.seed)
+
+
+class RunLog:
+    """Prints each message with the seconds since the run started (flushed: runs are long)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def __call__(self, msg: str) -> None:
+        print(f"[{self.elapsed():7.1f}s] {msg}", flush=True)
+
+
+def write_record(out: Path, record: dict[str, Any], models: dict[str, Any], log: Any) -> None:
+    """Write `training.json`: the run's record plus each model's parameter count and the software versions."""
+    record["parameters"] = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
+    record["software"] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": __import__("diffusers").__version__,
+        "transformers": __import__("transformers").__version__,
+    }
+    (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    log(f"wrote {out / 'training.json'}")
 
 
 # -- 5. evaluation --------------------------------------------------------------------------------
@@ -476,23 +552,12 @@ def main(argv: list[str] | None = None) -> int:
         batch=args.batch,
         eval_prompts=args.eval_prompts,
     )
-    for item in args.set:
-        name, _, value = item.partition("=")
-        if not hasattr(s, name):
-            ap.error(f"--set {item}: unknown setting {name!r} (known: {', '.join(asdict(s))})")
-        old = getattr(s, name)
-        setattr(s, name, tuple(int(v) for v in value.split(",")) if isinstance(old, tuple) else type(old)(value))
+    apply_settings(ap, s, args.set)
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    torch.set_num_threads(s.threads)
-    torch.manual_seed(s.seed)
-    rng = np.random.default_rng(s.seed)
-    gen = torch.Generator().manual_seed(s.seed)
+    rng, gen = seed_run(s)
+    log = RunLog()
     out: Path = args.out
-    t_start = time.perf_counter()
-
-    def log(msg: str) -> None:
-        print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
 
     tok = write_tokenizer(out / "tokenizer")
     text_encoder, vae, unet = build_models(tok, s)
@@ -502,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     vae_mse = train_vae(vae, rng, s, log)
-    t_vae = time.perf_counter() - t_start
+    t_vae = log.elapsed()
 
     pool: list[Scene] = []
     while len(pool) < s.pool:
@@ -514,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     vae.register_to_config(scaling_factor=scaling)
     log(f"encoded {len(pool)} scenes; latent scaling factor {scaling:.4f}")
     ema_unet, ema_text = train_diffusion(unet, text_encoder, tok, raw * scaling, pool, s, gen, log)
-    t_train = time.perf_counter() - t_start
+    t_train = log.elapsed()
 
     pipe = StableDiffusionPipeline(
         vae=vae,
@@ -542,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": {
             "vae": round(t_vae, 1),
             "vae_and_diffusion": round(t_train, 1),
-            "total_with_eval": round(time.perf_counter() - t_start, 1),
+            "total_with_eval": round(log.elapsed(), 1),
             "cpu_user": round(usage.ru_utime, 1),
         },
         "vae_reconstruction_mse": round(vae_mse, 5),
@@ -550,19 +615,8 @@ def main(argv: list[str] | None = None) -> int:
         "prompt_following": follow,
         "single_object_following": single,
         "eval": {"steps": s.eval_steps, "guidance": s.guidance, "seed": s.seed, "scheduler": "DDIM trailing"},
-        "parameters": {
-            name: sum(p.numel() for p in m.parameters())
-            for name, m in (("text_encoder", ema_text), ("vae", vae), ("unet", ema_unet))
-        },
-        "software": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "diffusers": __import__("diffusers").__version__,
-            "transformers": __import__("transformers").__version__,
-        },
     }
-    (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
-    log(f"wrote {out / 'training.json'}")
+    write_record(out, record, {"text_encoder": ema_text, "vae": vae, "unet": ema_unet}, log)
     return 0
 
 

@@ -50,3 +50,33 @@ def random_loc(random_pipe: Any, prompts: list[str], trained_loc: Any) -> Any:
     torch.set_num_threads(1)
     # The random twin draws no objects: its maps are scored against the trained model's objects.
     return measure_localisation(random_pipe, prompts, masks=trained_loc.masks)
+
+
+@pytest.fixture(scope="session")
+def joint_pipe() -> Any:
+    from attntrace.toyworld.model import load_joint_pipeline
+
+    return load_joint_pipeline()
+
+
+@pytest.fixture(scope="session")
+def random_joint_pipe() -> Any:
+    from attntrace.toyworld.model import random_joint_pipeline
+
+    return random_joint_pipeline(seed=0)
+
+
+@pytest.fixture(scope="session")
+def joint_loc(joint_pipe: Any, prompts: list[str]) -> Any:
+    from attntrace.toyworld.semantics import measure_localisation
+
+    torch.set_num_threads(1)
+    return measure_localisation(joint_pipe, prompts)
+
+
+@pytest.fixture(scope="session")
+def random_joint_loc(random_joint_pipe: Any, prompts: list[str], joint_loc: Any) -> Any:
+    from attntrace.toyworld.semantics import measure_localisation
+
+    torch.set_num_threads(1)
+    return measure_localisation(random_joint_pipe, prompts, masks=joint_loc.masks)

@@ -67,6 +67,17 @@ def test_labels_are_the_words_own_maps(trained_loc: Any, random_loc: Any) -> Non
     assert random_loc.cond_pointing - random_loc.next_token_pointing < LABEL_CONTRAST_MIN
 
 
+def test_localisation_fails_on_a_transposed_grid(toy_pipe: Any, prompts: list[str], trained_loc: Any) -> None:
+    """The check tells a right grid from a wrong one: the same maps read with x and y swapped stop localising."""
+    from attntrace.toyworld.probe import localisation
+
+    n = len(prompts)
+    wrong = localisation(
+        trained_loc.maps.transpose(-1, -2), prompts, trained_loc.masks, toy_pipe.tokenizer, rows=slice(n, 2 * n)
+    )
+    assert not (wrong.pointing >= POINTING_MIN and wrong.miou >= MIOU_MIN), wrong
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="unconditional rows localise too (0.364): the word-level text "

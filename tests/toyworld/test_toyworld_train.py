@@ -40,3 +40,50 @@ def test_train_script_rejects_unknown_setting(tmp_path: Path, capsys: pytest.Cap
     assert exc.value.code == 2
     assert "unknown setting 'no_such_setting'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_joint_train_script_writes_loadable_sd3_pipeline(tmp_path: Path) -> None:
+    import torch
+
+    from attntrace.toyworld.model import call_kwargs, load_joint_pipeline
+    from attntrace.toyworld.train_joint import main
+
+    out = tmp_path / "joint"
+    args = ["--out", str(out), "--set", "steps=3", "--set", "pool=32", "--set", "batch=4", "--set", "eval_prompts=2"]
+    assert main([*args, "--set", "caption_dropout=0.5"]) == 0
+    record = json.loads((out / "training.json").read_text())
+    assert record["settings"]["steps"] == 3 and record["prompt_following"]["n"] == 2
+    assert record["call"] == {"max_sequence_length": 0}
+    pipe = load_joint_pipeline(out)
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline" and pipe.text_encoder_3 is None
+    assert call_kwargs(pipe) == {"max_sequence_length": 0}
+    # the latents' statistics went to the VAE config, where SD3's pipeline reads them
+    assert pipe.vae.config.shift_factor == pytest.approx(record["latent_shift_factor"])
+    images = pipe(["a red circle"], num_inference_steps=2, output_type="np", **call_kwargs(pipe)).images
+    assert images.shape == (1, 32, 32, 3) and bool(torch.isfinite(torch.from_numpy(images)).all())
+
+
+def test_joint_training_processor_matches_diffusers_and_keeps_the_definition_probs(tmp_path: Path) -> None:
+    """The training-time processor computes SD3's joint attention exactly as diffusers' does, and the
+    image x text probabilities it keeps are softmax(q k^T / sqrt(d)) over image and text keys together."""
+    import torch
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    from attntrace.toyworld.train import write_tokenizer
+    from attntrace.toyworld.train_joint import JointSettings, KeepJointProbs, build_models
+
+    torch.manual_seed(0)
+    tok = write_tokenizer(tmp_path / "tok")
+    _, _, transformer = build_models(tok, JointSettings(layers=2))
+    img, txt = torch.randn(2, 64, 64), torch.randn(2, 16, 64)
+    for block in transformer.transformer_blocks:  # the last block is context_pre_only
+        attn = block.attn
+        ref = JointAttnProcessor2_0()(attn, img, txt)
+        store: list[torch.Tensor] = []
+        got = KeepJointProbs(store)(attn, img, txt)
+        for r, g in zip(ref, got):
+            torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+        q = torch.cat([attn.to_q(img), attn.add_q_proj(txt)], 1).view(2, 80, attn.heads, -1).transpose(1, 2)
+        k = torch.cat([attn.to_k(img), attn.add_k_proj(txt)], 1).view(2, 80, attn.heads, -1).transpose(1, 2)
+        probs = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1)
+        torch.testing.assert_close(store[0], probs[:, :, :64, 64:].mean(1), atol=1e-6, rtol=1e-5)
