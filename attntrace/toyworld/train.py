@@ -85,6 +85,8 @@ class Settings:
     # v-prediction drew the named colours and places where epsilon drew colour noise (single objects
     # 0.31-0.38 vs 0.12-0.19 at equal steps; benchmarks/RESULTS_toyworld_training.md).
     prediction_type: str = "v_prediction"
+    # min-SNR-γ loss weighting (Hang et al. 2023); 0 turns it off (plain MSE of what is predicted).
+    min_snr: float = 5.0
     # Decoder trained on latents with this much added noise (times the latent std): generated latents
     # are never exact, and a decoder that only saw exact encodings turns small errors into colour noise.
     decoder_noise: float = 0.5
@@ -367,14 +369,17 @@ def train_diffusion(
         cond = text_encoder(ids).last_hidden_state
         store.clear()
         pred = unet(xt, t, encoder_hidden_states=cond).sample
-        # min-SNR-5 weighting: less effort on nearly clean steps, which look alike for any caption
+        # min-SNR-γ weighting: less effort on nearly clean steps, which look alike for any caption
         # (the same weight on x0 error whatever the UNet predicts: eps MSE = snr * x0 MSE, v: (snr+1))
+        cap = snr[t].clamp(max=s.min_snr)
         if s.prediction_type == "epsilon":
-            target, w = noise, snr[t].clamp(max=5.0) / snr[t]
+            target, w = noise, cap / snr[t]
         elif s.prediction_type == "v_prediction":
-            target, w = sched.get_velocity(x0, noise, t), snr[t].clamp(max=5.0) / (snr[t] + 1)
+            target, w = sched.get_velocity(x0, noise, t), cap / (snr[t] + 1)
         else:
-            target, w = x0, snr[t].clamp(max=5.0)
+            target, w = x0, cap
+        if not s.min_snr:
+            w = torch.ones_like(w)
         loss = (w.view(-1, 1, 1, 1) * (pred - target) ** 2).mean()
         # attention losses: each object word's map (mean of the 16x16 layers) should sit on its mask
         amap = torch.stack(store).mean(0)  # (batch, pixels, tokens)

@@ -17,10 +17,11 @@ def test_train_script_writes_loadable_pipeline_with_options(tmp_path: Path) -> N
     args += ["--batch", "4", "--eval-prompts", "2"]
     args += ["--set", "prediction_type=v_prediction", "--set", "decoder_noise=0.5"]
     args += ["--set", "uncond_attention_loss=0.5", "--set", "caption_dropout=0.5", "--set", "unet_heads=2"]
+    args += ["--set", "min_snr=0"]
     assert main(args) == 0
     record = json.loads((out / "training.json").read_text())
     assert record["settings"]["prediction_type"] == "v_prediction"
-    assert record["settings"]["uncond_attention_loss"] == 0.5
+    assert record["settings"]["uncond_attention_loss"] == 0.5 and record["settings"]["min_snr"] == 0
     assert 0.0 <= record["prompt_following"]["rate"] <= 1.0 and record["prompt_following"]["n"] == 2
     pipe = load_pipeline(out)
     assert pipe.scheduler.config.prediction_type == "v_prediction"  # what the UNet was trained to predict
