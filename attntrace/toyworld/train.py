@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .model import call_kwargs
 from .world import COLOURS, SHAPES, VOCABULARY, Scene, parse_prompt, sample_scene
 
 MAX_TOKENS = 16  # longest caption: 11 words + start + end
@@ -505,6 +506,7 @@ def generate(pipe: Any, prompts: list[str], seed: int, steps: int, guidance: flo
             guidance_scale=guidance,
             generator=gen,
             output_type="np",
+            **call_kwargs(pipe),  # the joint model is called as it was trained (no T5 tokens)
         )
     return out.images
 

@@ -34,7 +34,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -49,13 +48,15 @@ from .train import (
     held_out,
     held_out_scenes,
     lr_at,
+    prompt_following,
     sample_batch,
     seed_run,
+    single_object_following,
     step_and_average,
     write_record,
     write_tokenizer,
 )
-from .world import COLOURS, SHAPES, Scene, parse_prompt, sample_scene
+from .world import Scene, sample_scene
 
 
 @dataclass
@@ -216,22 +217,6 @@ def train_flow(
     return emas
 
 
-def _following(pipe: Any, prompts: list[str], s: JointSettings) -> list[bool]:
-    from .segment import contains
-
-    gen = torch.Generator().manual_seed(s.seed)
-    with torch.no_grad():
-        images = pipe(
-            prompts,
-            num_inference_steps=s.eval_steps,
-            guidance_scale=s.guidance,
-            generator=gen,
-            output_type="np",
-            **call_kwargs(pipe),
-        ).images
-    return [contains(img, parse_prompt(p)) for img, p in zip(images, prompts)]
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], prog="python -m attntrace.toyworld.train_joint")
     ap.add_argument("--out", required=True, type=Path, help="folder for the from_pretrained pipeline")
@@ -276,9 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(out, safe_serialization=True)
     log(f"saved to {out}")
-    held = _following(pipe, [sc.caption for sc in held_out_scenes(s.eval_prompts)], s)
-    single = _following(pipe, [f"a {c} {sh}" for c in COLOURS for sh in SHAPES], s)
-    log(f"prompt following on {len(held)} held-out captions: {np.mean(held):.3f}; single objects {np.mean(single):.3f}")
+    follow = prompt_following(pipe, held_out_scenes(s.eval_prompts), s.seed, s.eval_steps, s.guidance)
+    single = single_object_following(pipe, s.seed, s.eval_steps, s.guidance)
+    log(f"prompt following on {follow['n']} held-out captions: {follow['rate']:.3f}; single objects {single:.3f}")
     record = {
         "command": "python -m attntrace.toyworld.train_joint " + " ".join(sys.argv[1:] if argv is None else argv),
         "settings": asdict(s),
@@ -290,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         "latent_shift_factor": shift,
         "latent_scaling_factor": scaling,
-        "prompt_following": {"rate": float(np.mean(held)), "n": len(held)},
-        "single_object_following": float(np.mean(single)),
+        "prompt_following": follow,
+        "single_object_following": single,
         "eval": {"steps": s.eval_steps, "guidance": s.guidance, "seed": s.seed, "scheduler": "flow-matching Euler"},
     }
     write_record(out, record, {"text_encoder": te1, "text_encoder_2": te2, "transformer": transformer}, log)
