@@ -68,6 +68,10 @@ class Settings:
     # should point nowhere. Without it the position embeddings the attention loss shaped made the
     # unconditional half's maps localise as well as the conditional half's (pointing 0.50 vs 0.42).
     uncond_attention_loss: float = 0.5
+    # Which cross-attention maps the flat-map loss reads: "full" the mean of the 16x16 layers' maps (as the
+    # attention loss), "each" every cross-attention layer's map on its own. With "full" the 16x16 decoder
+    # layer's unconditional maps still pointed at the objects (0.41; the 16x16 mean is flat, not each layer).
+    uncond_layers: str = "full"
     # Weight of the coverage term: KL from each object's normalised mask to its words' normalised maps. The
     # attention loss alone is met by one sharp peak inside the object (v-prediction runs: mIoU 0.03).
     coverage_loss: float = 0.1
@@ -213,8 +217,9 @@ def build_models(tok: Any, s: Settings) -> tuple[Any, Any, Any]:
         out_channels=s.latent_channels,
         block_out_channels=s.unet_channels,
         layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),  # cross-attention at 16x16, 8x8
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        # one level per channel count, cross-attention at each: 16x16, 8x8 (, 4x4)
+        down_block_types=("CrossAttnDownBlock2D",) * len(s.unet_channels),
+        up_block_types=("CrossAttnUpBlock2D",) * len(s.unet_channels),
         cross_attention_dim=s.text_width,
         attention_head_dim=s.unet_heads,  # diffusers' legacy name: this is the number of heads
         norm_num_groups=8,
@@ -352,8 +357,12 @@ def train_diffusion(
     ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
     store: list[torch.Tensor] = []
     keeper = KeepCrossProbs(store)
+    full_res = ("down_blocks.0.", f"up_blocks.{len(s.unet_channels) - 1}.")  # the 16x16 levels
+    if s.uncond_layers not in ("full", "each"):
+        raise ValueError(f"uncond_layers must be 'full' or 'each', not {s.uncond_layers!r}")
+    every = s.uncond_layers == "each"
     procs = {
-        name: keeper if name.endswith("attn2.processor") and name.startswith(("down_blocks.0", "up_blocks.1")) else p
+        name: keeper if name.endswith("attn2.processor") and (every or name.startswith(full_res)) else p
         for name, p in unet.attn_processors.items()
     }
     unet.set_attn_processor(procs)  # the EMA copy (what ships) keeps the default processors
@@ -383,8 +392,8 @@ def train_diffusion(
             w = torch.ones_like(w)
         loss = (w.view(-1, 1, 1, 1) * (pred - target) ** 2).mean()
         # attention losses: each object word's map (mean of the 16x16 layers) should sit on its mask
-        amap = torch.stack(store).mean(0)  # (batch, pixels, tokens)
-        attn_loss, terms = attention_losses(amap, obj_pos[idx], obj_masks[idx], drop, s)
+        amap = torch.stack([m for m in store if m.shape[1] == 16 * 16]).mean(0)  # (batch, pixels, tokens)
+        attn_loss, terms = attention_losses(amap, obj_pos[idx], obj_masks[idx], drop, s, store if every else None)
         for term in terms:  # one by one, in the order the recorded runs added them
             loss = loss + term
         step_and_average(opt, loss, params, ema_params, step, s.ema)
@@ -408,7 +417,12 @@ def sample_batch(
 
 
 def attention_losses(
-    amap: torch.Tensor, pos: torch.Tensor, masks: torch.Tensor, drop: torch.Tensor, s: Any
+    amap: torch.Tensor,
+    pos: torch.Tensor,
+    masks: torch.Tensor,
+    drop: torch.Tensor,
+    s: Any,
+    flat_maps: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(the attention loss alone, the weighted attention terms) for one batch; add the terms in order.
 
@@ -416,7 +430,8 @@ def attention_losses(
     shape token positions (-1: none); `masks` (batch, 3, pixels) their masks on the same grid; `drop` which
     captions were dropped. Terms: `attention_loss` x the share of each object word's map outside its mask,
     `coverage_loss` x the KL from the normalised mask to the normalised map, `uncond_attention_loss` x how far
-    each dropped caption's token maps are from flat.
+    each dropped caption's token maps are from flat: of `amap`, or the mean over `flat_maps` (per-layer maps,
+    any grid) when given.
     """
     b = amap.shape[0]
     valid = (pos >= 0) & ~drop.view(-1, 1, 1)
@@ -433,8 +448,11 @@ def attention_losses(
         terms.append(s.coverage_loss * (kl * valid).sum() / valid.sum().clamp(min=1))
     if s.uncond_attention_loss and drop.any():
         # each token's map over the pixels, against the uniform map (0 when flat)
-        flat = amap[drop] / (amap[drop].sum(1, keepdim=True) + 1e-6)
-        terms.append(s.uncond_attention_loss * ((flat * flat.shape[1] - 1) ** 2).mean())
+        flat_terms = []
+        for layer_map in [amap] if flat_maps is None else flat_maps:
+            flat = layer_map[drop] / (layer_map[drop].sum(1, keepdim=True) + 1e-6)
+            flat_terms.append(((flat * flat.shape[1] - 1) ** 2).mean())
+        terms.append(s.uncond_attention_loss * torch.stack(flat_terms).mean())
     return attn_loss, terms
 
 

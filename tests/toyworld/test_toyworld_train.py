@@ -17,7 +17,7 @@ def test_train_script_writes_loadable_pipeline_with_options(tmp_path: Path) -> N
     args += ["--batch", "4", "--eval-prompts", "2"]
     args += ["--set", "prediction_type=v_prediction", "--set", "decoder_noise=0.5"]
     args += ["--set", "uncond_attention_loss=0.5", "--set", "caption_dropout=0.5", "--set", "unet_heads=2"]
-    args += ["--set", "min_snr=0"]
+    args += ["--set", "min_snr=0", "--set", "unet_channels=16,16,16", "--set", "uncond_layers=each"]
     assert main(args) == 0
     record = json.loads((out / "training.json").read_text())
     assert record["settings"]["prediction_type"] == "v_prediction"
@@ -26,6 +26,7 @@ def test_train_script_writes_loadable_pipeline_with_options(tmp_path: Path) -> N
     pipe = load_pipeline(out)
     assert pipe.scheduler.config.prediction_type == "v_prediction"  # what the UNet was trained to predict
     assert {m.heads for n, m in pipe.unet.named_modules() if n.endswith(("attn1", "attn2"))} == {2}
+    assert [b.resnets[0].out_channels for b in pipe.unet.down_blocks] == [16, 16, 16]  # a level per count
     assert pipe.tokenizer.convert_ids_to_tokens(pipe.tokenizer("a red circle").input_ids)[1:4] == [
         "a</w>",
         "red</w>",
@@ -88,3 +89,29 @@ def test_joint_training_processor_matches_diffusers_and_keeps_the_definition_pro
         k = torch.cat([attn.to_k(img), attn.add_k_proj(txt)], 1).view(2, 80, attn.heads, -1).transpose(1, 2)
         probs = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1)
         torch.testing.assert_close(store[0], probs[:, :, :64, 64:].mean(1), atol=1e-6, rtol=1e-5)
+
+
+def test_flat_map_loss_reads_each_layer_when_asked() -> None:
+    """Two layers whose dropped-caption maps peak in opposite places average to a flat map: the "full"
+    flat-map term (on the mean) is 0, the "each" term is the mean of the layers' own distances from flat."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from attntrace.toyworld.train import attention_losses
+
+    pixels, tokens = 4, 3
+    a = torch.full((1, pixels, tokens), 1 / tokens)
+    b = a.clone()
+    a[0, 0, 1], a[0, 1, 1] = 2 / tokens, 0.0  # token 1: all of pixel 1's share moved to pixel 0
+    b[0, 0, 1], b[0, 1, 1] = 0.0, 2 / tokens  # and the other way
+    mean = (a + b) / 2
+    pos = torch.full((1, 3, 2), -1, dtype=torch.long)
+    masks, drop = torch.zeros(1, 3, pixels), torch.tensor([True])
+    s = SimpleNamespace(attention_loss=1.0, coverage_loss=0.0, uncond_attention_loss=1.0)
+    _, full = attention_losses(mean, pos, masks, drop, s)
+    _, each = attention_losses(mean, pos, masks, drop, s, [a, b])
+    assert full[-1].item() == pytest.approx(0.0, abs=1e-5)
+    # by hand: token 1's map normalised over pixels is (1/2, 0, 1/4, 1/4); times 4 pixels minus 1 -> (1, -1, 0, 0)
+    expected = (1 + 1) / (pixels * tokens)
+    assert each[-1].item() == pytest.approx(expected, rel=1e-4)
