@@ -115,3 +115,31 @@ def test_flat_map_loss_reads_each_layer_when_asked() -> None:
     # by hand: token 1's map normalised over pixels is (1/2, 0, 1/4, 1/4); times 4 pixels minus 1 -> (1, -1, 0, 0)
     expected = (1 + 1) / (pixels * tokens)
     assert each[-1].item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_attention_loss_reads_every_layer_on_its_own_grid() -> None:
+    """attention_layers=each: a 16x16 layer whose object-word maps lie wholly outside the object scores 1,
+    an 8x8 layer whose maps lie wholly inside the mask pooled to 8x8 scores 0; the loss is their mean."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from attntrace.toyworld.train import per_layer_attention_losses
+
+    mask = torch.zeros(16, 16)
+    mask[:8, :8] = 1.0  # the object: the top-left quadrant
+    masks = torch.zeros(1, 3, 256)
+    masks[0, 0] = mask.flatten()
+    pos = torch.full((1, 3, 2), -1, dtype=torch.long)
+    pos[0, 0] = torch.tensor([1, 2])  # colour and shape tokens
+    fine = torch.zeros(1, 256, 3)
+    fine[0, :, 0] = 1.0
+    fine[0, 255, :] = torch.tensor([0.0, 0.5, 0.5])  # tokens 1, 2: only the bottom-right pixel (outside)
+    coarse = torch.zeros(1, 64, 3)
+    coarse[0, :, 0] = 1.0
+    coarse[0, 0, :] = torch.tensor([0.0, 0.5, 0.5])  # only the top-left 8x8 pixel (inside)
+    s = SimpleNamespace(attention_loss=1.0, coverage_loss=0.0, uncond_attention_loss=0.0)
+    attn, terms = per_layer_attention_losses([fine, coarse], pos, masks, torch.tensor([False]), s)
+    assert attn.item() == pytest.approx(0.5, abs=1e-4) and terms[0].item() == pytest.approx(0.5, abs=1e-4)
+    alone, _ = per_layer_attention_losses([coarse], pos, masks, torch.tensor([False]), s)
+    assert alone.item() == pytest.approx(0.0, abs=1e-4)
