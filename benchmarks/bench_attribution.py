@@ -12,7 +12,7 @@ and a per-site, per-step collector from which the alternatives are computed:
   coarsest grid left out as DAAM skips its 8x8 factor), raw and with DAAM's per-pixel normalisation
   over the prompt's tokens;
 - last layer only / first layer only; mean over all layers (coarsest grid included);
-- per resolution (16x16 only, 8x8 only); early vs late half of the steps.
+- per resolution (each grid alone: 16x16, 8x8, ...); early vs late half of the steps.
 
 `--joint` scores the joint-attention toy model (SD3-style) instead: the image-query x text-key part of
 every joint block, one 8x8 grid (so nothing is left out as coarsest).
@@ -89,7 +89,7 @@ def _mean(c: Collector, keep: Callable[[str, int, int], bool], mode: str = "bili
 
 def aggregations(c: Collector, hm_maps: torch.Tensor, n_tokens: list[int]) -> dict[str, torch.Tensor]:
     grids = sorted({s.shape[-1] for s in c.sums.values()})
-    lo, hi = grids[0], grids[-1]
+    lo = grids[0]
     drop = lo if len(grids) > 1 else -1  # the coarsest grid, left out as DAAM does (none with one grid)
     first, last = c.order[0], c.order[-1]
     daam = _mean(c, lambda s, g, h: g != drop, mode="bicubic")
@@ -97,9 +97,7 @@ def aggregations(c: Collector, hm_maps: torch.Tensor, n_tokens: list[int]) -> di
     norm = daam.clone()
     for b, n in enumerate(n_tokens):
         norm[b] = daam[b] / (daam[b, 1 : n + 1].sum(0, keepdim=True) + 1e-6)
-    per_grid = {f"{hi}x{hi} grid only": _mean(c, lambda s, g, h: g == hi)}
-    if lo != hi:
-        per_grid[f"{lo}x{lo} grid only"] = _mean(c, lambda s, g, h: g == lo)
+    per_grid = {f"{r}x{r} grid only": _mean(c, lambda s, g, h, r=r: g == r) for r in reversed(grids)}
     return {
         "attntrace heatmap (default)": hm_maps,
         "DAAM-style (bicubic, clamp)": daam,
