@@ -27,6 +27,7 @@ SWAP_IOU_MIN = 0.7  # mean mask IoU source -> P2P-edited: 0.822 / 0.000
 SWAP_P2P_GAIN_MIN = 0.1  # ... over the same noise without P2P: 0.822 - 0.538 / 0.000
 SWAP_COLOUR_MIN = 0.75  # colour swaps whose target colour replaced the source's: 1.000 / 0.000
 UNCOND_POINTING_MAX = 0.2  # not met: 0.203 (see the xfail below)
+CFG_CONTRAST_MIN = 0.5  # cond - uncond pointing: 0.797 / -0.017
 SWAP_CHANGED_MIN = 0.75  # not met: 0.000 (see the xfail below)
 FOLLOWING_MIN = 0.5  # prompt following, no edit: 1.000 / 0.000; ablated: 0.000 (bound 0.25)
 
@@ -76,6 +77,13 @@ def test_localisation_fails_on_a_transposed_grid(toy_pipe: Any, prompts: list[st
         trained_loc.maps.transpose(-1, -2), prompts, trained_loc.masks, toy_pipe.tokenizer, rows=slice(n, 2 * n)
     )
     assert not (wrong.pointing >= POINTING_MIN and wrong.miou >= MIOU_MIN), wrong
+
+
+def test_cfg_conditional_half_localises_far_better_than_unconditional(trained_loc: Any, random_loc: Any) -> None:
+    """Rows [uncond..., cond...]: the conditional rows' maps point at the objects far more often than the
+    unconditional rows' (taking the wrong half would show as a negative contrast)."""
+    assert trained_loc.cond_pointing - trained_loc.uncond_pointing >= CFG_CONTRAST_MIN, trained_loc
+    assert not random_loc.cond_pointing - random_loc.uncond_pointing >= CFG_CONTRAST_MIN
 
 
 # Not strict: the shipped model's unconditional pointing (0.203, 12 of 59) sits one hit above the bound,
