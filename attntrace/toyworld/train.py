@@ -366,10 +366,10 @@ def train_diffusion(
     ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
     store: list[torch.Tensor] = []
     keeper = KeepCrossProbs(store)
+    problem = bad_choice(s)
+    if problem:
+        raise ValueError(problem)
     full_res = ("down_blocks.0.", f"up_blocks.{len(s.unet_channels) - 1}.")  # the 16x16 levels
-    for name in ("uncond_layers", "attention_layers"):
-        if getattr(s, name) not in ("full", "each"):
-            raise ValueError(f"{name} must be 'full' or 'each', not {getattr(s, name)!r}")
     every = "each" in (s.uncond_layers, s.attention_layers)
     procs = {
         name: keeper if name.endswith("attn2.processor") and (every or name.startswith(full_res)) else p
@@ -401,7 +401,7 @@ def train_diffusion(
         if not s.min_snr:
             w = torch.ones_like(w)
         loss = (w.view(-1, 1, 1, 1) * (pred - target) ** 2).mean()
-        # attention losses: each object word's map (mean of the 16x16 layers) should sit on its mask
+        # attention losses: each object word's map (every layer's, or the 16x16 layers' mean) should sit on its mask
         if s.attention_layers == "each":
             attn_loss, terms = per_layer_attention_losses(store, obj_pos[idx], obj_masks[idx], drop, s)
         else:
@@ -499,14 +499,30 @@ def step_and_average(
             pe.lerp_(p, 1 - decay)
 
 
+# Settings that take one of a few words (checked before any training, wherever they are set).
+CHOICES: dict[str, tuple[str, ...]] = {"uncond_layers": ("full", "each"), "attention_layers": ("full", "each")}
+
+
+def bad_choice(s: Any) -> str | None:
+    """One line naming the first setting of `s` whose value is not among its `CHOICES`, or None."""
+    for name, allowed in CHOICES.items():
+        if hasattr(s, name) and getattr(s, name) not in allowed:
+            return f"setting {name}={getattr(s, name)!r}: use one of {', '.join(allowed)}"
+    return None
+
+
 def apply_settings(ap: argparse.ArgumentParser, s: Any, items: list[str]) -> None:
-    """Apply `--set NAME=VALUE` items to the settings `s` (tuples as comma lists); unknown names exit 2."""
+    """Apply `--set NAME=VALUE` items to the settings `s` (tuples as comma lists); unknown names and values
+    outside a setting's `CHOICES` exit 2."""
     for item in items:
         name, _, value = item.partition("=")
         if not hasattr(s, name):
             ap.error(f"--set {item}: unknown setting {name!r} (known: {', '.join(asdict(s))})")
         old = getattr(s, name)
         setattr(s, name, tuple(int(v) for v in value.split(",")) if isinstance(old, tuple) else type(old)(value))
+    problem = bad_choice(s)
+    if problem:
+        ap.error(problem)
 
 
 def seed_run(s: Any) -> tuple[np.random.Generator, torch.Generator]:

@@ -43,6 +43,12 @@ def test_train_script_rejects_unknown_setting(tmp_path: Path, capsys: pytest.Cap
     assert "unknown setting 'no_such_setting'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path / "x"), "--set", "attention_layers=every"])
+    assert exc.value.code == 2
+    assert "attention_layers='every': use one of full, each" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
 
 def test_joint_train_script_writes_loadable_sd3_pipeline(tmp_path: Path) -> None:
     import torch
